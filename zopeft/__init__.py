@@ -1,0 +1,29 @@
+"""zopeft: zeroth-order (forward-only) optimizers for PEFT fine-tuning.
+
+>>> opt = zopeft.FZOO(peft_model, lr=1e-3, eps=1e-3, n_perturbations=8)
+>>> loss = opt.step(lambda: peft_model(**batch).loss)
+"""
+
+from .noise import draw_noise, noise_key
+from .optim.adamezo import AdaMeZO
+from .optim.base import StepRecord, ZOOptimizer
+from .optim.fzoo import FZOO
+from .optim.mezo import MeZO
+from .registry import available_optimizers, get_optimizer, register_optimizer
+from .trainer import ZOTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaMeZO",
+    "FZOO",
+    "MeZO",
+    "StepRecord",
+    "ZOOptimizer",
+    "ZOTrainer",
+    "available_optimizers",
+    "draw_noise",
+    "get_optimizer",
+    "noise_key",
+    "register_optimizer",
+]
