@@ -1,0 +1,104 @@
+"""ZO steps on PEFT-wrapped tiny models: full precision, bitsandbytes 4-bit (nf4/fp4) and 8-bit."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from conftest import fixed_batch, tiny_model
+from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+import zopeft
+
+ADAPTERS = {
+    "lora": lambda tt: LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type=tt),
+    "prefix": lambda tt: PrefixTuningConfig(num_virtual_tokens=4, task_type=tt),
+    "prompt": lambda tt: PromptTuningConfig(num_virtual_tokens=4, task_type=tt),
+    "ia3": lambda tt: IA3Config(task_type=tt),
+}
+
+
+def peft_model(arch: str, adapter: str, quant: str | None):
+    tt = TaskType.SEQ_CLS if arch == "bert" else TaskType.CAUSAL_LM
+    return get_peft_model(tiny_model(arch, quant), ADAPTERS[adapter](tt))
+
+
+def quantized_bytes(model) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if isinstance(p, (bnb.nn.Params4bit, bnb.nn.Int8Params))
+    }
+
+
+CASES = [
+    ("llama", a, q) for a in ADAPTERS for q in (None, "nf4", "fp4", "int8")
+] + [("opt", a, q) for a in ("lora", "prefix") for q in (None, "nf4")] + [("bert", a, None) for a in ("lora", "prompt", "ia3")]
+
+
+@pytest.mark.parametrize("arch,adapter,quant", CASES)
+def test_only_trainable_tensors_change_and_restore_is_exact(arch, adapter, quant):
+    model = peft_model(arch, adapter, quant)
+    batch = fixed_batch(arch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    packed = quantized_bytes(model)
+    assert bool(packed) == (quant is not None)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    opt = zopeft.FZOO(model, lr=1e-2, eps=1e-3, n_perturbations=3, seed=1)
+    opt.perturb(2, 1.0)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in trainable)
+    opt.restore()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+    for _ in range(2):
+        opt.step(lambda: model(**batch).loss)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and changed <= trainable
+    for n, data in packed.items():  # quantized base weights: byte-identical
+        assert torch.equal(dict(model.named_parameters())[n].detach(), data)
+
+
+@pytest.mark.parametrize("name,lr,eps", [("fzoo", 3e-3, 1e-3), ("mezo", 3e-2, 1e-3), ("adamezo", 1e-4, 1e-3)])
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_loss_decreases_on_fixed_batch(name, lr, eps, quant):
+    model = peft_model("llama", "lora", quant)
+    batch = fixed_batch("llama")
+    opt = zopeft.get_optimizer(name, model, lr=lr, eps=eps, seed=0)
+    loss0 = model(**batch).loss.item()
+    for _ in range(60):
+        opt.step(lambda: model(**batch).loss)
+    assert model(**batch).loss.item() < loss0 - 0.05
+
+
+def test_int8_base_trains():
+    model = peft_model("llama", "lora", "int8")
+    batch = fixed_batch("llama", batch=2, length=8)
+    opt = zopeft.FZOO(model, lr=3e-3, n_perturbations=4)
+    loss0 = model(**batch).loss.item()
+    for _ in range(25):
+        opt.step(lambda: model(**batch).loss)
+    assert model(**batch).loss.item() < loss0 - 0.02
+
+
+def test_same_seed_bit_identical_on_4bit_lora():
+    finals = []
+    for _ in range(2):
+        torch.manual_seed(0)  # LoRA A's initialisation
+        model = peft_model("llama", "lora", "nf4")
+        opt = zopeft.AdaMeZO(model, lr=1e-4, window=2, seed=11)
+        batch = fixed_batch("llama")
+        for _ in range(4):
+            opt.step(lambda: model(**batch).loss)
+        finals.append([p.detach().clone() for p in model.parameters() if p.requires_grad])
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
+
+
+def test_step_runs_the_model_in_eval_mode_and_restores_train_mode():
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_dropout=0.5, target_modules="all-linear"))
+    model.train()
+    batch = fixed_batch("llama")
+    modes = []
+    opt = zopeft.MeZO(model, lr=1e-3)
+    opt.step(lambda: (modes.append(model.training), model(**batch).loss)[1])
+    assert modes == [False, False] and model.training
