@@ -1,0 +1,473 @@
+"""Task formats: turn records into model batches (whose ``model(**batch).loss`` is the training loss) and evaluate.
+
+Kinds (see :func:`build_task`):
+
+* ``classification`` -- a prompt and label words scored by a causal LM (MeZO-style);
+* ``multiple_choice`` -- a prompt and per-record candidate continuations (COPA-style);
+* ``sft`` -- prompt/completion or alpaca records, loss on the completion only;
+* ``sequence_classification`` -- an encoder with a classification head.
+
+Causal-LM batches are right-padded (pad token, else eos) with an ``attention_mask``; ``labels``
+are -100 except on the tokens the loss is taken on.  Prompts are truncated on the left, so that
+prompt + continuation fits in ``cutoff_len`` tokens.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ALPACA_TEMPLATE", "TASK_KINDS", "Task", "build_task"]
+
+IGNORE = -100
+ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+_ALPACA_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+# text fields tried in order when a sequence_classification task names none
+_DEFAULT_TEXT_FIELDS = (
+    ("sentence1", "sentence2"), ("question", "passage"), ("premise", "hypothesis"), ("sentence",), ("text",),
+)
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A task format: training batches from records, and evaluation of a model on records."""
+
+    kind: str
+
+    def collate(self, records: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
+        """A training batch; the model's own loss on it is the training loss."""
+        ...
+
+    def evaluate(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 16) -> dict[str, float]:
+        """``{"accuracy", "loss", "n"}`` (accuracy only where defined; sft gives ``perplexity``)."""
+        ...
+
+
+# ----- shared helpers ----------------------------------------------------------------------------
+def _canon_label(value: Any) -> Any:
+    """Booleans and integer strings become ints, ``"true"``/``"false"`` 1/0; other values are kept."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("true", "false"):
+            return int(text.lower() == "true")
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    return value
+
+
+def _label_keys(label_words: dict | list | None) -> list[Any] | None:
+    if label_words is None:
+        return None
+    keys = range(len(label_words)) if isinstance(label_words, (list, tuple)) else label_words.keys()
+    return [_canon_label(k) for k in keys]
+
+
+def _label_index(record: dict, label_field: str, keys: list[Any] | None) -> int:
+    """Index of the record's label: its position among ``keys``, or the label itself as an int."""
+    if label_field not in record:
+        raise KeyError(f"record has no label field {label_field!r} (fields: {', '.join(record)})")
+    label = _canon_label(record[label_field])
+    if keys is None:
+        if not isinstance(label, int):
+            raise ValueError(f"label {record[label_field]!r} is not an integer; give label_words to map labels")
+        return label
+    if label not in keys:
+        raise ValueError(f"label {record[label_field]!r} is not one of the label words' labels {keys}")
+    return keys.index(label)
+
+
+def _fill(template: str, record: dict) -> str:
+    try:
+        return template.format_map(record)
+    except KeyError as err:
+        raise KeyError(f"template field {err.args[0]!r} is not in the record (fields: {', '.join(record)})") from None
+
+
+def _prompt_text(record: dict, template: str | None, text_fields: list[str] | None, kind: str) -> str:
+    if template is not None:
+        return _fill(template, record)
+    if text_fields:
+        return "\n".join(str(record[f]) for f in text_fields)
+    raise ValueError(f"{kind}: give a template (e.g. 'Review: {{sentence}}\\nSentiment:') or text_fields")
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _special_prefix(tokenizer: Any) -> list[int]:
+    """The special tokens (e.g. BOS) the tokenizer puts before a text; kept when the prompt is truncated."""
+    plain = _encode(tokenizer, "a")
+    full = list(tokenizer("a")["input_ids"])
+    return full[: len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if pad is not None:
+            return pad
+    return 0
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+def _pad(sequences: list[list[int]], targets: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token lists into ``input_ids``/``attention_mask``/``labels`` tensors."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE)
+    for i, (seq, tgt) in enumerate(zip(sequences, targets)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, : len(tgt)] = torch.tensor(tgt)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    device = _device(model)
+    ids = batch["input_ids"].to(device)
+    out = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device))
+    return out.logits[:, -ids.shape[1]:].float()  # prompt tuning prepends virtual-token positions
+
+
+@contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """``no_grad`` and ``model.eval()`` for the duration, restoring the training mode after."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
+
+
+def _check_records(records: list[dict]) -> None:
+    if not records:
+        raise ValueError("no records")
+
+
+# ----- prompt + candidate continuations (classification, multiple_choice) -----------------------
+@dataclass
+class _Example:
+    context: list[int]  # special prefix + (left-truncated) prompt tokens
+    candidates: list[list[int]]
+    gold: int
+
+
+def _example(prefix: list[int], prompt: list[int], candidates: list[list[int]], gold: int, cutoff_len: int) -> _Example:
+    """Left-truncate the prompt (and, if they alone overflow, right-truncate the candidates) to ``cutoff_len``."""
+    room = cutoff_len - len(prefix) - 1  # at least one prompt token, so that every candidate token is predicted
+    if room < 1:
+        raise ValueError(f"cutoff_len={cutoff_len} leaves no room for a continuation")
+    candidates = [c[:room] for c in candidates]
+    if any(not c for c in candidates):
+        raise ValueError("a candidate continuation has no tokens")
+    keep = cutoff_len - len(prefix) - max(len(c) for c in candidates)
+    context = prefix + prompt[-keep:]
+    if not context:
+        raise ValueError("empty prompt: a causal LM cannot score a continuation without context")
+    return _Example(context, candidates, gold)
+
+
+def _score(model: torch.nn.Module, examples: list[_Example], pad_id: int, batch_size: int) -> list[list[tuple[float, int]]]:
+    """``(sum of log-probs, token count)`` of every candidate of every example given its context."""
+    if all(len(c) == 1 for ex in examples for c in ex.candidates):  # fast path: one forward over the contexts
+        scores = []
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = _pad([ex.context for ex in chunk], [[] for _ in chunk], pad_id)
+            logits = _logits(model, batch)
+            last = batch["attention_mask"].sum(1).to(logits.device) - 1
+            logprobs = logits[torch.arange(len(chunk), device=logits.device), last].log_softmax(-1).cpu()
+            scores += [[(logprobs[i, c[0]].item(), 1) for c in ex.candidates] for i, ex in enumerate(chunk)]
+        return scores
+    pairs = [(e, c) for e, ex in enumerate(examples) for c in range(len(ex.candidates))]
+    flat: list[tuple[float, int]] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        seqs = [examples[e].context + examples[e].candidates[c] for e, c in chunk]
+        logits = _logits(model, _pad(seqs, [[] for _ in seqs], pad_id))
+        for row, (e, c) in enumerate(chunk):
+            ctx, cand = len(examples[e].context), examples[e].candidates[c]
+            positions = torch.arange(ctx - 1, ctx - 1 + len(cand), device=logits.device)
+            logprobs = logits[row, positions].log_softmax(-1)
+            target = torch.tensor(cand, device=logits.device).unsqueeze(1)
+            flat.append((logprobs.gather(1, target).sum().item(), len(cand)))
+    out: list[list[tuple[float, int]]] = [[] for _ in examples]
+    for (e, _), score in zip(pairs, flat):
+        out[e].append(score)
+    return out
+
+
+@dataclass
+class _CandidateTask:
+    """Shared by classification and multiple_choice: train on the gold continuation, eval by argmax."""
+
+    template: str | None = None
+    text_fields: list[str] | None = None
+    label_field: str = "label"
+    cutoff_len: int = 256
+    length_normalised = False  # rank candidates by mean (True) or summed (False) log-prob per token
+
+    def examples(self, records: list[dict], tokenizer: Any) -> list[_Example]:
+        raise NotImplementedError
+
+    def collate(self, records: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
+        _check_records(records)
+        examples = self.examples(records, tokenizer)
+        seqs = [ex.context + ex.candidates[ex.gold] for ex in examples]
+        targets = [[IGNORE] * len(ex.context) + ex.candidates[ex.gold] for ex in examples]
+        return _pad(seqs, targets, _pad_id(tokenizer))
+
+    def evaluate(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 16) -> dict[str, float]:
+        _check_records(records)
+        examples = self.examples(records, tokenizer)
+        with _evaluating(model):
+            scores = _score(model, examples, _pad_id(tokenizer), batch_size)
+        correct, loss = 0, 0.0
+        for ex, cand in zip(examples, scores):
+            values = [s / n if self.length_normalised else s for s, n in cand]
+            correct += max(range(len(values)), key=values.__getitem__) == ex.gold
+            loss += -cand[ex.gold][0] / cand[ex.gold][1]
+        return {"accuracy": correct / len(examples), "loss": loss / len(examples), "n": len(examples)}
+
+
+@dataclass
+class ClassificationTask(_CandidateTask):
+    """Prompt + label words on a causal LM; eval picks the label word with the highest summed log-prob.
+
+    ``label_words``: ``{label: word}`` or a list (label = index); words are appended to the prompt
+    verbatim, so they usually start with a space (``" positive"``).
+    """
+
+    label_words: dict | list = field(default_factory=dict)
+    kind = "classification"
+
+    def __post_init__(self) -> None:
+        if not self.label_words:
+            raise ValueError("classification needs label_words, e.g. {0: ' negative', 1: ' positive'}")
+        self.keys = _label_keys(self.label_words)
+        self.words = list(self.label_words.values() if isinstance(self.label_words, dict) else self.label_words)
+
+    def examples(self, records: list[dict], tokenizer: Any) -> list[_Example]:
+        prefix, words = _special_prefix(tokenizer), [_encode(tokenizer, w) for w in self.words]
+        return [
+            _example(
+                prefix, _encode(tokenizer, _prompt_text(r, self.template, self.text_fields, self.kind)), words,
+                _label_index(r, self.label_field, self.keys), self.cutoff_len,
+            )
+            for r in records
+        ]
+
+
+@dataclass
+class MultipleChoiceTask(_CandidateTask):
+    """A prompt and candidate continuations (``choices`` list or ``choice1``, ``choice2``, ...); ``label`` = gold index.
+
+    The prompt is the template, else the text fields joined by newlines, else the ``prompt`` or
+    ``premise`` field.  A continuation is joined with a space unless either side has whitespace there.
+    Eval picks the continuation with the highest mean log-prob per token.
+    """
+
+    choices_field: str = "choices"
+    kind = "multiple_choice"
+    length_normalised = True
+
+    def choices(self, record: dict) -> list[str]:
+        if self.choices_field in record:
+            return [str(c) for c in record[self.choices_field]]
+        choices, i = [], 1
+        while f"choice{i}" in record:
+            choices.append(str(record[f"choice{i}"]))
+            i += 1
+        if len(choices) < 2:
+            raise KeyError(f"record has neither {self.choices_field!r} nor choice1, choice2, ... (fields: {', '.join(record)})")
+        return choices
+
+    def prompt(self, record: dict) -> str:
+        if self.template is None and not self.text_fields:
+            for name in ("prompt", "premise"):
+                if name in record:
+                    return str(record[name])
+        return _prompt_text(record, self.template, self.text_fields, self.kind)
+
+    def examples(self, records: list[dict], tokenizer: Any) -> list[_Example]:
+        prefix, out = _special_prefix(tokenizer), []
+        for r in records:
+            prompt, choices = self.prompt(r), self.choices(r)
+            joined = [c if not prompt or prompt[-1].isspace() or c[:1].isspace() else " " + c for c in choices]
+            gold = _label_index(r, self.label_field, None)
+            if not 0 <= gold < len(choices):
+                raise ValueError(f"label {gold} is not an index into the {len(choices)} choices")
+            out.append(_example(prefix, _encode(tokenizer, prompt), [_encode(tokenizer, c) for c in joined], gold, self.cutoff_len))
+        return out
+
+
+# ----- sft -------------------------------------------------------------------------------------
+@dataclass
+class SFTTask:
+    """Supervised fine-tuning: ``prompt``/``completion`` or alpaca ``instruction``/``input``/``output``.
+
+    The loss is on the completion tokens (+ eos) only.  With a template, the prompt is the filled
+    template and the completion the ``completion`` (or ``output``) field.  Over-long examples keep
+    the start of the completion and the end of the prompt (at least half of ``cutoff_len`` for the
+    prompt when both are long).  Eval reports the per-token loss and its perplexity.
+    """
+
+    template: str | None = None
+    cutoff_len: int = 256
+    kind = "sft"
+
+    def split(self, record: dict) -> tuple[str, str]:
+        completion_key = next((k for k in ("completion", "output") if k in record), None)
+        if completion_key is None:
+            raise KeyError(f"sft record needs prompt/completion or instruction/input/output (fields: {', '.join(record)})")
+        if self.template is not None:
+            prompt = _fill(self.template, record)
+        elif "prompt" in record:
+            prompt = str(record["prompt"])
+        elif "instruction" in record:
+            has_input = str(record.get("input") or "").strip()
+            prompt = (ALPACA_TEMPLATE if has_input else _ALPACA_NO_INPUT).format(
+                instruction=record["instruction"], input=record.get("input") or ""
+            )
+        else:
+            raise KeyError(f"sft record needs prompt/completion or instruction/input/output (fields: {', '.join(record)})")
+        return prompt, str(record[completion_key])
+
+    def collate(self, records: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
+        _check_records(records)
+        prefix, eos = _special_prefix(tokenizer), tokenizer.eos_token_id
+        seqs, targets = [], []
+        for r in records:
+            prompt_text, completion_text = self.split(r)
+            prompt = _encode(tokenizer, prompt_text)
+            completion = _encode(tokenizer, completion_text) + ([eos] if eos is not None else [])
+            room = self.cutoff_len - len(prefix)
+            keep = min(len(prompt), max(room - len(completion), room // 2))
+            context = prefix + (prompt[-keep:] if keep else [])
+            completion = completion[: self.cutoff_len - len(context)]
+            seqs.append(context + completion)
+            targets.append([IGNORE] * len(context) + completion)
+        return _pad(seqs, targets, _pad_id(tokenizer))
+
+    def evaluate(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 16) -> dict[str, float]:
+        _check_records(records)
+        nll, tokens = 0.0, 0
+        with _evaluating(model):
+            for start in range(0, len(records), batch_size):
+                batch = self.collate(records[start : start + batch_size], tokenizer)
+                logits = _logits(model, batch)
+                labels = batch["labels"][:, 1:].to(logits.device)
+                keep = labels != IGNORE
+                nll += F.cross_entropy(logits[:, :-1][keep], labels[keep], reduction="sum").item()
+                tokens += int(keep.sum())
+        loss = nll / max(tokens, 1)
+        return {"loss": loss, "perplexity": math.exp(loss), "n": len(records)}
+
+
+# ----- sequence classification -----------------------------------------------------------------
+@dataclass
+class SequenceClassificationTask:
+    """An encoder + classification head: one or two text fields (a pair), integer ``labels``.
+
+    ``text_fields`` defaults to the first of sentence1/sentence2, question/passage,
+    premise/hypothesis, sentence, text present in the records.  ``label_words`` (optional) only
+    fixes the label order: the class index is the label's position among its keys.
+    """
+
+    text_fields: list[str] | None = None
+    label_words: dict | list | None = None
+    label_field: str = "label"
+    cutoff_len: int = 256
+    kind = "sequence_classification"
+
+    def fields(self, record: dict) -> list[str]:
+        if self.text_fields:
+            return list(self.text_fields)
+        for names in _DEFAULT_TEXT_FIELDS:
+            if all(n in record for n in names):
+                return list(names)
+        raise KeyError(f"give text_fields: none of the default text fields is in the record (fields: {', '.join(record)})")
+
+    def collate(self, records: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
+        _check_records(records)
+        names, keys = self.fields(records[0]), _label_keys(self.label_words)
+        if len(names) > 2:
+            raise ValueError(f"sequence_classification takes one or two text fields, got {names}")
+        texts = [[str(r[n]) for r in records] for n in names]
+        enc = tokenizer(*texts, truncation=True, max_length=self.cutoff_len)
+        length = max(len(ids) for ids in enc["input_ids"])
+        batch = {}
+        for name, pad in (("input_ids", _pad_id(tokenizer)), ("attention_mask", 0), ("token_type_ids", 0)):
+            if name in enc:
+                batch[name] = torch.tensor([list(v) + [pad] * (length - len(v)) for v in enc[name]])
+        batch["labels"] = torch.tensor([_label_index(r, self.label_field, keys) for r in records])
+        return batch
+
+    def evaluate(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 16) -> dict[str, float]:
+        _check_records(records)
+        correct, loss = 0, 0.0
+        device = _device(model)
+        with _evaluating(model):
+            for start in range(0, len(records), batch_size):
+                batch = {k: v.to(device) for k, v in self.collate(records[start : start + batch_size], tokenizer).items()}
+                labels = batch.pop("labels")
+                logits = model(**batch).logits.float()
+                correct += int((logits.argmax(-1) == labels).sum())
+                loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        return {"accuracy": correct / len(records), "loss": loss / len(records), "n": len(records)}
+
+
+# ----- factory ---------------------------------------------------------------------------------
+TASK_KINDS = ("classification", "multiple_choice", "sft", "sequence_classification")
+
+
+def build_task(
+    kind: str,
+    *,
+    template: str | None = None,
+    label_words: dict | list | None = None,
+    text_fields: list[str] | tuple[str, ...] | None = None,
+    label_field: str = "label",
+    cutoff_len: int = 256,
+    **kw: Any,
+) -> Task:
+    """The task format ``kind`` (one of :data:`TASK_KINDS`).
+
+    Each kind uses the arguments that apply to it and ignores the others, so a bundled dataset's
+    defaults work with any kind: classification uses all; multiple_choice ignores ``label_words``
+    (extra option ``choices_field``); sft uses ``template`` and ``cutoff_len``;
+    sequence_classification ignores ``template``.
+    """
+    fields = list(text_fields) if text_fields else None
+    if kind == "classification":
+        return ClassificationTask(template, fields, label_field, cutoff_len, label_words=label_words or {}, **kw)
+    if kind == "multiple_choice":
+        return MultipleChoiceTask(template, fields, label_field, cutoff_len, **kw)
+    if kind == "sft":
+        return SFTTask(template, cutoff_len, **kw)
+    if kind == "sequence_classification":
+        return SequenceClassificationTask(fields, label_words, label_field, cutoff_len, **kw)
+    hint = difflib.get_close_matches(str(kind), TASK_KINDS, n=1)
+    raise ValueError(
+        f"unknown task kind {kind!r}: valid kinds are {', '.join(TASK_KINDS)}"
+        + (f"; did you mean {hint[0]!r}?" if hint else "")
+    )
