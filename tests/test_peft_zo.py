@@ -19,6 +19,7 @@ ADAPTERS = {
 
 
 def peft_model(arch: str, adapter: str, quant: str | None):
+    torch.manual_seed(0)  # the adapter's initialisation
     tt = TaskType.SEQ_CLS if arch == "bert" else TaskType.CAUSAL_LM
     return get_peft_model(tiny_model(arch, quant), ADAPTERS[adapter](tt))
 
@@ -59,14 +60,16 @@ def test_only_trainable_tensors_change_and_restore_is_exact(arch, adapter, quant
         assert torch.equal(dict(model.named_parameters())[n].detach(), data)
 
 
-@pytest.mark.parametrize("name,lr,eps", [("fzoo", 3e-3, 1e-3), ("mezo", 3e-2, 1e-3), ("adamezo", 1e-4, 1e-3)])
+@pytest.mark.parametrize(
+    "name,lr,eps,steps", [("fzoo", 1e-2, 1e-3, 20), ("mezo", 3e-2, 1e-3, 100), ("adamezo", 1e-4, 1e-3, 30)]
+)
 @pytest.mark.parametrize("quant", [None, "nf4"])
-def test_loss_decreases_on_fixed_batch(name, lr, eps, quant):
+def test_loss_decreases_on_fixed_batch(name, lr, eps, steps, quant):
     model = peft_model("llama", "lora", quant)
     batch = fixed_batch("llama")
     opt = zopeft.get_optimizer(name, model, lr=lr, eps=eps, seed=0)
     loss0 = model(**batch).loss.item()
-    for _ in range(60):
+    for _ in range(steps):
         opt.step(lambda: model(**batch).loss)
     assert model(**batch).loss.item() < loss0 - 0.05
 
@@ -84,7 +87,6 @@ def test_int8_base_trains():
 def test_same_seed_bit_identical_on_4bit_lora():
     finals = []
     for _ in range(2):
-        torch.manual_seed(0)  # LoRA A's initialisation
         model = peft_model("llama", "lora", "nf4")
         opt = zopeft.AdaMeZO(model, lr=1e-4, window=2, seed=11)
         batch = fixed_batch("llama")

@@ -4,6 +4,7 @@
 >>> loss = opt.step(lambda: peft_model(**batch).loss)
 """
 
+from .batched import BatchedLoss, batched_support, loss_closure
 from .noise import draw_noise, noise_key
 from .optim.adamezo import AdaMeZO
 from .optim.base import StepRecord, ZOOptimizer
@@ -16,14 +17,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaMeZO",
+    "BatchedLoss",
     "FZOO",
     "MeZO",
     "StepRecord",
     "ZOOptimizer",
     "ZOTrainer",
     "available_optimizers",
+    "batched_support",
     "draw_noise",
     "get_optimizer",
+    "loss_closure",
     "noise_key",
     "register_optimizer",
 ]

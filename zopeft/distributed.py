@@ -4,26 +4,33 @@ Every rank regenerates every noise tensor from its seed, so replicas never
 exchange weights or gradients:
 
 * ``perturbation`` parallel (default for FZOO): all ranks see the same batch,
-  the N+1 evaluations are divided among them, and one all-reduce of N+1
-  floats gives every rank all the losses.
+  the step's n loss evaluations are divided among them, and one all-reduce of
+  n + 1 floats (the losses and the evaluation count) gives every rank all the
+  losses.
 * ``data`` parallel (MeZO, AdaMeZO, or FZOO when asked): each rank evaluates
-  every perturbation on its own micro-batch; one all-reduce averages the loss
+  every point on its own micro-batch; the same all-reduce averages the loss
   vectors, a K-times larger effective batch.
 
 Either way every rank applies the identical update.  :meth:`ZOComm.check_sync`
-compares an exact checksum of the trainable tensors across ranks.
+compares an exact checksum of the trainable tensors across ranks.  From a
+script started with ``torchrun``, an optimizer joins the job by itself::
+
+    opt = zopeft.FZOO(model, lr=1e-3)          # parallel="auto": perturbation parallel
+    opt.step(zopeft.loss_closure(model, batch))  # every rank passes the same batch
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["PARALLEL_MODES", "ReplicaDivergence", "ZOComm", "init_distributed"]
+__all__ = ["PARALLEL_MODES", "ReplicaDivergence", "ZOComm", "barrier", "distributed_session", "init_distributed"]
 
 PARALLEL_MODES = ("perturbation", "data")
 
@@ -49,6 +56,23 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+@contextlib.contextmanager
+def distributed_session() -> Iterator[tuple[int, int]]:
+    """:func:`init_distributed` for the duration of a run; tears the process group down if it set it up."""
+    created = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized())
+    try:
+        yield init_distributed()
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 @dataclass
 class ZOComm:
     """How one optimizer shares its loss evaluations with the other ranks."""
@@ -56,19 +80,32 @@ class ZOComm:
     mode: Literal["perturbation", "data"] = "perturbation"
     rank: int = 0
     world_size: int = 1
-    bytes_per_step: int = 0
 
     @classmethod
-    def from_env(cls, mode: str) -> ZOComm:
-        if mode not in PARALLEL_MODES:
-            raise ValueError(f"unknown parallel mode {mode!r}; choose one of {', '.join(PARALLEL_MODES)}")
+    def for_optimizer(cls, parallel: str | None, default: str) -> ZOComm | None:
+        """The communicator for an optimizer's ``parallel`` setting; ``None`` for a single process.
+
+        ``"auto"`` picks ``default`` when the job has several ranks (initialising
+        ``torch.distributed`` from the torchrun environment if needed).
+        """
+        if parallel is None:
+            return None
+        if parallel != "auto" and parallel not in PARALLEL_MODES:
+            raise ValueError(f"unknown parallel mode {parallel!r}; choose one of auto, {', '.join(PARALLEL_MODES)}")
         rank, world = init_distributed()
-        return cls(mode=mode, rank=rank, world_size=world)  # type: ignore[arg-type]
+        if world == 1:
+            return None
+        return cls(mode=default if parallel == "auto" else parallel, rank=rank, world_size=world)  # type: ignore[arg-type]
 
     @property
     def device(self) -> torch.device:
         backend_is_nccl = dist.is_initialized() and dist.get_backend() == "nccl"
         return torch.device("cuda", torch.cuda.current_device()) if backend_is_nccl else torch.device("cpu")
+
+    @property
+    def data_shard(self) -> tuple[int, int]:
+        """(this rank's shard, number of shards) of each global batch: each rank its own in data-parallel mode."""
+        return (self.rank, self.world_size) if self.mode == "data" else (0, 1)
 
     def assigned(self, n: int) -> list[int]:
         """Indices of the evaluations this rank runs (all of them in data-parallel mode)."""
@@ -76,26 +113,26 @@ class ZOComm:
             return list(range(n))
         return list(range(self.rank, n, self.world_size))
 
-    def combine(self, mine: list[float], n: int) -> list[float]:
-        """All ranks' losses for the n evaluations, after one all-reduce of n floats."""
-        if self.world_size == 1:
-            return mine
-        vec = torch.zeros(n, dtype=torch.float64, device=self.device)
-        vec[self.assigned(n)] = torch.tensor(mine, dtype=torch.float64, device=self.device)
-        dist.all_reduce(vec)
-        self.bytes_per_step = vec.numel() * vec.element_size()
-        if self.mode == "data":
-            vec /= self.world_size
-        return vec.tolist()
+    def combine(self, mine: list[float], n: int, evaluated: int) -> tuple[list[float], int]:
+        """All n losses (averaged over ranks in data-parallel mode) and the job's evaluation count.
 
-    def evaluations_per_rank_step(self, n: int) -> int:
-        """Model evaluations the whole job runs for one micro-batch step of n evaluations."""
-        return n * self.world_size if self.mode == "data" else n
+        One all-reduce of n + 1 float64 values; a non-finite loss on any rank makes that
+        entry non-finite on every rank, so all ranks skip the step together.
+        """
+        vec = torch.zeros(n + 1, dtype=torch.float64, device=self.device)
+        vec[self.assigned(n)] = torch.tensor(mine, dtype=torch.float64, device=self.device)
+        vec[n] = evaluated
+        dist.all_reduce(vec)
+        losses = vec[:n] / self.world_size if self.mode == "data" else vec[:n]
+        return losses.tolist(), int(vec[n].item())
+
+    @staticmethod
+    def payload_bytes(n: int) -> int:
+        """Bytes each rank contributes to :meth:`combine` for n evaluations."""
+        return (n + 1) * torch.finfo(torch.float64).bits // 8
 
     def check_sync(self, tensors: list[torch.Tensor], step: int) -> None:
         """Raise :class:`ReplicaDivergence` unless every rank holds bit-identical tensors."""
-        if self.world_size == 1:
-            return
         local = torch.tensor([_checksum(tensors)], dtype=torch.int64, device=self.device)
         gathered = [torch.zeros_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local)

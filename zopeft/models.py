@@ -51,7 +51,7 @@ class ModelSpec:
     double_quantization: bool = False
     compute_dtype: str = "float32"  # also the dtype of an unquantized model
     trust_remote_code: bool = False
-    device_map: str | dict | None = None  # None: cuda:0 when available, else cpu
+    device_map: str | dict | None = None  # None: the current CUDA device (torchrun: the local rank), else cpu
 
 
 @dataclass
@@ -152,7 +152,7 @@ def load_base_model(spec: ModelSpec, *, quantize: bool = True) -> PreTrainedMode
         "dtype": getattr(torch, spec.compute_dtype),
         "trust_remote_code": spec.trust_remote_code,
         "use_safetensors": True,
-        "device_map": spec.device_map or ("cuda:0" if torch.cuda.is_available() else "cpu"),
+        "device_map": spec.device_map or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"),
     }
     if quantize and spec.quantization_bit:
         kwargs["quantization_config"] = _quantization_config(spec)

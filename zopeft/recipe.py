@@ -29,6 +29,8 @@ ESSENTIAL_KEYS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "learning_rate", "lr_scheduler_type",
     "warmup_steps", "weight_decay", "zo",
 )
+# zo keys that change how a step is computed, not what it computes: free to change on resume.
+OPERATIONAL_ZO_KEYS = ("batched", "perturbation_batch_size", "sync_check_steps")
 
 
 class RecipeError(ValueError):
@@ -50,6 +52,7 @@ class ZOSettings(_Strict):
     eps: float = Field(1e-3, gt=0, description="perturbation scale ε")
     n_perturbations: int = Field(8, ge=2, description="FZOO: perturbations per step (N)")
     noise: Literal["rademacher", "gaussian"] = "rademacher"
+    batched: bool = Field(True, description="FZOO: evaluate the N+1 points as replicas of the batch in one forward pass")
     perturbation_batch_size: int | None = Field(None, ge=1, description="FZOO: replicas per batched forward")
     window: int = Field(10, ge=1, description="AdaMeZO: K, steps in the rebuilt moments")
     beta1: float = Field(0.7, ge=0, lt=1)
@@ -57,6 +60,10 @@ class ZOSettings(_Strict):
     delta: float = Field(1e-5, gt=0)
     moment_scale: float = Field(100.0, gt=0, description="AdaMeZO: factor on m (100 in the reference code)")
     master_weights: bool = True
+    parallel: Literal["auto", "perturbation", "data"] = Field(
+        "auto", description="under torchrun: perturbation (FZOO's default) or data (MeZO/AdaMeZO's default)"
+    )
+    sync_check_steps: int = Field(100, ge=0, description="under torchrun: compare replica checksums every k steps")
 
     @field_validator("optimizer")
     @classmethod
@@ -69,9 +76,11 @@ class ZOSettings(_Strict):
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Constructor arguments for the chosen ZO optimizer (only those it takes)."""
-        common = {"eps": self.eps, "noise": self.noise, "master_weights": self.master_weights}
+        common = {"eps": self.eps, "noise": self.noise, "master_weights": self.master_weights,
+                  "parallel": self.parallel, "sync_check_steps": self.sync_check_steps}
         extra = {
-            "fzoo": {"n_perturbations": self.n_perturbations},
+            "fzoo": {"n_perturbations": self.n_perturbations, "batched": self.batched,
+                     "perturbation_batch_size": self.perturbation_batch_size},
             "adamezo": {"window": self.window, "beta1": self.beta1, "beta2": self.beta2, "delta": self.delta,
                         "moment_scale": self.moment_scale},
         }.get(self.optimizer, {})
@@ -144,6 +153,7 @@ class Recipe(_Strict):
     def essentials(self) -> dict[str, Any]:
         """The keys that must match for a checkpoint to be resumed."""
         data = self.model_dump()
+        data["zo"] = {k: v for k, v in data["zo"].items() if k not in OPERATIONAL_ZO_KEYS}
         return {k: data[k] for k in ESSENTIAL_KEYS}
 
     def to_yaml(self) -> str:

@@ -30,8 +30,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .batched import loss_closure
 from .checkpoint import atomic_directory, latest_checkpoint, load_state, save_state, write_text_atomic
 from .data import BUILTIN_DATASETS, load_records
+from .distributed import barrier, distributed_session
 from .models import AdapterSpec, ModelSpec, load_adapter_model, load_model, trainable_summary
 from .optim.base import ZOOptimizer
 from .recipe import Recipe, RecipeError
@@ -115,19 +117,27 @@ def _permutation(seed: int, epoch: int, n: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
-def batch_indices(recipe: Recipe, step: int, micro: int, n: int) -> list[int]:
-    """Example indices of micro-batch ``micro`` of optimizer step ``step``: a pure function of the step."""
+def batch_indices(recipe: Recipe, step: int, micro: int, n: int, shard: int = 0, shards: int = 1) -> list[int]:
+    """Example indices of micro-batch ``micro`` of step ``step`` for data shard ``shard`` of ``shards``.
+
+    A pure function of its arguments: data-parallel ranks read consecutive slices of one stream.
+    """
     bs = recipe.per_device_train_batch_size
-    start = (step * recipe.gradient_accumulation_steps + micro) * bs
+    start = ((step * recipe.gradient_accumulation_steps + micro) * shards + shard) * bs
     return [_permutation(recipe.seed, s // n, n)[s % n] for s in range(start, start + bs)]
 
 
-def _make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+def _make_optimizer(recipe: Recipe, model: torch.nn.Module, world_size: int) -> torch.optim.Optimizer:
     if recipe.is_zeroth_order:
         return get_optimizer(
             recipe.zo.optimizer, model, lr=recipe.learning_rate, weight_decay=recipe.weight_decay,
             seed=recipe.seed, **recipe.zo.optimizer_kwargs(),
         )
+    if world_size > 1:
+        raise RecipeError([
+            f"zo.optimizer: {recipe.zo.optimizer} (the first-order baseline) runs in one process; "
+            "launch it without torchrun or choose fzoo, mezo or adamezo"
+        ])
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
 
@@ -143,8 +153,8 @@ def _train_step(
     """One optimizer step over the micro-batches; returns the statistics to log."""
     if isinstance(opt, ZOOptimizer):
         for batch in batches[:-1]:
-            opt.estimate(lambda b=batch: model(**b).loss)
-        opt.step(lambda: model(**batches[-1]).loss)
+            opt.estimate(loss_closure(model, batch))
+        opt.step(loss_closure(model, batches[-1]))
         return dict(opt.last_stats)
     model.train()
     total = 0.0
@@ -161,7 +171,7 @@ def _train_step(
 # ----- checkpoints -------------------------------------------------------------------------------
 def _save_checkpoint(
     path: Path, recipe: Recipe, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, step: int,
-    forward_passes: int,
+    forward_passes: int, world_size: int, shards: int,
 ) -> None:
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
@@ -169,9 +179,10 @@ def _save_checkpoint(
         save_state(sched.state_dict(), tmp, "scheduler")
         save_state({"torch": torch.get_rng_state()}, tmp, "rng")
         n = len(load_split(recipe, "train"))
-        position = (step * recipe.gradient_accumulation_steps * recipe.per_device_train_batch_size)
+        position = step * recipe.gradient_accumulation_steps * recipe.per_device_train_batch_size * shards
         (tmp / "trainer_state.json").write_text(json.dumps(
-            {"global_step": step, "forward_passes": forward_passes, "epoch": position // n, "example_position": position % n},
+            {"global_step": step, "forward_passes": forward_passes, "epoch": position // n,
+             "example_position": position % n, "world_size": world_size},
             indent=1,
         ))
         (tmp / RECIPE_NAME).write_text(recipe.to_yaml())
@@ -193,9 +204,15 @@ def _resume_point(recipe: Recipe) -> Path | None:
     return Path(recipe.resume_from_checkpoint)
 
 
-def _check_resumable(recipe: Recipe, checkpoint: Path) -> None:
+def _check_resumable(recipe: Recipe, checkpoint: Path, world_size: int) -> None:
     from .recipe import load_recipe
 
+    saved_world = json.loads((checkpoint / "trainer_state.json").read_text()).get("world_size", 1)
+    if saved_world != world_size:
+        raise RecipeError([
+            f"resume_from_checkpoint: {checkpoint} was written by {saved_world} process(es), this run has "
+            f"{world_size}; resume with torchrun --nproc_per_node {saved_world}"
+        ])
     saved = load_recipe(checkpoint / RECIPE_NAME, check_files=False).essentials()
     changed = [k for k, v in recipe.essentials().items() if saved.get(k) != v]
     if changed:
@@ -274,12 +291,23 @@ def evaluate(
 
 
 def train(recipe: Recipe, *, echo: Callable[[str], None] = print, progress: bool | None = None) -> RunResult:
-    """Train as the recipe says; write the adapter, logs, plot and checkpoints to ``output_dir``."""
+    """Train as the recipe says; write the adapter, logs, plot and checkpoints to ``output_dir``.
+
+    Under torchrun every rank trains an identical replica (see :mod:`zopeft.distributed`);
+    rank 0 alone evaluates, prints, and writes logs, checkpoints and the adapter.
+    """
+    with distributed_session() as (rank, world_size):
+        return _train(recipe, rank, world_size, echo if rank == 0 else (lambda _: None), progress)
+
+
+def _train(
+    recipe: Recipe, rank: int, world_size: int, echo: Callable[[str], None], progress: bool | None
+) -> RunResult:
+    main = rank == 0
     out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = _resume_point(recipe)
     if checkpoint is not None:
-        _check_resumable(recipe, checkpoint)
+        _check_resumable(recipe, checkpoint, world_size)
 
     torch.manual_seed(recipe.seed)
     model, tokenizer = load_model(model_spec(recipe), adapter_spec(recipe))
@@ -288,7 +316,12 @@ def train(recipe: Recipe, *, echo: Callable[[str], None] = print, progress: bool
     task = build_task_for(recipe)
     train_records = load_split(recipe, "train")
     n = len(train_records)
-    opt = _make_optimizer(recipe, model)
+    opt = _make_optimizer(recipe, model, world_size)
+    comm = getattr(opt, "comm", None)
+    shard, shards = comm.data_shard if comm is not None else (0, 1)
+    if comm is not None:
+        echo(f"torchrun: {world_size} ranks, {comm.mode} parallel; "
+             f"{comm.payload_bytes(len(opt.evaluations()))} bytes of losses per rank per micro-batch")
     sched = get_scheduler(
         recipe.lr_scheduler_type, opt, num_warmup_steps=recipe.warmup_steps, num_training_steps=recipe.max_steps
     )
@@ -299,24 +332,31 @@ def train(recipe: Recipe, *, echo: Callable[[str], None] = print, progress: bool
         echo(f"*** RESUMING from {checkpoint} at step {start} (forward passes so far: {forward_passes}) ***")
     elif recipe.resume_from_checkpoint == "auto":
         echo(f"resume_from_checkpoint: auto found no checkpoint in {out}; starting from step 0")
-    log = _JsonlLog(out / LOG_NAME, start)
-    write_text_atomic(out / RECIPE_NAME, recipe.to_yaml())
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        log = _JsonlLog(out / LOG_NAME, start)
+        write_text_atomic(out / RECIPE_NAME, recipe.to_yaml())
 
     def run_eval(step: int) -> dict[str, float]:
-        metrics = evaluate(recipe, model=model, tokenizer=tokenizer)
-        log.write({"step": step, "forward_passes": forward_passes, **{f"eval_{k}": v for k, v in metrics.items()}})
-        echo(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        """Rank 0 evaluates while the other ranks wait."""
+        metrics: dict[str, float] = {}
+        if main:
+            metrics = evaluate(recipe, model=model, tokenizer=tokenizer)
+            log.write({"step": step, "forward_passes": forward_passes, **{f"eval_{k}": v for k, v in metrics.items()}})
+            echo(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        barrier()
         return metrics
 
     if start == 0:
         eval_before = run_eval(0)
-    show_bar = sys.stderr.isatty() if progress is None else progress
+    show_bar = main and (sys.stderr.isatty() if progress is None else progress)
     bar = tqdm(total=recipe.max_steps, initial=start, disable=not show_bar, unit="step", dynamic_ncols=True)
     began = time.perf_counter()
     stats: dict[str, Any] = {}
     for step in range(start, recipe.max_steps):
         batches = [
-            _to_device(task.collate([train_records[i] for i in batch_indices(recipe, step, j, n)], tokenizer), model)
+            _to_device(task.collate([train_records[i] for i in batch_indices(recipe, step, j, n, shard, shards)],
+                                    tokenizer), model)
             for j in range(recipe.gradient_accumulation_steps)
         ]
         lr = opt.param_groups[0]["lr"]
@@ -326,7 +366,7 @@ def train(recipe: Recipe, *, echo: Callable[[str], None] = print, progress: bool
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", fwd=forward_passes)
-        if done % recipe.logging_steps == 0 or done == recipe.max_steps:
+        if main and (done % recipe.logging_steps == 0 or done == recipe.max_steps):
             record = {"step": done, "forward_passes": forward_passes, "lr": lr,
                       **{k: v for k, v in stats.items() if k not in ("step", "lr", "forward_passes")}}
             log.write(record)
@@ -334,13 +374,18 @@ def train(recipe: Recipe, *, echo: Callable[[str], None] = print, progress: bool
                 echo(f"step {done}/{recipe.max_steps} loss={stats['loss']:.4f} fwd={forward_passes} lr={lr:.3g}")
         if recipe.eval_steps and done % recipe.eval_steps == 0 and done != recipe.max_steps:
             run_eval(done)
-        if recipe.save_steps and done % recipe.save_steps == 0:
-            _save_checkpoint(out / f"checkpoint-{done}", recipe, model, opt, sched, done, forward_passes)
+        if main and recipe.save_steps and done % recipe.save_steps == 0:
+            _save_checkpoint(out / f"checkpoint-{done}", recipe, model, opt, sched, done, forward_passes,
+                             world_size, shards)
             _rotate_checkpoints(out, recipe.save_total_limit)
     bar.close()
     seconds = time.perf_counter() - began
+    if isinstance(opt, ZOOptimizer):
+        opt.check_replicas()
     eval_after = run_eval(recipe.max_steps)
-    _save_final(out, model, tokenizer)
-    plot = _plot(out)
-    echo(f"adapter: {out} | log: {out / LOG_NAME}" + (f" | plot: {plot}" if plot else ""))
+    if main:
+        _save_final(out, model, tokenizer)
+        plot = _plot(out)
+        echo(f"adapter: {out} | log: {out / LOG_NAME}" + (f" | plot: {plot}" if plot else ""))
+    barrier()
     return RunResult(out, recipe.max_steps, forward_passes, seconds, eval_before, eval_after, checkpoint)

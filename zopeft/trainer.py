@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers import Trainer
 
+from .batched import loss_closure
 from .optim.base import ZOOptimizer
 from .registry import get_optimizer
 
@@ -51,8 +53,14 @@ class ZOTrainer(Trainer):
     ) -> torch.Tensor:
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
-            loss = self.zo_optimizer.estimate(lambda: self.compute_loss(model, inputs))
+            loss = self.zo_optimizer.estimate(self._loss_closure(model, inputs))
         return torch.tensor(loss / self.current_gradient_accumulation_steps, device=self.args.device)
+
+    def _loss_closure(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Callable[[], Any]:
+        """The model's own loss (with batched evaluation) unless ``compute_loss`` is customised."""
+        if type(self).compute_loss is Trainer.compute_loss and self.label_smoother is None and "labels" in inputs:
+            return loss_closure(model, inputs)
+        return lambda: self.compute_loss(model, inputs)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the ZO statistics (forward passes, σ or projected gradient, skipped steps) to each log."""

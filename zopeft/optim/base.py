@@ -27,6 +27,8 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
+from ..batched import log_evaluation_path
+from ..distributed import ZOComm
 from ..noise import NOISE_KINDS, draw_noise, noise_key
 
 __all__ = ["Evaluation", "StepRecord", "ZOOptimizer"]
@@ -62,7 +64,27 @@ class ZOOptimizer(torch.optim.Optimizer):
             bit-exact and fp16/bf16 adapters do not drift (default).  ``False``
             perturbs fp32 tensors in place (MeZO's memory, not bit-exact) and is
             refused for low-precision tensors.
+        batched: evaluate a step's points in batched forward passes when the
+            closure offers it (see :mod:`zopeft.batched`); otherwise, and where
+            unsupported, the points are evaluated one forward pass each.
+        perturbation_batch_size: points (replicas of the batch) per batched
+            forward pass; ``None``: automatic.
+        parallel: how ranks share a step under ``torch.distributed`` (see
+            :mod:`zopeft.distributed`): ``"perturbation"`` (the step's points are
+            divided among ranks that all see the same batch), ``"data"`` (each rank
+            evaluates every point on its own batch), ``"auto"`` (default: the
+            method's :attr:`default_parallel` when the job has several ranks, else
+            single-process), ``None`` (single-process) or a ready :class:`ZOComm`.
+        sync_check_steps: with several ranks, compare a checksum of the trainable
+            tensors across ranks every this many steps (0: never); a mismatch raises
+            :class:`~zopeft.distributed.ReplicaDivergence`.
+
+    :attr:`forward_passes` counts loss evaluations (model evaluations at one
+    point) of the whole job, whether they ran as separate forward passes or as
+    replicas in one batched pass; evaluation stops at the first non-finite loss.
     """
+
+    default_parallel = "data"
 
     def __init__(
         self,
@@ -74,6 +96,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         noise: str = "rademacher",
         seed: int = 0,
         master_weights: bool = True,
+        batched: bool = False,
+        perturbation_batch_size: int | None = None,
+        parallel: str | ZOComm | None = "auto",
+        sync_check_steps: int = 100,
         **defaults: Any,
     ) -> None:
         if lr < 0:
@@ -84,6 +110,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown noise {noise!r}; choose one of {', '.join(NOISE_KINDS)}")
         self._module = params if isinstance(params, nn.Module) else None
         super().__init__(_trainable_groups(params), dict(lr=lr, weight_decay=weight_decay, **defaults))
+        if perturbation_batch_size is not None and perturbation_batch_size < 1:
+            raise ValueError(f"perturbation_batch_size must be >= 1, got {perturbation_batch_size}")
+        if sync_check_steps < 0:
+            raise ValueError(f"sync_check_steps must be >= 0, got {sync_check_steps}")
+        self.comm = parallel if isinstance(parallel, ZOComm) else ZOComm.for_optimizer(parallel, self.default_parallel)
+        self.sync_check_steps = int(sync_check_steps)
+        self.batched = bool(batched)
+        self.perturbation_batch_size = perturbation_batch_size
         self.eps = float(eps)
         self.noise = noise
         self.seed = int(seed)
@@ -101,6 +135,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._pending: list[float] | None = None
         self._pending_count = 0
+        self._comm_bytes = 0
         self._last_loss: float | None = None
         self.last_stats: dict[str, Any] = {}
         self.step_log: list[StepRecord] = []
@@ -180,9 +215,19 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         The closure runs under ``no_grad`` (and with the module in eval mode when the
         optimizer was built from a module, so dropout does not blur the differences).
+        With several ranks the points (perturbation parallel) or the losses (data
+        parallel) are shared with one all-reduce of a few floats.
         Returns the loss at the current weights.
         """
-        losses = self._evaluate(closure, self.evaluations())
+        evaluations = self.evaluations()
+        comm = self.comm
+        if comm is None:
+            losses, evaluated = self._evaluate(closure, evaluations)
+        else:
+            mine, evaluated = self._evaluate(closure, [evaluations[i] for i in comm.assigned(len(evaluations))])
+            losses, evaluated = comm.combine(mine, len(evaluations), evaluated)
+            self._comm_bytes += comm.payload_bytes(len(evaluations))
+        self.forward_passes += evaluated
         if self._pending is None:
             self._pending, self._pending_count = losses, 1
         else:
@@ -213,7 +258,16 @@ class ZOOptimizer(torch.optim.Optimizer):
             **({"skipped": record["skipped"]} if "skipped" in record else {}),
             **self.step_stats(losses),
         }
+        if self.comm is not None:
+            self.last_stats["comm_bytes"], self._comm_bytes = self._comm_bytes, 0
+            if self.sync_check_steps and self._step % self.sync_check_steps == 0:
+                self.check_replicas()
         return self.last_stats["loss"]
+
+    def check_replicas(self) -> None:
+        """Raise :class:`~zopeft.distributed.ReplicaDivergence` unless all ranks hold bit-identical tensors."""
+        if self.comm is not None:
+            self.comm.check_sync(self._masters or self._tensors, self._step)
 
     @torch.no_grad()
     def replay(self, records: Iterable[StepRecord]) -> None:
@@ -224,7 +278,19 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._step += 1
 
     # ----- internals -------------------------------------------------------------------------
-    def _evaluate(self, closure: Closure, evaluations: list[Evaluation]) -> list[float]:
+    def _evaluate(self, closure: Closure, evaluations: list[Evaluation]) -> tuple[list[float], int]:
+        """The losses at ``evaluations`` (NaN after the first non-finite one) and how many were evaluated."""
+        batched = getattr(closure, "losses", None) if self.batched else None
+        if callable(batched):  # e.g. zopeft.batched.loss_closure: all points in few forward passes
+            with self._eval_mode():
+                done = batched(self, evaluations)
+            if done is not None:  # None: unsupported here, evaluate sequentially
+                n = next((j + 1 for j, x in enumerate(done) if not math.isfinite(x)), len(evaluations))
+                return list(done[:n]) + [math.nan] * (len(evaluations) - n), n
+        elif self.batched:
+            log_evaluation_path(
+                self, "sequential", "the closure offers no batched evaluation; see zopeft.batched.loss_closure"
+            )
         losses: list[float] = []
         with self._eval_mode():
             try:
@@ -234,13 +300,12 @@ class ZOOptimizer(torch.optim.Optimizer):
                     else:
                         self.perturb(*ev)
                     losses.append(_as_float(closure()))
-                    self.forward_passes += 1
                     if not math.isfinite(losses[-1]):
-                        losses += [math.nan] * (len(evaluations) - len(losses))
                         break
             finally:
                 self.restore()
-        return losses
+        evaluated = len(losses)
+        return losses + [math.nan] * (len(evaluations) - evaluated), evaluated
 
     def _apply(self, record: StepRecord) -> None:
         losses = record["losses"]

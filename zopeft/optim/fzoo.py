@@ -22,16 +22,29 @@ class FZOO(ZOOptimizer):
         lr: learning rate.
         eps: perturbation scale ε.
         n_perturbations: N (>= 2; default 8).
-        **kwargs: ``weight_decay``, ``noise``, ``seed``, ``master_weights``.
+        batched: evaluate the N + 1 points as replicas of the batch in one
+            forward pass where the closure offers it (default; build the closure
+            with :func:`zopeft.batched.loss_closure`) and the adapter is supported;
+            otherwise sequentially.
+        **kwargs: ``weight_decay``, ``noise``, ``seed``, ``master_weights``,
+            ``perturbation_batch_size`` (replicas per batched forward; default automatic).
     """
 
     def __init__(
-        self, params: Any, lr: float = 1e-3, eps: float = 1e-3, n_perturbations: int = 8, **kwargs: Any
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        eps: float = 1e-3,
+        n_perturbations: int = 8,
+        batched: bool = True,
+        **kwargs: Any,
     ) -> None:
         if n_perturbations < 2:
             raise ValueError(f"n_perturbations must be >= 2 (σ of one loss is 0), got {n_perturbations}")
-        super().__init__(params, lr=lr, eps=eps, **kwargs)
+        super().__init__(params, lr=lr, eps=eps, batched=batched, **kwargs)
         self.n_perturbations = n_perturbations
+
+    default_parallel = "perturbation"
 
     def evaluations(self) -> list[Evaluation]:
         return [None] + [(i, 1.0) for i in range(1, self.n_perturbations + 1)]
