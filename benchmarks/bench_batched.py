@@ -1,6 +1,7 @@
 """FZOO step time: batched evaluation of the N+1 points vs one forward pass per point.
 
-    python -m benchmarks.bench_batched [--quick] [--device auto|cpu|cuda] [--labels all,answer] [--ns 4,8,16] [--quant none,nf4]
+    python -m benchmarks.bench_batched [--quick] [--device auto|cpu|cuda] [--labels all,answer] [--ns 4,8,16]
+        [--quant none,nf4]
 
 A Llama-architecture model is built from a config (random weights, nothing downloaded),
 wrapped with LoRA r=8 on q_proj/v_proj, unquantized and bitsandbytes nf4.  For each N the
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quant", default="none,nf4", help="comma-separated: none, nf4, fp4")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--labels", default="all,answer", help="comma-separated: all (LM on every token), answer (last token only)")
+    parser.add_argument("--labels", default="all,answer",
+                        help="comma-separated: all (LM on every token), answer (last token only)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per configuration (after one warm-up)")
     args = parser.parse_args(argv)
 
@@ -131,8 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "table": table.text(),
         "results": table.rows,
     }
-    result["json"] = str(common.write_result(common.result_path(args.out_dir, "batched", device, args.quick), result, device))
-    return result
+    return common.save_result(result, args.out_dir, device)
 
 
 if __name__ == "__main__":

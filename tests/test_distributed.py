@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +26,18 @@ BIN = Path(sys.executable).parent
 
 
 def torchrun(nproc: int, *command: str | Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Launch ``torchrun --standalone``; on a time-out the whole process group (workers too) is killed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
             *map(str, command)]
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    done = subprocess.CompletedProcess(args, proc.returncode, out, err)
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done

@@ -166,7 +166,21 @@ def load_base_model(spec: ModelSpec, *, quantize: bool = True) -> PreTrainedMode
         raise ValueError(f"task_type must be causal_lm or sequence_classification, got {spec.task_type!r}")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id if model.config.eos_token_id is not None else 0
+    if quantize and spec.quantization_bit:
+        _release_checkpoint(model)
     return model
+
+
+@torch.no_grad()
+def _release_checkpoint(model: nn.Module) -> None:
+    """Give the unquantized CPU tensors (embeddings, norms, head) their own memory.
+
+    After a quantized load they still view the memory-mapped fp32 checkpoint, which keeps
+    the whole file mapped (and resident once touched): ~300 MB for SmolLM2-135M.
+    """
+    for p in model.parameters():
+        if p.device.type == "cpu" and p.is_floating_point():
+            p.data = p.data.clone()
 
 
 def _check_modules(model: nn.Module, wanted: list[str], key: str, linear_only: bool) -> None:

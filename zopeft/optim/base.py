@@ -186,7 +186,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def perturb(self, perturbation: int, scale: float) -> None:
         """Set θ ← θ₀ + scale·ε·z_k for the current step (θ₀: the unperturbed weights)."""
-        self.restore()
+        if self._masters is None:  # with master copies every tensor is overwritten below
+            self.restore()
         step = self._step
         for i, p in enumerate(self._tensors):
             z = self.draw(step, perturbation, i, p)

@@ -1,0 +1,549 @@
+"""Convergence race: zopeft's MeZO, FZOO and AdaMeZO vs first-order AdamW, LoRA on SmolLM2-135M.
+
+    python -m benchmarks.bench_convergence [--quick] [--device auto|cpu|cuda] [--tasks sst2,rte] [--seeds 3]
+        [--budget 600] [--grid fzoo=1e-3,3e-3] [--resume]
+
+Same model (real SmolLM2-135M-Instruct weights, fp32, LoRA r=8 alpha 16 on q/v, B = 0 at the
+start so every run starts at the zero-shot model), same data (the bundled SST-2 label-word task:
+``Review: ...\\nSentiment:`` scored on `` negative``/`` positive``; RTE in full mode), same batch
+size, and for each seed the same LoRA initialisation and example order for every optimizer.
+
+Budget and counting.  Every optimizer gets the same budget of *forward-pass equivalents*: a ZO
+loss evaluation is one (MeZO and AdaMeZO: 2 per step, FZOO: N+1 = 9 per step); a first-order
+AdamW step is counted as 3 (one forward pass + a backward pass, which costs about two forward
+passes) - the usual estimate, stated rather than measured.  The three ZO optimizers evaluate their
+points with zopeft's batched path (the points as replicas of the batch in one forward pass:
+the same losses to fp32 rounding, fewer and larger forwards).  Wall time is training time only
+(evaluation excluded) on a machine that may be shared: see the recorded load averages.
+
+Protocol.  The dev split is cut into a *report* set (the curves) and a disjoint *tune* set.  Each
+optimizer's learning rate is picked from a small grid by the tune-set accuracy after a short run
+(``--tune-budget``, seed 0; ties: lower tune loss); the chosen lr then runs with every seed on the
+full budget, evaluated on the report set every ``--eval-every`` forward-pass equivalents.  The
+target accuracy is the zero-shot report accuracy + ``--target-gain``; forward passes and seconds
+to the target are read off the first evaluation at or above it (evaluation points are discrete:
+the true crossing is at or before the reported count).
+
+Quick mode is a smoke test: one seed, one lr per optimizer (no tuning), 36 forward-pass
+equivalents, 64 report examples - it checks the machinery end to end and says nothing reliable
+about which optimizer converges faster.  Full mode: SST-2 and RTE, a 3-point lr grid per
+optimizer, 3 seeds, 600 forward-pass equivalents; hours on 2 CPU cores (``--resume`` reuses the
+runs already recorded in ``convergence_<device>.runs.jsonl``).
+
+Writes ``convergence_<device>[_quick].json`` and a ``.png`` (accuracy against forward-pass
+equivalents and against wall time, mean ± std over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import common
+
+ADAMW_FORWARD_EQUIVALENTS = 3  # forward + backward ≈ 1 + 2 forward passes
+PAPERS = {
+    "fzoo": "FZOO paper: about 3x fewer forward passes than MeZO to the same accuracy",
+    "adamezo": "AdaMeZO paper: up to 70% fewer forward passes than MeZO",
+}
+
+
+@dataclass(frozen=True)
+class OptimizerSetting:
+    """Fixed hyperparameters, the lr grid of full mode and the single lr of quick mode."""
+
+    kwargs: dict[str, Any]
+    grid: tuple[float, ...]
+    quick_lr: float
+
+
+OPTIMIZERS: dict[str, OptimizerSetting] = {
+    # eps 1e-2: the MeZO paper's LoRA setting; lr 1e-4 is its LoRA lr
+    "mezo": OptimizerSetting({"eps": 1e-2}, (1e-4, 3e-4, 1e-3), 1e-4),
+    "fzoo": OptimizerSetting({"eps": 1e-3, "n_perturbations": 8}, (1e-3, 3e-3, 1e-2), 5e-3),
+    # the update is 100·m/(√v+δ) (normalised momentum): lrs ~100x below MeZO's give similar step sizes
+    "adamezo": OptimizerSetting({"eps": 1e-2}, (3e-6, 1e-5, 3e-5), 1e-5),
+    "adamw": OptimizerSetting({}, (1e-4, 3e-4, 1e-3), 1e-4),
+}
+
+
+@dataclass(frozen=True)
+class TaskSetting:
+    """Prompt length cap and the dev slices ``[start, stop)`` used to report and to tune."""
+
+    cutoff_len: int
+    report: tuple[int, int]
+    tune: tuple[int, int]
+
+
+TASKS = {
+    "sst2": TaskSetting(64, (0, 256), (256, 456)),
+    "rte": TaskSetting(128, (0, 177), (177, 277)),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run; also the key under which a finished run is recorded for ``--resume``."""
+
+    task: str
+    optimizer: str
+    lr: float
+    seed: int
+    budget: int  # forward-pass equivalents
+    eval_every: int
+    eval_set: str  # "report" or "tune"
+    eval_slice: tuple[int, int]
+    model: str
+    batch_size: int
+
+
+# ----- optimizers behind one interface -----------------------------------------------------------
+class _ZOTrainer:
+    """A zopeft optimizer stepping on batched loss closures; counts its loss evaluations."""
+
+    def __init__(self, name: str, model: torch.nn.Module, lr: float, seed: int) -> None:
+        import zopeft
+
+        self.model = model
+        self.opt = zopeft.get_optimizer(name, model, lr=lr, seed=seed, batched=True, **OPTIMIZERS[name].kwargs)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        from zopeft.batched import loss_closure
+
+        self.opt.step(loss_closure(self.model, batch))
+
+    @property
+    def forward_equivalents(self) -> int:
+        return self.opt.forward_passes
+
+
+class _AdamWTrainer:
+    """First-order AdamW on the LoRA tensors; a step counts as :data:`ADAMW_FORWARD_EQUIVALENTS`."""
+
+    def __init__(self, model: torch.nn.Module, lr: float) -> None:
+        self.model = model
+        self.opt = torch.optim.AdamW(common.trainable(model), lr=lr, weight_decay=0.0)
+        self.steps = 0
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        common.adamw_step(self.model, self.opt, batch)
+        self.steps += 1
+
+    @property
+    def forward_equivalents(self) -> int:
+        return ADAMW_FORWARD_EQUIVALENTS * self.steps
+
+
+# ----- the race ---------------------------------------------------------------------------------
+class Race:
+    """The shared pieces (tokenizer, task formats, records, model) and one training run."""
+
+    def __init__(self, model: str, device: torch.device, batch_size: int) -> None:
+        from zopeft.models import ModelSpec, load_tokenizer
+
+        self.tokenizer = load_tokenizer(ModelSpec(common.SMOLLM2))
+        vocab = None if model == "smollm2" else len(self.tokenizer)
+        self.model_name, self.path = model, common.model_path(model, vocab_size=vocab)
+        self.device, self.batch_size = device, batch_size
+
+    def fresh_model(self, seed: int) -> torch.nn.Module:
+        """The base with a new LoRA adapter (A from ``seed``, B = 0: the zero-shot model)."""
+        base = common.load_base(self.path, self.device)
+        torch.manual_seed(seed)
+        return common.with_adapter(base, "lora")
+
+    @staticmethod
+    def task(name: str) -> Any:
+        from zopeft.data import BUILTIN_DATASETS
+        from zopeft.tasks import build_task
+
+        settings = dict(BUILTIN_DATASETS[name]["task"])
+        return build_task(settings.pop("kind"), cutoff_len=TASKS[name].cutoff_len, **settings)
+
+    @staticmethod
+    def records(name: str, split: str, bounds: tuple[int, int] | None = None) -> list[dict]:
+        from zopeft.data import load_records
+
+        records = load_records(name, split)
+        return records[bounds[0] : bounds[1]] if bounds else records
+
+    def evaluate(self, model: torch.nn.Module, task_name: str, bounds: tuple[int, int]) -> dict[str, float]:
+        return self.task(task_name).evaluate(model, self.tokenizer, self.records(task_name, "dev", bounds), batch_size=32)
+
+    def batch(self, task: Any, train: list[dict], seed: int, step: int) -> dict[str, torch.Tensor]:
+        """Batch ``step`` of the example order of ``seed`` (a new permutation each epoch)."""
+        n, bs = len(train), self.batch_size
+        indices = [_order(seed, p // n, n)[p % n] for p in range(step * bs, (step + 1) * bs)]
+        batch = task.collate([train[i] for i in indices], self.tokenizer)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def run(self, spec: RunSpec, start: dict[str, float] | None) -> dict[str, Any]:
+        """Train until the budget is spent, evaluating every ``eval_every`` forward-pass equivalents
+        (and at the end); ``start``: the shared step-0 evaluation, prepended to the curve."""
+        model = self.fresh_model(spec.seed)
+        trainer = (_AdamWTrainer(model, spec.lr) if spec.optimizer == "adamw"
+                   else _ZOTrainer(spec.optimizer, model, spec.lr, spec.seed))
+        task, train = self.task(spec.task), self.records(spec.task, "train")
+        curve = [_point(0, 0, 0.0, start)] if start else []
+        steps, seconds, next_eval = 0, 0.0, spec.eval_every
+        while trainer.forward_equivalents < spec.budget:
+            batch = self.batch(task, train, spec.seed, steps)
+            seconds += common.timed(lambda: trainer.step(batch), self.device)
+            steps += 1
+            done = trainer.forward_equivalents >= spec.budget
+            if trainer.forward_equivalents >= next_eval or done:
+                if spec.eval_set == "report" or done:
+                    metrics = self.evaluate(model, spec.task, spec.eval_slice)
+                    curve.append(_point(steps, trainer.forward_equivalents, seconds, metrics))
+                while next_eval <= trainer.forward_equivalents:
+                    next_eval += spec.eval_every
+        return {
+            **asdict(spec),
+            "steps": steps,
+            "forward_equivalents": trainer.forward_equivalents,
+            "train_seconds": seconds,
+            "seconds_per_step": seconds / max(steps, 1),
+            "final_accuracy": curve[-1]["accuracy"],
+            "final_loss": curve[-1]["loss"],
+            "best_accuracy": max(p["accuracy"] for p in curve),
+            "curve": curve,
+            "load_average": common.load_average(),
+        }
+
+
+@functools.lru_cache(maxsize=8)
+def _order(seed: int, epoch: int, n: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def _point(steps: int, forward_equivalents: int, seconds: float, metrics: dict[str, float]) -> dict[str, Any]:
+    return {"steps": steps, "forward_equivalents": forward_equivalents, "train_seconds": seconds,
+            "accuracy": metrics["accuracy"], "loss": metrics["loss"]}
+
+
+# ----- recorded runs (for --resume) --------------------------------------------------------------
+class RunLog:
+    """Finished runs, one JSON line each; with ``resume`` the lines already there are reused."""
+
+    def __init__(self, path: Path, resume: bool) -> None:
+        self.path = path
+        self.done: dict[str, dict[str, Any]] = {}
+        if resume and path.exists():
+            for line in path.read_text().splitlines():
+                record = json.loads(line)
+                self.done[record["key"]] = record["run"]
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    @staticmethod
+    def key(spec: RunSpec) -> str:
+        return json.dumps(asdict(spec), sort_keys=True)
+
+    def get(self, spec: RunSpec) -> dict[str, Any] | None:
+        return self.done.get(self.key(spec))
+
+    def add(self, spec: RunSpec, run: dict[str, Any]) -> None:
+        self.done[self.key(spec)] = run
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({"key": self.key(spec), "run": run}) + "\n")
+
+
+# ----- summaries ---------------------------------------------------------------------------------
+def first_reaching(run: dict[str, Any], target: float) -> dict[str, Any] | None:
+    """The first evaluation point at or above ``target`` (None: not reached within the budget)."""
+    return next((p for p in run["curve"] if p["accuracy"] >= target), None)
+
+
+def _pm(values: Sequence[float], fmt: str) -> str | None:
+    if not values:
+        return None
+    mean, std = common.mean_std(values)
+    return f"{mean:{fmt}}±{std:{fmt}}" if len(values) > 1 else f"{mean:{fmt}}"
+
+
+def summarise(task: str, optimizer: str, lr: float, runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """One table row: final/best accuracy and cost to the target over the seeds."""
+    reached = [p for p in (first_reaching(r, target) for r in runs) if p is not None]
+    fwd = [p["forward_equivalents"] for p in reached]
+    secs = [p["train_seconds"] for p in reached]
+    return {
+        "task": task, "optimizer": optimizer, "lr": lr, "seeds": len(runs),
+        "fwd_per_step": runs[0]["forward_equivalents"] / max(runs[0]["steps"], 1),
+        "s_per_step": common.mean_std([r["seconds_per_step"] for r in runs])[0],
+        "final_accuracy": common.mean_std([r["final_accuracy"] for r in runs]),
+        "best_accuracy": common.mean_std([r["best_accuracy"] for r in runs]),
+        "reached": f"{len(reached)}/{len(runs)}",
+        "fwd_to_target": common.mean_std(fwd) if len(reached) == len(runs) else None,
+        "seconds_to_target": common.mean_std(secs) if len(reached) == len(runs) else None,
+        "final_acc": _pm([r["final_accuracy"] for r in runs], ".3f"),
+        "best_acc": _pm([r["best_accuracy"] for r in runs], ".3f"),
+        "fwd_target": _pm(fwd, ".0f"),
+        "s_target": _pm(secs, ".0f"),
+    }
+
+
+def compare(rows: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """Forward passes to the target relative to MeZO, next to what the papers report."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        by_opt = {r["optimizer"]: r for r in rows if r["task"] == task}
+        mezo = by_opt.get("mezo")
+        for name in ("fzoo", "adamezo", "adamw"):
+            other = by_opt.get(name)
+            if mezo is None or other is None:
+                continue
+            out.append({"task": task, "optimizer": name, **_relative(mezo, other, budget),
+                        "final_accuracy_difference": other["final_accuracy"][0] - mezo["final_accuracy"][0]})
+    return out
+
+
+def _relative(mezo: dict[str, Any], other: dict[str, Any], budget: int) -> dict[str, Any]:
+    """How many times fewer forward passes ``other`` needed than MeZO (a bound when one did not arrive)."""
+    m, o = mezo["fwd_to_target"], other["fwd_to_target"]
+    if m and o:
+        ratio = m[0] / o[0]
+        verdict = f"{ratio:.2f}x fewer" if ratio >= 1 else f"{1 / ratio:.2f}x more"
+        return {"mezo_over_other": ratio, "verdict": verdict}
+    if o:  # MeZO needs more than the budget
+        return {"mezo_over_other": budget / o[0], "verdict": f"> {budget / o[0]:.2f}x fewer (MeZO did not reach it)"}
+    if m:
+        return {"mezo_over_other": None, "verdict": f"more: did not reach it in {budget} (MeZO: {m[0]:.0f})"}
+    return {"mezo_over_other": None, "verdict": "neither reached the target"}
+
+
+# ----- plot --------------------------------------------------------------------------------------
+def plot(curves: dict[str, dict[str, list[dict[str, Any]]]], targets: dict[str, float], path: Path, title: str) -> Path:
+    """Accuracy against forward-pass equivalents and against training seconds, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(curves)
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4 * len(tasks)), squeeze=False)
+    for row, task in enumerate(tasks):
+        for col, (x_key, x_label) in enumerate((("forward_equivalents", "forward-pass equivalents"),
+                                                ("train_seconds", "training seconds (this machine)"))):
+            ax = axes[row][col]
+            for name, runs in curves[task].items():
+                points = min(len(r["curve"]) for r in runs)
+                xs = [common.mean_std([r["curve"][i][x_key] for r in runs])[0] for i in range(points)]
+                stats = [common.mean_std([r["curve"][i]["accuracy"] for r in runs]) for i in range(points)]
+                mean = [m for m, _ in stats]
+                line, = ax.plot(xs, mean, marker="o", label=f"{name} (lr {runs[0]['lr']:g})")
+                ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats],
+                                color=line.get_color(), alpha=0.15)
+            ax.axhline(targets[task], color="grey", linestyle="--", linewidth=1, label="target")
+            ax.set(xlabel=x_label, ylabel=f"{task} dev accuracy (report set)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----- main --------------------------------------------------------------------------------------
+COLUMNS: list[common.Column] = [
+    ("task", "task", ""), ("optimizer", "optimizer", ""), ("lr", "lr", "g"), ("seeds", "seeds", "d"),
+    ("fwd/step", "fwd_per_step", ".0f"), ("s/step", "s_per_step", ".2f"), ("final acc", "final_acc", ""),
+    ("best acc", "best_acc", ""), ("reached", "reached", ""), ("fwd to target", "fwd_target", ""),
+    ("s to target", "s_target", ""),
+]
+COMPARE_COLUMNS: list[common.Column] = [
+    ("task", "task", ""), ("optimizer", "optimizer", ""), ("forward passes to target vs MeZO", "verdict", ""),
+    ("final acc - MeZO's", "final_accuracy_difference", "+.3f"),
+]
+
+
+def _first(bounds: tuple[int, int], size: int | None) -> tuple[int, int]:
+    """The first ``size`` examples of the slice ``bounds`` (all of it for None)."""
+    return bounds if size is None else (bounds[0], min(bounds[1], bounds[0] + size))
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """``["fzoo=1e-3,3e-3", ...]`` → ``{"fzoo": (0.001, 0.003)}``."""
+    grid = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        if name not in OPTIMIZERS or not values:
+            raise SystemExit(f"--grid {item!r}: expected NAME=LR[,LR...] with NAME in {', '.join(OPTIMIZERS)}")
+        grid[name] = tuple(float(v) for v in values.split(","))
+    return grid
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one invocation runs (from the command line)."""
+
+    quick: bool
+    tasks: list[str]
+    grids: dict[str, tuple[float, ...]]  # optimizer -> lr grid (one lr: no tuning)
+    seeds: list[int]
+    budget: int
+    eval_every: int
+    tune_budget: int
+    report_size: int | None
+    tune_size: int | None
+    target_gain: float
+    model: str
+    batch_size: int
+
+
+class Experiment:
+    """Runs the protocol for one task: lr tuning, then the seeds; finished runs are logged."""
+
+    def __init__(self, plan: Plan, race: Race, log: RunLog) -> None:
+        self.plan, self.race, self.log = plan, race, log
+        self.tuning: list[dict[str, Any]] = []
+
+    def run(self, spec: RunSpec, start: dict[str, float] | None) -> dict[str, Any]:
+        done = self.log.get(spec)
+        if done is None:
+            began = time.perf_counter()
+            done = self.race.run(spec, start)
+            self.log.add(spec, done)
+            print(f"  {spec.task} {spec.optimizer} lr={spec.lr:g} seed={spec.seed} ({spec.eval_set}): "
+                  f"acc {done['final_accuracy']:.3f} after {done['forward_equivalents']} fwd-eq, "
+                  f"{done['train_seconds']:.0f} s training ({time.perf_counter() - began:.0f} s with eval)", flush=True)
+        return done
+
+    def choose_lr(self, task: str, name: str) -> float:
+        """The grid's lr with the best tune-set accuracy after a short seed-0 run (ties: lower loss)."""
+        grid, plan = self.plan.grids[name], self.plan
+        if len(grid) == 1:
+            return grid[0]
+        tune = _first(TASKS[task].tune, plan.tune_size)
+        tuned = [self.run(RunSpec(task, name, lr, 0, plan.tune_budget, plan.tune_budget, "tune", tune, plan.model,
+                                  plan.batch_size), None) for lr in grid]
+        best = max(tuned, key=lambda r: (r["final_accuracy"], -r["final_loss"]))
+        self.tuning.append({"task": task, "optimizer": name, "grid": list(grid), "chosen_lr": best["lr"],
+                            "tune_budget": plan.tune_budget, "tune_examples": tune[1] - tune[0],
+                            "tune_accuracy": {f"{r['lr']:g}": r["final_accuracy"] for r in tuned}})
+        return best["lr"]
+
+    def run_race(self, task: str, report: tuple[int, int], start: dict[str, float]) -> dict[str, list[dict[str, Any]]]:
+        """Every optimizer at its chosen lr, every seed, on the full budget, evaluated on the report set.
+
+        All lrs are chosen first, then the runs go seed by seed, so that an interrupted (or
+        still running) invocation already holds complete comparisons for the first seeds.
+        """
+        plan = self.plan
+        lrs = {name: self.choose_lr(task, name) for name in plan.grids}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in plan.grids}
+        for seed in plan.seeds:
+            for name, lr in lrs.items():
+                spec = RunSpec(task, name, lr, seed, plan.budget, plan.eval_every, "report", report, plan.model,
+                               plan.batch_size)
+                runs[name].append(self.run(spec, start))
+        return runs
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_arguments(parser)
+    parser.add_argument("--model", default="smollm2", help="smollm2 (real weights) or a random Llama size (tests)")
+    parser.add_argument("--tasks", default=None, help="comma-separated: sst2, rte (default: sst2 quick, sst2,rte full)")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of the four")
+    parser.add_argument("--grid", action="append", default=[], metavar="NAME=LR[,LR...]",
+                        help="lr grid of one optimizer (default: the built-in grid in full mode, one lr in quick)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per optimizer (default 1 quick, 3 full)")
+    parser.add_argument("--budget", type=int, default=None, help="forward-pass equivalents per run (36 quick, 600 full)")
+    parser.add_argument("--eval-every", type=int, default=None, help="forward-pass equivalents (18 quick, 100 full)")
+    parser.add_argument("--tune-budget", type=int, default=None, help="budget of an lr-tuning run (default budget/3)")
+    parser.add_argument("--report-size", type=int, default=None, help="report examples (default 64 quick, else the task's)")
+    parser.add_argument("--tune-size", type=int, default=None, help="tune examples (default: the task's)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--target-gain", type=float, default=0.03, help="target = zero-shot report accuracy + this")
+    parser.add_argument("--resume", action="store_true", help="reuse runs recorded by an interrupted invocation")
+    args = parser.parse_args(argv)
+    q = args.quick
+    names = args.optimizers.split(",")
+    budget, eval_every = args.budget or (36 if q else 600), args.eval_every or (18 if q else 100)
+    plan = Plan(
+        quick=q, tasks=(args.tasks or ("sst2" if q else "sst2,rte")).split(","),
+        grids={n: (OPTIMIZERS[n].quick_lr,) if q else OPTIMIZERS[n].grid for n in names} | parse_grid(args.grid),
+        seeds=list(range(args.seeds or (1 if q else 3))), budget=budget, eval_every=eval_every,
+        tune_budget=args.tune_budget or max(eval_every, budget // 3), report_size=args.report_size or (64 if q else None),
+        tune_size=args.tune_size, target_gain=args.target_gain, model=args.model, batch_size=args.batch,
+    )
+    return args, plan
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args, plan = parse_args(argv)
+    common.setup(args.threads)
+    device = common.resolve_device(args.device)
+    machine = common.machine_info(device)
+    q = plan.quick
+    if q:
+        tuned = "lr tuned on a grid" if any(len(g) > 1 for g in plan.grids.values()) else "1 lr per optimizer (no tuning)"
+        print(f"QUICK MODE - a smoke test: {len(plan.seeds)} seed(s), {tuned}, {plan.budget} forward-pass equivalents, "
+              f"{plan.report_size} report examples. The numbers below do not rank the optimizers.", flush=True)
+    race = Race(plan.model, device, plan.batch_size)
+    experiment = Experiment(plan, race, RunLog(common.result_path(args.out_dir, "convergence", device, q, ".runs.jsonl"),
+                                               args.resume))
+    rows, curves, tasks = [], {}, {}
+    for task in plan.tasks:
+        report = _first(TASKS[task].report, plan.report_size)
+        zero_shot = race.evaluate(race.fresh_model(0), task, report)
+        tasks[task] = {"cutoff_len": TASKS[task].cutoff_len, "report_examples": report[1] - report[0],
+                       "zero_shot": zero_shot, "target_accuracy": zero_shot["accuracy"] + plan.target_gain}
+        print(f"{task}: zero-shot report accuracy {zero_shot['accuracy']:.3f} on {report[1] - report[0]} examples; "
+              f"target {tasks[task]['target_accuracy']:.3f}", flush=True)
+        curves[task] = experiment.run_race(task, report, zero_shot)
+        rows += [summarise(task, name, runs[0]["lr"], runs, tasks[task]["target_accuracy"])
+                 for name, runs in curves[task].items()]
+    print(f"\nconvergence ({'QUICK, smoke-level' if q else 'full'}): {plan.budget} forward-pass equivalents per run "
+          f"(AdamW step = {ADAMW_FORWARD_EQUIVALENTS}), target = zero-shot + {plan.target_gain:g}")
+    table = common.print_table(rows, COLUMNS)
+    comparison = compare(rows, plan.budget)
+    print()
+    compare_table = common.print_table(comparison, COMPARE_COLUMNS)
+    print("\n".join(f"  {claim}" for claim in PAPERS.values()))
+    title = (f"SmolLM2-135M + LoRA r=8 q/v, batch {plan.batch_size}, {len(plan.seeds)} seed(s), budget {plan.budget} "
+             "fwd-eq" + (" - QUICK smoke run: not a ranking" if q else ""))
+    png = plot(curves, {t: info["target_accuracy"] for t, info in tasks.items()},
+               common.result_path(args.out_dir, "convergence", device, q, ".png"), title)
+    print(f"wrote {png}")
+    result = {
+        "benchmark": "convergence",
+        "quick": q,
+        "honesty": ("quick mode: smoke-level (tiny budget and report set, few seeds and lrs); it does not rank "
+                    "the optimizers") if q else "full mode",
+        "machine": machine,
+        "model": {"name": plan.model, "dtype": "fp32", "adapter": "LoRA r=8 alpha 16 on q_proj/v_proj (B = 0 at start)"},
+        "tasks": tasks,
+        "batch_size": plan.batch_size,
+        "seeds": plan.seeds,
+        "budget_forward_equivalents": plan.budget,
+        "eval_every": plan.eval_every,
+        "counting": (f"ZO: one loss evaluation = one forward pass (zopeft's forward_passes); AdamW: one step = "
+                     f"{ADAMW_FORWARD_EQUIVALENTS} forward-pass equivalents (1 forward + backward ~ 2 forwards, "
+                     "estimated, not measured). ZO evaluations use the batched path (zopeft.batched)."),
+        "optimizers": {n: {"fixed": OPTIMIZERS[n].kwargs, "grid": list(g)} for n, g in plan.grids.items()},
+        "tuning": experiment.tuning or "none (one lr per optimizer)",
+        "table": table,
+        "comparison_table": compare_table,
+        "results": rows,
+        "comparison": comparison,
+        "papers": PAPERS,
+        "runs": [r for task_curves in curves.values() for runs in task_curves.values() for r in runs],
+        "png": str(png),
+    }
+    return common.save_result(result, args.out_dir, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Smoke tests of the benchmark suite: each benchmark at a tiny size, its JSON checked.
+
+The models are tiny random Llamas built from a config (the convergence race uses the real
+SmolLM2 tokenizer with a tiny random model of its vocabulary), a couple of steps each.  The
+memory and peers benchmarks start one fresh Python process per configuration, so they are
+kept to two configurations each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import __main__ as suite
+from benchmarks import bench_anatomy, bench_batched, bench_convergence, bench_memory, bench_peers, bench_scaling, common
+
+
+@pytest.fixture(autouse=True)
+def _leave_the_process_as_found():
+    """The benchmarks set threads, seeds, warning filters and logger levels: undo that for later tests."""
+    threads, rng, filters = torch.get_num_threads(), torch.random.get_rng_state(), warnings.filters[:]
+    levels = {name: logging.getLogger(name).level for name in common.QUIET_LOGGERS}
+    torch.set_num_threads(1)  # as the benchmarks run here (see _args)
+    yield
+    torch.set_num_threads(threads)
+    torch.random.set_rng_state(rng)
+    warnings.filters[:] = filters
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def _args(out: Path, *extra: str) -> list[str]:
+    """Common options; one thread: the tiny models gain nothing from more, and on a loaded machine
+    every op of a multi-threaded tiny forward waits for a descheduled thread."""
+    return ["--device", "cpu", "--threads", "1", "--out-dir", str(out), *extra]
+
+
+def _load(result: dict) -> dict:
+    """The JSON file the benchmark wrote, checked for the machine record."""
+    data = json.loads(Path(result["json"]).read_text())
+    assert data["machine"]["device"] == "cpu"
+    assert data["machine"]["torch_threads"] >= 1 and data["machine"]["torch"]
+    assert "load_average_at_end" in data["machine"]
+    assert data["table"].count("\n") == len(data["results"])  # header + one line per row
+    return data
+
+
+def test_batched(tmp_path: Path) -> None:
+    result = bench_batched.main(_args(tmp_path, "--model", "tiny", "--ns", "2", "--quant", "none",
+                                      "--labels", "answer", "--repeats", "1"))
+    data = _load(result)
+    assert Path(result["json"]).name == "batched_cpu.json"
+    (row,) = data["results"]
+    assert row["n_perturbations"] == 2 and row["sequential_s"] > 0 and row["batched_s"] > 0
+    assert row["max_rel_loss_diff"] < 1e-4  # the batched path computes the same losses
+
+
+def test_anatomy(tmp_path: Path) -> None:
+    result = bench_anatomy.main(_args(tmp_path, "--quick", "--model", "tiny", "--adapters", "lora,full",
+                                      "--quant", "none,nf4", "--batch", "2", "--length", "8", "--repeats", "1"))
+    data = _load(result)
+    assert Path(result["json"]).name == "anatomy_cpu_quick.json"
+    rows = {(r["adapter"], r["quant"], r["optimizer"]): r for r in data["results"]}
+    assert set(rows) == {(a, q, o) for a, q in [("lora", "none"), ("full", "none"), ("lora", "nf4")]
+                         for o in ("mezo", "adamezo", "fzoo-sequential", "fzoo-batched")}
+    assert data["skipped"] == [{"adapter": "full", "quant": "nf4", "reason": bench_anatomy.FULL_4BIT}]
+    for row in rows.values():
+        assert row["ratio"] > 0 and row["forward_s"] > 0 and row["step_s"] > 0
+        assert row["evaluations_per_step"] == (9 if row["optimizer"].startswith("fzoo") else 2)
+    assert rows[("lora", "nf4", "fzoo-batched")]["path"] == "batched"
+    assert rows[("full", "none", "fzoo-batched")]["path"] == "sequential"  # full-parameter: no batched path
+    assert rows[("lora", "none", "mezo")]["path"] == "sequential"
+
+
+def _tiny_config(**extra: object) -> dict:
+    return {"model": common.model_path("tiny"), "batch": 2, "length": 8, "steps": 2, "device": "cpu", **extra}
+
+
+def test_memory(tmp_path: Path) -> None:
+    result = bench_memory.main(_args(tmp_path, "--model", "tiny", "--bases", "fp32", "--modes", "mezo",
+                                     "--batch", "2", "--length", "8", "--steps", "2"))  # one fresh process
+    (row,) = _load(result)["results"]
+    assert row["mode"] == "mezo" and row["trainable"] > 0
+    assert row["memory_setup_mib"] > 50  # a Python process with torch and a model
+    assert row["memory_peak_mib"] > 0 and row["memory_increment_mib"] > -1
+    assert row["peak_scope"] in ("since_reset", "process")
+    assert len(row["step_seconds"]) == 2 and row["step_s"] > 0
+    assert row["vs_inference"] is None  # no inference row to compare with
+
+
+@pytest.mark.parametrize("mode", ["inference", "fzoo", "fzoo-sequential", "adamw"])
+def test_memory_modes(mode: str) -> None:  # in this process: the step code of the other modes
+    row = bench_memory.child(_tiny_config(mode=mode))
+    assert row["step_s"] > 0 and row["memory_peak_mib"] > 0 and row["parameters"] > row["trainable"] > 0
+
+
+def test_peers(tmp_path: Path) -> None:
+    result = bench_peers.main(_args(tmp_path, "--model", "tiny", "--adapters", "lora", "--impls", "zopeft",
+                                    "--batch", "2", "--length", "8", "--steps", "2"))  # one fresh process
+    (row,) = _load(result)["results"]
+    assert row["implementation"] == "zopeft"
+    assert row["step_s"] > 0 and row["forward_s"] > 0 and row["ratio"] > 0 and row["memory_peak_mib"] > 0
+    assert row["tensors"] == 8  # LoRA A and B on q/v of two layers
+    assert row["exact"] == "yes"  # fp32 master copies: an lr = 0 step leaves every tensor bit-identical
+
+
+@pytest.mark.parametrize("impl", ["zopeft-inplace", "mezo-pypi"])
+def test_peer_implementations(impl: str) -> None:  # in this process
+    if impl == "mezo-pypi" and not bench_peers.mezo_installed():
+        pytest.skip("the mezo package is not installed")
+    row = bench_peers.child(_tiny_config(impl=impl, adapter="full"))
+    assert row["step_s"] > 0 and row["tensors"] == 21 and row["trainable"] > 0
+    assert row["exact"] == ("yes" if row["tensors_changed"] == 0 else f"no ({row['tensors_changed']}/21)")
+
+
+def test_mezo_package_noise_check() -> None:
+    if not bench_peers.mezo_installed():
+        pytest.skip("the mezo package is not installed")
+    assert not bench_peers.mezo_noise_check((1000, 101))["update_noise_equals_perturbation_noise"]
+    assert bench_peers.mezo_noise_check((1000, 128))["update_noise_equals_perturbation_noise"]
+    assert bench_peers.mezo_noise_check((50, 101))["update_noise_equals_perturbation_noise"]  # drawn in one piece
+
+
+def test_convergence(tmp_path: Path) -> None:
+    argv = _args(tmp_path, "--quick", "--model", "tiny", "--optimizers", "mezo,fzoo,adamw", "--budget", "4",
+                 "--eval-every", "2", "--report-size", "8", "--grid", "mezo=1e-4,1e-3", "--tune-budget", "2",
+                 "--tune-size", "8")
+    result = bench_convergence.main(argv)
+    data = _load(result)
+    assert Path(data["png"]).stat().st_size > 0
+    (tuning,) = data["tuning"]
+    assert tuning["optimizer"] == "mezo" and tuning["chosen_lr"] in (1e-4, 1e-3)
+    runs = {r["optimizer"]: r for r in data["runs"]}
+    # each run spends the budget in whole steps: MeZO 2 evaluations/step, FZOO 9, AdamW 3 equivalents
+    assert runs["mezo"]["forward_equivalents"] == 4 and runs["mezo"]["steps"] == 2
+    assert runs["fzoo"]["forward_equivalents"] == 9 and runs["fzoo"]["steps"] == 1
+    assert runs["adamw"]["forward_equivalents"] == 6 and runs["adamw"]["steps"] == 2
+    for run in runs.values():
+        xs = [p["forward_equivalents"] for p in run["curve"]]
+        assert xs[0] == 0 and xs == sorted(xs) and xs[-1] == run["forward_equivalents"]
+        assert all(0 <= p["accuracy"] <= 1 and math.isfinite(p["loss"]) for p in run["curve"])
+    target = data["tasks"]["sst2"]["target_accuracy"]
+    assert target == pytest.approx(data["tasks"]["sst2"]["zero_shot"]["accuracy"] + 0.03)
+    assert {c["optimizer"] for c in data["comparison"]} == {"fzoo", "adamw"}
+
+    # --resume reuses every recorded run: the same results without training again
+    log = Path(result["json"]).with_suffix(".runs.jsonl")
+    lines = log.read_text()
+    again = bench_convergence.main([*argv, "--resume"])
+    assert log.read_text() == lines
+    assert [r["curve"] for r in again["runs"]] == [r["curve"] for r in data["runs"]]
+
+
+def test_scaling(tmp_path: Path) -> None:
+    result = bench_scaling.main(_args(tmp_path, "--quick", "--model", "tiny", "--steps", "1"))
+    data = _load(result)
+    rows = {(r["optimizer"], r["world_size"]): r for r in data["results"]}
+    assert set(rows) == {("fzoo", 1), ("fzoo", 2), ("mezo", 1), ("mezo", 2)}
+    assert rows["fzoo", 2]["comm_bytes"] == 10 * 8 and rows["mezo", 2]["comm_bytes"] == 3 * 8  # N+2, 2+1 float64
+    assert rows["fzoo", 1]["comm_bytes"] == 0 and rows["mezo", 2]["examples_per_step"] == 2 * rows["mezo", 1]["examples_per_step"]
+    assert all(r["step_s"] > 0 and r["speedup"] > 0 for r in rows.values())
+
+
+def test_first_reaching_and_comparison() -> None:
+    def run(accuracies: list[float], step: int) -> dict:
+        curve = [{"accuracy": a, "forward_equivalents": i * step, "train_seconds": float(i)}
+                 for i, a in enumerate(accuracies)]
+        return {"curve": curve, "steps": len(accuracies) - 1, "forward_equivalents": curve[-1]["forward_equivalents"],
+                "seconds_per_step": 1.0, "final_accuracy": accuracies[-1], "best_accuracy": max(accuracies)}
+
+    mezo = bench_convergence.summarise("sst2", "mezo", 1e-4, [run([0.5, 0.6, 0.7, 0.8], 100)], 0.8)
+    fzoo = bench_convergence.summarise("sst2", "fzoo", 1e-3, [run([0.5, 0.8, 0.8, 0.8], 100)], 0.8)
+    adamw = bench_convergence.summarise("sst2", "adamw", 1e-4, [run([0.5, 0.6, 0.6, 0.6], 100)], 0.8)
+    assert mezo["fwd_to_target"] == (300, 0.0) and fzoo["fwd_to_target"] == (100, 0.0)
+    assert adamw["fwd_to_target"] is None and adamw["reached"] == "0/1"
+    rows = {c["optimizer"]: c for c in bench_convergence.compare([mezo, fzoo, adamw], budget=300)}
+    assert rows["fzoo"]["mezo_over_other"] == pytest.approx(3.0) and rows["fzoo"]["verdict"] == "3.00x fewer"
+    assert rows["adamw"]["mezo_over_other"] is None and "did not reach" in rows["adamw"]["verdict"]
+
+
+def test_peak_memory_sees_an_allocation() -> None:
+    meter = common.PeakMemory(torch.device("cpu"))
+    before = meter.current()
+    meter.reset()
+    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+    del block
+    assert meter.peak() - before >= 48 << 20
+
+
+def test_format_table_marks_missing_values() -> None:
+    text = common.format_table([{"a": 1.5, "b": None}, {"a": float("nan"), "b": "x"}], [("A", "a", ".1f"), ("B", "b", "")])
+    assert text.splitlines() == [
+        "       A         B",
+        "     1.5         -",
+        "       -         x",
+    ]
+
+
+def test_suite_runs_the_chosen_benchmarks_and_reports_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_main(name: str):
+        def main(argv: list[str]) -> dict:
+            calls.append((name, argv))
+            if name == "memory":
+                raise RuntimeError("boom")
+            return {"json": str(tmp_path / f"{name}.json")}
+
+        return main
+
+    monkeypatch.setattr(suite, "benchmark_main", fake_main)
+    assert suite.main(_args(tmp_path, "--quick", "--only", "memory,anatomy")) == 1
+    assert [name for name, _ in calls] == ["anatomy", "memory"]  # in the suite's order
+    assert all("--quick" in argv and "--out-dir" in argv for _, argv in calls)
+    summary = json.loads((tmp_path / "suite_cpu_quick.json").read_text())
+    assert summary["benchmarks"]["memory"]["error"] == "RuntimeError: boom"
+    assert summary["benchmarks"]["anatomy"]["json"].endswith("anatomy.json")
+    with pytest.raises(SystemExit):
+        suite.main(_args(tmp_path, "--only", "nonsense"))
