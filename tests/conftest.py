@@ -17,6 +17,8 @@ from transformers import (
     OPTConfig,
 )
 
+from zopeft.bnb_cpu import use_exact_4bit_cpu_path
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -59,10 +61,8 @@ def tiny_model(arch: str = "llama", quant: str | None = None) -> torch.nn.Module
     q = QUANT[quant]
     kwargs = {"quantization_config": q(), "device_map": "cpu"} if q else {}
     model = auto.from_pretrained(saved_tiny_model(arch), dtype=torch.float32, **kwargs)
-    if q:  # bitsandbytes repacks 4-bit weights for its CPU kernel at the first inference forward:
-        # settle that layout now, so that tests comparing quantized bytes see only what training does
-        with torch.no_grad():
-            model.eval()(input_ids=fixed_batch(arch, batch=1, length=4)["input_ids"])
+    if q:  # as zopeft's loaders and optimizers do: no bf16 repacking of 4-bit weights on the CPU
+        use_exact_4bit_cpu_path(model)
     return model
 
 
