@@ -212,6 +212,12 @@ def test_killed_run_resumes_to_a_bit_identical_adapter(tmp_path, optimizer):
     assert steps == sorted(steps)  # the killed run's step-5 line was dropped on resume
 
 
+def test_override_text_that_is_not_yaml_stays_text():
+    from zopeft.recipe import parse_overrides
+
+    assert parse_overrides(["template={sentence} It was"]) == {"template": "{sentence} It was"}
+
+
 def test_resume_refuses_changed_essential_keys(tmp_path):
     path = write_recipe(tmp_path, save_steps=2, max_steps=2)
     assert invoke("train", path).exit_code == 0

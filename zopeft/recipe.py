@@ -175,8 +175,16 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value) if value.strip() else None
+        node[leaf] = _scalar(value) if value.strip() else None
     return out
+
+
+def _scalar(value: str) -> Any:
+    """A YAML value (``[q_proj, v_proj]`` a list; the schema types the rest); text YAML cannot parse stays text."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:  # e.g. template={sentence} It was
+        return value
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
