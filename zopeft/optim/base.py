@@ -138,7 +138,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._pending: list[float] | None = None
         self._pending_count = 0
-        self._comm_bytes = 0
         self._last_loss: float | None = None
         self.last_stats: dict[str, Any] = {}
         self.step_log: list[StepRecord] = []
@@ -230,7 +229,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         else:
             mine, evaluated = self._evaluate(closure, [evaluations[i] for i in comm.assigned(len(evaluations))])
             losses, evaluated = comm.combine(mine, len(evaluations), evaluated)
-            self._comm_bytes += comm.payload_bytes(len(evaluations))
         self.forward_passes += evaluated
         if self._pending is None:
             self._pending, self._pending_count = losses, 1
@@ -248,7 +246,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._pending is None:
             raise RuntimeError("no loss estimate to apply: pass a closure to step() or call estimate(closure) first")
         losses = [x / self._pending_count for x in self._pending]
-        self._pending, self._pending_count = None, 0
+        micro_batches, self._pending, self._pending_count = self._pending_count, None, 0
         record: StepRecord = {"step": self._step, "lr": [g["lr"] for g in self.param_groups], "losses": losses}
         self._apply(record)
         self.step_log.append(record)
@@ -263,7 +261,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             **self.step_stats(losses),
         }
         if self.comm is not None:
-            self.last_stats["comm_bytes"], self._comm_bytes = self._comm_bytes, 0
+            self.last_stats["comm_bytes"] = micro_batches * self.comm.payload_bytes(len(losses))
             if self.sync_check_steps and self._step % self.sync_check_steps == 0:
                 self.check_replicas()
         return self.last_stats["loss"]
