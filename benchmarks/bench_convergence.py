@@ -1,12 +1,17 @@
 """Convergence race: zopeft's MeZO, FZOO and AdaMeZO vs first-order AdamW, LoRA on SmolLM2-135M.
 
-    python -m benchmarks.bench_convergence [--quick] [--device auto|cpu|cuda] [--tasks sst2,rte] [--seeds 3]
-        [--budget 600] [--grid fzoo=1e-3,3e-3] [--resume]
+    python -m benchmarks.bench_convergence [--quick] [--device auto|cpu|cuda] [--tasks sst2-2shot,rte] [--seeds 3]
+        [--budget 720] [--grid fzoo=1e-3,3e-3] [--resume]
 
 Same model (real SmolLM2-135M-Instruct weights, fp32, LoRA r=8 alpha 16 on q/v, B = 0 at the
-start so every run starts at the zero-shot model), same data (the bundled SST-2 label-word task:
-``Review: ...\\nSentiment:`` scored on `` negative``/`` positive``; RTE in full mode), same batch
-size, and for each seed the same LoRA initialisation and example order for every optimizer.
+start so every run starts at the zero-shot model), same data, same batch size, and for each seed
+the same LoRA initialisation and example order for every optimizer.  Tasks (:data:`TASKS`):
+
+* ``sst2``: the bundled SST-2 prompt (``Review: ...\nSentiment:`` scored on `` negative``/`` positive``);
+  SmolLM2 starts at ~79%, so gains are small next to the evaluation's noise (quick mode's task).
+* ``sst2-2shot``: the demo recipe's 2-shot prompt with `` bad``/`` good``, batches of 4; the model
+  starts badly calibrated (~56%), so the optimizers' speeds differ by far more than the noise.
+* ``rte``: the bundled RTE prompt.
 
 Budget and counting.  Every optimizer gets the same budget of *forward-pass equivalents*: a ZO
 loss evaluation is one (MeZO and AdaMeZO: 2 per step, FZOO: N+1 = 9 per step); a first-order
@@ -20,15 +25,18 @@ Protocol.  The dev split is cut into a *report* set (the curves) and a disjoint 
 optimizer's learning rate is picked from a small grid by the tune-set accuracy after a short run
 (``--tune-budget``, seed 0; ties: lower tune loss); the chosen lr then runs with every seed on the
 full budget, evaluated on the report set every ``--eval-every`` forward-pass equivalents.  The
-target accuracy is the zero-shot report accuracy + ``--target-gain``; forward passes and seconds
-to the target are read off the first evaluation at or above it (evaluation points are discrete:
-the true crossing is at or before the reported count).
+target accuracy is the zero-shot report accuracy + the task's target gain; forward passes and
+seconds to the target are read off the first evaluation at or above it (evaluation points are
+discrete: the true crossing is at or before the reported count).
 
 Quick mode is a smoke test: one seed, one lr per optimizer (no tuning), 36 forward-pass
 equivalents, 64 report examples - it checks the machinery end to end and says nothing reliable
-about which optimizer converges faster.  Full mode: SST-2 and RTE, a 3-point lr grid per
-optimizer, 3 seeds, 600 forward-pass equivalents; hours on 2 CPU cores (``--resume`` reuses the
-runs already recorded in ``convergence_<device>.runs.jsonl``).
+about which optimizer converges faster.  Full mode: sst2-2shot and RTE, a 4-point lr grid per
+optimizer, 3 seeds, 720 forward-pass equivalents; hours on 2 CPU cores (``--resume`` reuses the
+runs already recorded in ``convergence_<device>.runs.jsonl``).  To use both cores, run disjoint
+``--optimizers`` subsets with ``--threads 1`` and separate ``--out-dir``s, concatenate their
+``.runs.jsonl`` files into ``benchmarks/results/``, and rerun with every optimizer and ``--resume``
+to get the table and plot.
 
 Writes ``convergence_<device>[_quick].json`` and a ``.png`` (accuracy against forward-pass
 equivalents and against wall time, mean ± std over seeds).
@@ -66,28 +74,41 @@ class OptimizerSetting:
 
 
 OPTIMIZERS: dict[str, OptimizerSetting] = {
+    # Grids are half-decade steps around the step length each rule gives on SmolLM2 + LoRA, where the
+    # LoRA gradient's norm is ~3 (measured at the start): MeZO moves a coordinate by ~lr·|g|, FZOO by
+    # ~lr/√N (its step is divided by the losses' spread), AdaMeZO by ~lr·100·|m|/√v ≈ lr·50.
     # eps 1e-2: the MeZO paper's LoRA setting; lr 1e-4 is its LoRA lr
-    "mezo": OptimizerSetting({"eps": 1e-2}, (1e-4, 3e-4, 1e-3), 1e-4),
-    "fzoo": OptimizerSetting({"eps": 1e-3, "n_perturbations": 8}, (1e-3, 3e-3, 1e-2), 5e-3),
+    "mezo": OptimizerSetting({"eps": 1e-2}, (1e-4, 3e-4, 1e-3, 3e-3), 1e-4),
+    "fzoo": OptimizerSetting({"eps": 1e-3, "n_perturbations": 8}, (1e-3, 3e-3, 1e-2, 3e-2), 5e-3),
     # the update is 100·m/(√v+δ) (normalised momentum): lrs ~100x below MeZO's give similar step sizes
-    "adamezo": OptimizerSetting({"eps": 1e-2}, (3e-6, 1e-5, 3e-5), 1e-5),
-    "adamw": OptimizerSetting({}, (1e-4, 3e-4, 1e-3), 1e-4),
+    "adamezo": OptimizerSetting({"eps": 1e-2}, (3e-6, 1e-5, 3e-5, 1e-4), 1e-5),
+    "adamw": OptimizerSetting({}, (1e-4, 3e-4, 1e-3, 3e-3), 1e-4),
 }
 
 
 @dataclass(frozen=True)
 class TaskSetting:
-    """Prompt length cap and the dev slices ``[start, stop)`` used to report and to tune."""
+    """A bundled dataset with its prompt, the dev slices ``[start, stop)`` used to report and to tune,
+    and the task's default batch size and target gain (both can be overridden on the command line)."""
 
+    dataset: str
     cutoff_len: int
     report: tuple[int, int]
     tune: tuple[int, int]
+    batch_size: int
+    target_gain: float
+    recipe: str | None = None  # a bundled recipe whose template and label words replace the dataset's
 
 
 TASKS = {
-    "sst2": TaskSetting(64, (0, 256), (256, 456)),
-    "rte": TaskSetting(128, (0, 177), (177, 277)),
+    # the dataset's own prompt: SmolLM2 starts at ~79%, and gains stay within the evaluation's noise
+    "sst2": TaskSetting("sst2", 64, (0, 256), (256, 456), 16, 0.03),
+    # the demo's 2-shot prompt with " bad"/" good": ~54% zero-shot (badly calibrated), so the gains
+    # are large and fast; batches of 4, as in the demo
+    "sst2-2shot": TaskSetting("sst2", 128, (0, 256), (256, 456), 4, 0.20, "smollm2_lora_fzoo_sst2_demo"),
+    "rte": TaskSetting("rte", 128, (0, 177), (177, 277), 16, 0.03),
 }
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 @dataclass(frozen=True)
@@ -147,13 +168,13 @@ class _AdamWTrainer:
 class Race:
     """The shared pieces (tokenizer, task formats, records, model) and one training run."""
 
-    def __init__(self, model: str, device: torch.device, batch_size: int) -> None:
+    def __init__(self, model: str, device: torch.device) -> None:
         from zopeft.models import ModelSpec, load_tokenizer
 
         self.tokenizer = load_tokenizer(ModelSpec(common.SMOLLM2))
         vocab = None if model == "smollm2" else len(self.tokenizer)
         self.model_name, self.path = model, common.model_path(model, vocab_size=vocab)
-        self.device, self.batch_size = device, batch_size
+        self.device = device
 
     def fresh_model(self, seed: int) -> torch.nn.Module:
         """The base with a new LoRA adapter (A from ``seed``, B = 0: the zero-shot model)."""
@@ -164,24 +185,29 @@ class Race:
     @staticmethod
     def task(name: str) -> Any:
         from zopeft.data import BUILTIN_DATASETS
+        from zopeft.recipe import load_recipe
         from zopeft.tasks import build_task
 
-        settings = dict(BUILTIN_DATASETS[name]["task"])
-        return build_task(settings.pop("kind"), cutoff_len=TASKS[name].cutoff_len, **settings)
+        setting = TASKS[name]
+        settings = dict(BUILTIN_DATASETS[setting.dataset]["task"])
+        if setting.recipe:
+            recipe = load_recipe(RECIPES_DIR / f"{setting.recipe}.yaml", check_files=False)
+            settings.update(template=recipe.template, label_words=recipe.label_words)
+        return build_task(settings.pop("kind"), cutoff_len=setting.cutoff_len, **settings)
 
     @staticmethod
     def records(name: str, split: str, bounds: tuple[int, int] | None = None) -> list[dict]:
         from zopeft.data import load_records
 
-        records = load_records(name, split)
+        records = load_records(TASKS[name].dataset, split)
         return records[bounds[0] : bounds[1]] if bounds else records
 
     def evaluate(self, model: torch.nn.Module, task_name: str, bounds: tuple[int, int]) -> dict[str, float]:
         return self.task(task_name).evaluate(model, self.tokenizer, self.records(task_name, "dev", bounds), batch_size=32)
 
-    def batch(self, task: Any, train: list[dict], seed: int, step: int) -> dict[str, torch.Tensor]:
-        """Batch ``step`` of the example order of ``seed`` (a new permutation each epoch)."""
-        n, bs = len(train), self.batch_size
+    def batch(self, task: Any, train: list[dict], seed: int, step: int, bs: int) -> dict[str, torch.Tensor]:
+        """Batch ``step`` (of ``bs`` examples) of the example order of ``seed`` (a new permutation each epoch)."""
+        n = len(train)
         indices = [_order(seed, p // n, n)[p % n] for p in range(step * bs, (step + 1) * bs)]
         batch = task.collate([train[i] for i in indices], self.tokenizer)
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -196,7 +222,7 @@ class Race:
         curve = [_point(0, 0, 0.0, start)] if start else []
         steps, seconds, next_eval = 0, 0.0, spec.eval_every
         while trainer.forward_equivalents < spec.budget:
-            batch = self.batch(task, train, spec.seed, steps)
+            batch = self.batch(task, train, spec.seed, steps, spec.batch_size)
             seconds += common.timed(lambda: trainer.step(batch), self.device)
             steps += 1
             done = trainer.forward_equivalents >= spec.budget
@@ -396,9 +422,15 @@ class Plan:
     tune_budget: int
     report_size: int | None
     tune_size: int | None
-    target_gain: float
+    target_gain: float | None  # None: each task's default
     model: str
-    batch_size: int
+    batch_size: int | None  # None: each task's default
+
+    def batch_for(self, task: str) -> int:
+        return self.batch_size or TASKS[task].batch_size
+
+    def gain_for(self, task: str) -> float:
+        return TASKS[task].target_gain if self.target_gain is None else self.target_gain
 
 
 class Experiment:
@@ -426,7 +458,7 @@ class Experiment:
             return grid[0]
         tune = _first(TASKS[task].tune, plan.tune_size)
         tuned = [self.run(RunSpec(task, name, lr, 0, plan.tune_budget, plan.tune_budget, "tune", tune, plan.model,
-                                  plan.batch_size), None) for lr in grid]
+                                  plan.batch_for(task)), None) for lr in grid]
         best = max(tuned, key=lambda r: (r["final_accuracy"], -r["final_loss"]))
         self.tuning.append({"task": task, "optimizer": name, "grid": list(grid), "chosen_lr": best["lr"],
                             "tune_budget": plan.tune_budget, "tune_examples": tune[1] - tune[0],
@@ -445,7 +477,7 @@ class Experiment:
         for seed in plan.seeds:
             for name, lr in lrs.items():
                 spec = RunSpec(task, name, lr, seed, plan.budget, plan.eval_every, "report", report, plan.model,
-                               plan.batch_size)
+                               plan.batch_for(task))
                 runs[name].append(self.run(spec, start))
         return runs
 
@@ -454,25 +486,27 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_arguments(parser)
     parser.add_argument("--model", default="smollm2", help="smollm2 (real weights) or a random Llama size (tests)")
-    parser.add_argument("--tasks", default=None, help="comma-separated: sst2, rte (default: sst2 quick, sst2,rte full)")
+    parser.add_argument("--tasks", default=None,
+                        help=f"comma-separated: {', '.join(TASKS)} (default: sst2 quick, sst2-2shot,rte full)")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of the four")
     parser.add_argument("--grid", action="append", default=[], metavar="NAME=LR[,LR...]",
                         help="lr grid of one optimizer (default: the built-in grid in full mode, one lr in quick)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per optimizer (default 1 quick, 3 full)")
-    parser.add_argument("--budget", type=int, default=None, help="forward-pass equivalents per run (36 quick, 600 full)")
-    parser.add_argument("--eval-every", type=int, default=None, help="forward-pass equivalents (18 quick, 100 full)")
+    parser.add_argument("--budget", type=int, default=None, help="forward-pass equivalents per run (36 quick, 720 full)")
+    parser.add_argument("--eval-every", type=int, default=None, help="forward-pass equivalents (18 quick, 90 full)")
     parser.add_argument("--tune-budget", type=int, default=None, help="budget of an lr-tuning run (default budget/3)")
     parser.add_argument("--report-size", type=int, default=None, help="report examples (default 64 quick, else the task's)")
     parser.add_argument("--tune-size", type=int, default=None, help="tune examples (default: the task's)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--target-gain", type=float, default=0.03, help="target = zero-shot report accuracy + this")
+    parser.add_argument("--batch", type=int, default=None, help="examples per step (default: the task's)")
+    parser.add_argument("--target-gain", type=float, default=None,
+                        help="target = zero-shot report accuracy + this (default: the task's)")
     parser.add_argument("--resume", action="store_true", help="reuse runs recorded by an interrupted invocation")
     args = parser.parse_args(argv)
     q = args.quick
     names = args.optimizers.split(",")
-    budget, eval_every = args.budget or (36 if q else 600), args.eval_every or (18 if q else 100)
+    budget, eval_every = args.budget or (36 if q else 720), args.eval_every or (18 if q else 90)
     plan = Plan(
-        quick=q, tasks=(args.tasks or ("sst2" if q else "sst2,rte")).split(","),
+        quick=q, tasks=(args.tasks or ("sst2" if q else "sst2-2shot,rte")).split(","),
         grids={n: (OPTIMIZERS[n].quick_lr,) if q else OPTIMIZERS[n].grid for n in names} | parse_grid(args.grid),
         seeds=list(range(args.seeds or (1 if q else 3))), budget=budget, eval_every=eval_every,
         tune_budget=args.tune_budget or max(eval_every, budget // 3), report_size=args.report_size or (64 if q else None),
@@ -491,28 +525,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tuned = "lr tuned on a grid" if any(len(g) > 1 for g in plan.grids.values()) else "1 lr per optimizer (no tuning)"
         print(f"QUICK MODE - a smoke test: {len(plan.seeds)} seed(s), {tuned}, {plan.budget} forward-pass equivalents, "
               f"{plan.report_size} report examples. The numbers below do not rank the optimizers.", flush=True)
-    race = Race(plan.model, device, plan.batch_size)
+    race = Race(plan.model, device)
     experiment = Experiment(plan, race, RunLog(common.result_path(args.out_dir, "convergence", device, q, ".runs.jsonl"),
                                                args.resume))
     rows, curves, tasks = [], {}, {}
     for task in plan.tasks:
         report = _first(TASKS[task].report, plan.report_size)
         zero_shot = race.evaluate(race.fresh_model(0), task, report)
-        tasks[task] = {"cutoff_len": TASKS[task].cutoff_len, "report_examples": report[1] - report[0],
-                       "zero_shot": zero_shot, "target_accuracy": zero_shot["accuracy"] + plan.target_gain}
+        tasks[task] = {**asdict(TASKS[task]), "batch_size": plan.batch_for(task), "report_examples": report[1] - report[0],
+                       "zero_shot": zero_shot, "target_gain": plan.gain_for(task),
+                       "target_accuracy": zero_shot["accuracy"] + plan.gain_for(task)}
         print(f"{task}: zero-shot report accuracy {zero_shot['accuracy']:.3f} on {report[1] - report[0]} examples; "
               f"target {tasks[task]['target_accuracy']:.3f}", flush=True)
         curves[task] = experiment.run_race(task, report, zero_shot)
         rows += [summarise(task, name, runs[0]["lr"], runs, tasks[task]["target_accuracy"])
                  for name, runs in curves[task].items()]
     print(f"\nconvergence ({'QUICK, smoke-level' if q else 'full'}): {plan.budget} forward-pass equivalents per run "
-          f"(AdamW step = {ADAMW_FORWARD_EQUIVALENTS}), target = zero-shot + {plan.target_gain:g}")
+          f"(AdamW step = {ADAMW_FORWARD_EQUIVALENTS}); " + "; ".join(
+              f"{t}: batch {info['batch_size']}, target = zero-shot + {info['target_gain']:g}" for t, info in tasks.items()))
     table = common.print_table(rows, COLUMNS)
     comparison = compare(rows, plan.budget)
     print()
     compare_table = common.print_table(comparison, COMPARE_COLUMNS)
     print("\n".join(f"  {claim}" for claim in PAPERS.values()))
-    title = (f"SmolLM2-135M + LoRA r=8 q/v, batch {plan.batch_size}, {len(plan.seeds)} seed(s), budget {plan.budget} "
+    batches = ", ".join(f"{t} batch {info['batch_size']}" for t, info in tasks.items())
+    title = (f"SmolLM2-135M + LoRA r=8 q/v, {batches}, {len(plan.seeds)} seed(s), budget {plan.budget} "
              "fwd-eq" + (" - QUICK smoke run: not a ranking" if q else ""))
     png = plot(curves, {t: info["target_accuracy"] for t, info in tasks.items()},
                common.result_path(args.out_dir, "convergence", device, q, ".png"), title)
@@ -525,7 +562,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine,
         "model": {"name": plan.model, "dtype": "fp32", "adapter": "LoRA r=8 alpha 16 on q_proj/v_proj (B = 0 at start)"},
         "tasks": tasks,
-        "batch_size": plan.batch_size,
         "seeds": plan.seeds,
         "budget_forward_equivalents": plan.budget,
         "eval_every": plan.eval_every,

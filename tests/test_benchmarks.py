@@ -159,6 +159,25 @@ def test_convergence(tmp_path: Path) -> None:
     assert [r["curve"] for r in again["runs"]] == [r["curve"] for r in data["runs"]]
 
 
+def test_convergence_tasks_and_defaults() -> None:
+    """sst2-2shot scores the bundled SST-2 records with the demo recipe's prompt; tasks carry their batch/target."""
+    from zopeft.recipe import load_recipe
+
+    race = bench_convergence.Race
+    demo = load_recipe(bench_convergence.RECIPES_DIR / "smollm2_lora_fzoo_sst2_demo.yaml", check_files=False)
+    two_shot = race.task("sst2-2shot")
+    assert two_shot.template == demo.template and two_shot.words == [" bad", " good"] and two_shot.cutoff_len == 128
+    assert race.task("sst2").words == [" negative", " positive"]
+    assert race.records("sst2-2shot", "dev", (0, 5)) == race.records("sst2", "dev", (0, 5))
+
+    _, plan = bench_convergence.parse_args([])
+    assert plan.tasks == ["sst2-2shot", "rte"] and (plan.budget, plan.eval_every) == (720, 90)
+    assert plan.batch_for("sst2-2shot") == 4 and plan.batch_for("rte") == 16 and plan.gain_for("sst2-2shot") == 0.2
+    assert all(len(grid) == 4 for grid in plan.grids.values())
+    _, plan = bench_convergence.parse_args(["--batch", "8", "--target-gain", "0.1"])
+    assert plan.batch_for("rte") == 8 and plan.gain_for("sst2-2shot") == 0.1
+
+
 def test_scaling(tmp_path: Path) -> None:
     result = bench_scaling.main(_args(tmp_path, "--quick", "--model", "tiny", "--steps", "1"))
     data = _load(result)

@@ -148,6 +148,36 @@ def test_classification_eval_matches_brute_force(smol: object, tiny_lm: torch.nn
     assert 0 < want["accuracy"] < 1  # the random model gets some right and some wrong: argmax is exercised
 
 
+@pytest.mark.parametrize("adapter", [None, "lora", "prefix", "prompt"])
+def test_eval_projects_only_the_positions_it_reads(smol: object, tiny_lm: torch.nn.Module, adapter: str | None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LM head sees one row per example (not every position), with the same scores as full logits."""
+    import peft
+
+    import zopeft.batched
+
+    configs = {
+        "lora": peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        "prefix": peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        "prompt": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    }
+    model = copy.deepcopy(tiny_lm)
+    if adapter:
+        model = peft.get_peft_model(model, configs[adapter])
+    records, task = load_records("sst2", "dev")[:7], _task("sst2")
+    rows: list[int] = []
+    head = (model.get_base_model() if adapter else model).lm_head
+    handle = head.register_forward_hook(lambda module, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    got = task.evaluate(model, smol, records, batch_size=3)
+    handle.remove()
+    monkeypatch.setattr(zopeft.batched, "takes_logit_mask", lambda base: False)
+    _assert_same(got, task.evaluate(model, smol, records, batch_size=3))
+    if adapter == "prompt":  # the virtual tokens shift the positions: full logits, then the rows read
+        assert sum(rows) > len(records)
+    else:
+        assert sum(rows) == len(records)
+
+
 def test_classification_eval_loss_is_the_training_loss(smol: object, tiny_lm: torch.nn.Module) -> None:
     records = load_records("sst2", "dev")[:5]
     task = _task("sst2")

@@ -524,11 +524,11 @@ def _plan(model: nn.Module, optimizer: ZOOptimizer, batch: Mapping[str, Any]) ->
         model=model, base=base, kind=" + ".join(sorted(kinds)), kind_loss=kind_loss, targets=list(targets.values()),
         indices=sorted(found), device=p0.device, rows=b * length, length=length, extra_tokens=extra_tokens,
         labelled=int((labels != -100).sum()) if labels.dtype != torch.float32 else b,
-        keep_mask=kind_loss == "causal" and _takes_boolean_logits_to_keep(base),
+        keep_mask=kind_loss == "causal" and takes_logit_mask(base),
     )
 
 
-def _takes_boolean_logits_to_keep(base: nn.Module) -> bool:
+def takes_logit_mask(base: nn.Module) -> bool:
     """Whether ``base.forward`` slices its hidden states with transformers' ``slice_logits_to_keep`` (bool masks)."""
     import inspect
 

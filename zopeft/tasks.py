@@ -146,6 +146,25 @@ def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return out.logits[:, -ids.shape[1]:].float()  # prompt tuning prepends virtual-token positions
 
 
+def _logits_at(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """fp32 logits ``(keep.sum(), V)`` at the ``True`` positions of ``keep`` (row by row).
+
+    Where the model takes a boolean ``logits_to_keep`` (transformers 5 causal LMs) only those
+    positions are projected onto the vocabulary; prompt tuning's prepended tokens rule it out.
+    """
+    from .batched import takes_logit_mask
+
+    config = getattr(model, "active_peft_config", None)
+    prepends = getattr(config, "is_prompt_learning", False) and str(config.peft_type.value) != "PREFIX_TUNING"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = _device(model)
+    if prepends or not takes_logit_mask(base):
+        return _logits(model, batch)[keep.to(device)]
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                logits_to_keep=keep.to(device))
+    return out.logits.float()
+
+
 @contextmanager
 def _evaluating(model: torch.nn.Module) -> Iterator[None]:
     """``no_grad`` and ``model.eval()`` for the duration, restoring the training mode after."""
@@ -187,32 +206,38 @@ def _example(prefix: list[int], prompt: list[int], candidates: list[list[int]], 
 
 
 def _score(model: torch.nn.Module, examples: list[_Example], pad_id: int, batch_size: int) -> list[list[tuple[float, int]]]:
-    """``(sum of log-probs, token count)`` of every candidate of every example given its context."""
-    if all(len(c) == 1 for ex in examples for c in ex.candidates):  # fast path: one forward over the contexts
-        scores = []
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            batch = _pad([ex.context for ex in chunk], [[] for _ in chunk], pad_id)
-            logits = _logits(model, batch)
-            last = batch["attention_mask"].sum(1).to(logits.device) - 1
-            logprobs = logits[torch.arange(len(chunk), device=logits.device), last].log_softmax(-1).cpu()
-            scores += [[(logprobs[i, c[0]].item(), 1) for c in ex.candidates] for i, ex in enumerate(chunk)]
-        return scores
-    pairs = [(e, c) for e, ex in enumerate(examples) for c in range(len(ex.candidates))]
-    flat: list[tuple[float, int]] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        seqs = [examples[e].context + examples[e].candidates[c] for e, c in chunk]
-        logits = _logits(model, _pad(seqs, [[] for _ in seqs], pad_id))
-        for row, (e, c) in enumerate(chunk):
-            ctx, cand = len(examples[e].context), examples[e].candidates[c]
-            positions = torch.arange(ctx - 1, ctx - 1 + len(cand), device=logits.device)
-            logprobs = logits[row, positions].log_softmax(-1)
-            target = torch.tensor(cand, device=logits.device).unsqueeze(1)
-            flat.append((logprobs.gather(1, target).sum().item(), len(cand)))
-    out: list[list[tuple[float, int]]] = [[] for _ in examples]
-    for (e, _), score in zip(pairs, flat):
-        out[e].append(score)
+    """``(sum of log-probs, token count)`` of every candidate of every example given its context.
+
+    Single-token candidates: one sequence per example (its context), read at the last position;
+    otherwise one per (example, candidate).  Sequences run shortest first (less padding), and the
+    vocabulary projection runs only at the positions read (see :func:`_logits_at`).
+    """
+    single = all(len(c) == 1 for ex in examples for c in ex.candidates)
+    jobs = ([(e, None) for e in range(len(examples))] if single
+            else [(e, c) for e, ex in enumerate(examples) for c in range(len(ex.candidates))])
+
+    def tokens(job: tuple[int, int | None]) -> list[int]:
+        e, c = job
+        return examples[e].context + ([] if c is None else examples[e].candidates[c])
+
+    jobs.sort(key=lambda job: len(tokens(job)))
+    out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(ex.candidates) for ex in examples]
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        seqs = [tokens(job) for job in chunk]
+        batch = _pad(seqs, [[] for _ in seqs], pad_id)
+        keep = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
+        for row, (e, c) in enumerate(chunk):  # the positions predicting the candidate tokens
+            ctx = len(examples[e].context)
+            keep[row, ctx - 1 : ctx - 1 + (1 if c is None else len(examples[e].candidates[c]))] = True
+        logprobs = _logits_at(model, batch, keep).log_softmax(-1).cpu()
+        rows = logprobs.split(keep.sum(1).tolist())
+        for (e, c), row in zip(chunk, rows):
+            if c is None:
+                out[e] = [(row[0, cand[0]].item(), 1) for cand in examples[e].candidates]
+            else:
+                cand = examples[e].candidates[c]
+                out[e][c] = (row.gather(1, torch.tensor(cand).unsqueeze(1)).sum().item(), len(cand))
     return out
 
 
@@ -374,10 +399,11 @@ class SFTTask:
         with _evaluating(model):
             for start in range(0, len(records), batch_size):
                 batch = self.collate(records[start : start + batch_size], tokenizer)
-                logits = _logits(model, batch)
-                labels = batch["labels"][:, 1:].to(logits.device)
-                keep = labels != IGNORE
-                nll += F.cross_entropy(logits[:, :-1][keep], labels[keep], reduction="sum").item()
+                targets = batch["labels"][:, 1:]
+                keep = torch.zeros(batch["labels"].shape, dtype=torch.bool)
+                keep[:, :-1] = targets != IGNORE  # the positions predicting a completion token
+                logits = _logits_at(model, batch, keep)
+                nll += F.cross_entropy(logits, targets[targets != IGNORE].to(logits.device), reduction="sum").item()
                 tokens += int(keep.sum())
         loss = nll / max(tokens, 1)
         return {"loss": loss, "perplexity": math.exp(loss), "n": len(records)}
