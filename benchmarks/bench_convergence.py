@@ -340,11 +340,16 @@ def _relative(mezo: dict[str, Any], other: dict[str, Any], budget: int) -> dict[
         ratio = m[0] / o[0]
         verdict = f"{ratio:.2f}x fewer" if ratio >= 1 else f"{1 / ratio:.2f}x more"
         return {"mezo_over_other": ratio, "verdict": verdict}
-    if o:  # MeZO needs more than the budget
-        return {"mezo_over_other": budget / o[0], "verdict": f"> {budget / o[0]:.2f}x fewer (MeZO did not reach it)"}
+    if o:  # MeZO needs more than the budget in some seed
+        return {"mezo_over_other": budget / o[0], "verdict": f"> {budget / o[0]:.2f}x fewer (MeZO {_missed(mezo, budget)})"}
     if m:
-        return {"mezo_over_other": None, "verdict": f"more: did not reach it in {budget} (MeZO: {m[0]:.0f})"}
-    return {"mezo_over_other": None, "verdict": "neither reached the target"}
+        return {"mezo_over_other": None, "verdict": f"more: {_missed(other, budget)} (MeZO: {m[0]:.0f})"}
+    return {"mezo_over_other": None, "verdict": "neither reached the target in every seed"}
+
+
+def _missed(row: dict[str, Any], budget: int) -> str:
+    reached = row["reached"]
+    return f"did not reach it in {budget}" if reached.startswith("0/") else f"reached it in {reached} seeds only"
 
 
 # ----- plot --------------------------------------------------------------------------------------

@@ -203,6 +203,11 @@ def test_first_reaching_and_comparison() -> None:
     rows = {c["optimizer"]: c for c in bench_convergence.compare([mezo, fzoo, adamw], budget=300)}
     assert rows["fzoo"]["mezo_over_other"] == pytest.approx(3.0) and rows["fzoo"]["verdict"] == "3.00x fewer"
     assert rows["adamw"]["mezo_over_other"] is None and "did not reach" in rows["adamw"]["verdict"]
+    # reached in one seed of two: no mean cost to the target, and the verdict says so
+    partial = bench_convergence.summarise("sst2", "fzoo", 1e-3, [run([0.5, 0.8], 100), run([0.5, 0.6], 100)], 0.8)
+    assert partial["reached"] == "1/2" and partial["fwd_to_target"] is None
+    (row,) = bench_convergence.compare([mezo, partial], budget=300)
+    assert row["verdict"] == "more: reached it in 1/2 seeds only (MeZO: 300)"
 
 
 def test_peak_memory_sees_an_allocation() -> None:
