@@ -7,7 +7,7 @@ Same model (real SmolLM2-135M-Instruct weights, fp32, LoRA r=8 alpha 16 on q/v, 
 start so every run starts at the zero-shot model), same data, same batch size, and for each seed
 the same LoRA initialisation and example order for every optimizer.  Tasks (:data:`TASKS`):
 
-* ``sst2``: the bundled SST-2 prompt (``Review: ...\nSentiment:`` scored on `` negative``/`` positive``);
+* ``sst2``: the bundled SST-2 prompt (``Review: ...\\nSentiment:`` scored on `` negative``/`` positive``);
   SmolLM2 starts at ~79%, so gains are small next to the evaluation's noise (quick mode's task).
 * ``sst2-2shot``: the demo recipe's 2-shot prompt with `` bad``/`` good``, batches of 4; the model
   starts badly calibrated (~56%), so the optimizers' speeds differ by far more than the noise.
@@ -103,7 +103,7 @@ class TaskSetting:
 TASKS = {
     # the dataset's own prompt: SmolLM2 starts at ~79%, and gains stay within the evaluation's noise
     "sst2": TaskSetting("sst2", 64, (0, 256), (256, 456), 16, 0.03),
-    # the demo's 2-shot prompt with " bad"/" good": ~54% zero-shot (badly calibrated), so the gains
+    # the demo's 2-shot prompt with " bad"/" good": ~56% zero-shot (badly calibrated), so the gains
     # are large and fast; batches of 4, as in the demo
     "sst2-2shot": TaskSetting("sst2", 128, (0, 256), (256, 456), 4, 0.20, "smollm2_lora_fzoo_sst2_demo"),
     "rte": TaskSetting("rte", 128, (0, 177), (177, 277), 16, 0.03),
