@@ -484,9 +484,8 @@ def _plan(model: nn.Module, optimizer: ZOOptimizer, batch: Mapping[str, Any]) ->
     else:
         raise _Unsupported(f"{cls}: only causal-LM and sequence-classification losses are batched")
     peft_config = getattr(model, "active_peft_config", None)
-    prompt_type, extra_tokens = None, 0
-    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-        prompt_type = str(getattr(peft_config.peft_type, "value", peft_config.peft_type))
+    prompt_type, extra_tokens = prompt_learning_type(model), 0
+    if prompt_type is not None:
         if prompt_type not in ("PREFIX_TUNING", "PROMPT_TUNING"):
             raise _Unsupported(f"prompt-learning method {prompt_type}")
         if peft_config.inference_mode:
@@ -526,6 +525,14 @@ def _plan(model: nn.Module, optimizer: ZOOptimizer, batch: Mapping[str, Any]) ->
         labelled=int((labels != -100).sum()) if labels.dtype != torch.float32 else b,
         keep_mask=kind_loss == "causal" and takes_logit_mask(base),
     )
+
+
+def prompt_learning_type(model: nn.Module) -> str | None:
+    """The active PEFT prompt-learning method (``"PREFIX_TUNING"``, ``"PROMPT_TUNING"``, ...); None without one."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return None
+    return str(getattr(config.peft_type, "value", config.peft_type))
 
 
 def takes_logit_mask(base: nn.Module) -> bool:

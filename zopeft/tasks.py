@@ -152,10 +152,9 @@ def _logits_at(model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: tor
     Where the model takes a boolean ``logits_to_keep`` (transformers 5 causal LMs) only those
     positions are projected onto the vocabulary; prompt tuning's prepended tokens rule it out.
     """
-    from .batched import takes_logit_mask
+    from .batched import prompt_learning_type, takes_logit_mask
 
-    config = getattr(model, "active_peft_config", None)
-    prepends = getattr(config, "is_prompt_learning", False) and str(config.peft_type.value) != "PREFIX_TUNING"
+    prepends = prompt_learning_type(model) not in (None, "PREFIX_TUNING")  # prompt tuning shifts the positions
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = _device(model)
     if prepends or not takes_logit_mask(base):
