@@ -1,10 +1,13 @@
 """Step anatomy: how much of a ZO step is forward passes, and how much is optimizer overhead.
 
     python -m benchmarks.bench_anatomy [--quick] [--device auto|cpu|cuda] [--adapters lora,prefix,full] [--quant none,nf4]
+                                       [--no-deep-narrow]
 
 For each adapter (LoRA r=8 q/v, prefix tuning with 16 virtual tokens, full-parameter) on an
 unquantized and a bitsandbytes 4-bit (nf4) Llama-architecture model built from a config (random
-weights), the time of one optimizer step is divided by the time of the forward passes it needs::
+weights), and for a deep narrow model with LoRA on every linear layer (24 layers of width 64, 336
+adapter tensors, batch 2x16: many tiny tensors, where per-tensor optimizer work would dominate),
+the time of one optimizer step is divided by the time of the forward passes it needs::
 
     ratio = t(step) / (loss evaluations per step × t(one plain forward))
 
@@ -39,8 +42,10 @@ N_PERTURBATIONS = 8
 FORWARDS_PER_ROUND = 3
 FULL_4BIT = "full-parameter ZO cannot train a 4-bit base"
 ZO_EPS = 1e-3
+DEEP_NARROW = {"model": "deep-narrow", "adapter": "lora-all", "batch": 2, "length": 16}
 COLUMNS: list[common.Column] = [
-    ("adapter", "adapter", ""), ("quant", "quant", ""), ("optimizer", "optimizer", ""),
+    ("model", "model", ""), ("adapter", "adapter", ""), ("quant", "quant", ""), ("batch", "batch", ""),
+    ("optimizer", "optimizer", ""),
     ("path", "path", ""), ("evals/step", "evaluations_per_step", "d"), ("fwd s", "forward_s", ".4f"),
     ("step s", "step_s", ".4f"), ("ratio", "ratio", ".2f"), ("overhead s", "overhead_s", ".4f"),
 ]
@@ -113,6 +118,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--labels", default="answer", choices=("answer", "all"), help="answer: label on the last token")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed rounds after one warm-up (default 2 quick, 4 full)")
+    parser.add_argument("--no-deep-narrow", dest="deep_narrow", action="store_false",
+                        help="skip the deep-narrow case (24 layers of width 64, LoRA r=4 on every linear layer: "
+                             "336 adapter tensors, batch 2x16, unquantized)")
     args = parser.parse_args(argv)
 
     common.setup(args.threads)
@@ -125,21 +133,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"threads={torch.get_num_threads()} repeats={repeats}", flush=True)
     table = common.TableStream(COLUMNS)
     skipped = []
-    for quant in [None if q == "none" else q for q in args.quant.split(",")]:
-        for adapter in args.adapters.split(","):
-            if adapter == "full" and quant:
-                skipped.append({"adapter": adapter, "quant": quant, "reason": FULL_4BIT})
-                continue
-            model = common.with_adapter(common.load_base(common.model_path(size), device, quant=quant), adapter)
-            batch = common.token_batch(batch_size, args.length, common.vocab_size(model), device, labels=args.labels)
-            for row in measure(model, batch, repeats, device):
-                table.add({"adapter": adapter, "quant": quant or "none", **row})
-            del model
+    cases = [
+        (size, adapter, quant, batch_size, args.length)
+        for quant in [None if q == "none" else q for q in args.quant.split(",")]
+        for adapter in args.adapters.split(",")
+    ]
+    if args.deep_narrow:
+        cases.append((DEEP_NARROW["model"], DEEP_NARROW["adapter"], None, DEEP_NARROW["batch"], DEEP_NARROW["length"]))
+    for model_size, adapter, quant, rows, length in cases:
+        if adapter == "full" and quant:
+            skipped.append({"adapter": adapter, "quant": quant, "reason": FULL_4BIT})
+            continue
+        model = common.with_adapter(common.load_base(common.model_path(model_size), device, quant=quant), adapter)
+        batch = common.token_batch(rows, length, common.vocab_size(model), device, labels=args.labels)
+        tensors = len(common.trainable(model))
+        for row in measure(model, batch, repeats, device):
+            table.add({"model": model_size, "adapter": f"{adapter} ({tensors} tensors)", "quant": quant or "none",
+                       "batch": f"{rows}x{length}", **row})
+        del model
     result = {
         "benchmark": "anatomy",
         "quick": args.quick,
         "machine": machine,
         "model": {"arch": "llama", "size": size, **common.LLAMA_SIZES[size], "weights": "random (built from a config)"},
+        "deep_narrow": {**DEEP_NARROW, **common.LLAMA_SIZES["deep-narrow"]} if args.deep_narrow else None,
         "batch": {"batch_size": batch_size, "length": args.length, "labels": args.labels},
         "optimizers": {"eps": ZO_EPS, "lr": 0.0, "fzoo_n_perturbations": N_PERTURBATIONS, "adamezo_window": "default (10)"},
         "repeats": repeats,

@@ -53,6 +53,10 @@ LLAMA_SIZES: dict[str, dict[str, int]] = {
     # ~134M parameters (SmolLM2-135M-sized)
     "full": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                  num_attention_heads=12, num_key_value_heads=12),
+    # many small layers: with LoRA on every linear layer, 336 adapter tensors of a few KB each (the
+    # launch-bound regime of a GPU, where per-tensor optimizer work costs as much as the forward)
+    "deep-narrow": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=24,
+                        num_attention_heads=4, num_key_value_heads=2),
 }
 QUIET_LOGGERS = ("transformers", "bitsandbytes", "peft", "accelerate")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short name -> ModelSpec.compute_dtype
@@ -171,10 +175,15 @@ def load_base(path: str, device: torch.device, *, dtype: str = "fp32", quant: st
 
 
 def with_adapter(model: torch.nn.Module, kind: str) -> torch.nn.Module:
-    """``lora`` (r=8, alpha 16, q/v), ``prefix`` (16 virtual tokens) or ``full`` (every float tensor trainable)."""
+    """``lora`` (r=8, alpha 16, q/v), ``lora-all`` (r=4, alpha 8, every linear layer), ``prefix``
+    (16 virtual tokens) or ``full`` (every float tensor trainable)."""
     from zopeft.models import AdapterSpec, apply_adapter
 
-    spec = AdapterSpec(finetuning_type=kind, lora_rank=8, lora_alpha=16, lora_target=LORA_TARGETS, num_virtual_tokens=16)
+    if kind == "lora-all":
+        spec = AdapterSpec(finetuning_type="lora", lora_rank=4, lora_alpha=8, lora_target="all-linear")
+    else:
+        spec = AdapterSpec(finetuning_type=kind, lora_rank=8, lora_alpha=16, lora_target=LORA_TARGETS,
+                           num_virtual_tokens=16)
     return apply_adapter(model, spec, "causal_lm").eval()
 
 

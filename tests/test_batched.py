@@ -24,7 +24,7 @@ import math
 
 import pytest
 import torch
-from conftest import fixed_batch, saved_tiny_model, tiny_model
+from conftest import VOCAB, fixed_batch, saved_tiny_model, tiny_model
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
 import zopeft
@@ -38,7 +38,7 @@ ADAPTERS = {
         num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32, task_type=tt
     ),
     "prompt": lambda tt: PromptTuningConfig(num_virtual_tokens=4, task_type=tt),
-    "ia3": lambda tt: IA3Config(task_type=tt),
+    "ia3": lambda tt: IA3Config(task_type=tt),  # init 1: perturbations of ε change the loss
     "dora": lambda tt: LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, task_type=tt),
 }
 LR, EPS, N = 1e-3, 1e-2, 5
@@ -128,8 +128,9 @@ def assert_same_step(model, batch, loss_rtol=1e-5, **kw):
 SUPPORTED = [
     ("llama", "lora", None), ("llama", "lora", "nf4"), ("llama", "lora", "fp4"), ("llama", "lora", "int8"),
     ("llama", "lora_bias", None), ("llama", "prefix", None), ("llama", "prefix", "nf4"), ("llama", "prefix_proj", None),
-    ("llama", "prompt", None), ("llama", "prompt", "int8"), ("opt", "lora", None), ("opt", "prefix", None),
-    ("bert", "lora", None), ("bert", "prompt", None),
+    ("llama", "prompt", None), ("llama", "prompt", "int8"), ("llama", "ia3", None), ("llama", "ia3", "nf4"),
+    ("opt", "lora", None), ("opt", "prefix", None), ("bert", "lora", None), ("bert", "prompt", None),
+    ("bert", "ia3", None),
 ]
 
 
@@ -165,7 +166,7 @@ def test_batched_evaluation_never_writes_the_model_weights():
     batch = fixed_batch("llama")
     opt = zopeft.FZOO(model, n_perturbations=N, eps=EPS)
     seen = []
-    tensors = list(opt._tensors)
+    tensors = list(opt.points.tensors)
     start = [p.detach().clone() for p in tensors]
     hook = model.register_forward_pre_hook(lambda *_: seen.append(all(torch.equal(p, s) for p, s in zip(tensors, start))))
     try:
@@ -220,21 +221,51 @@ def test_several_steps_follow_the_sequential_trajectory():
     assert den > 0 and num < 1e-2 * den, (num, den)
 
 
-def test_closure_is_the_models_own_loss():
-    model = peft_model("llama", "lora")
-    batch = fixed_batch("llama")
+@pytest.mark.parametrize("adapter", ["lora", "prompt", "prefix"])
+@pytest.mark.parametrize("labels", ["all", "padded"])
+def test_closure_is_the_models_own_loss_with_the_head_in_chunks(adapter, labels, monkeypatch):
+    """The sequential closure projects onto the vocabulary only at labelled rows, a few rows at a time."""
+    from zopeft.batched import loss as loss_room
+
+    model = peft_model("llama", adapter)
+    model.eval()
+    batch = fixed_batch("llama") if labels == "all" else padded_batch("llama")
+    with torch.no_grad():
+        expected = model(**batch).loss
+    monkeypatch.setattr(loss_room, "HEAD_CHUNK_BYTES", 3 * VOCAB * 10)  # 3 rows of logits per chunk
+    rows = []
+    head = model.get_base_model().lm_head
+    project = head.forward
+    monkeypatch.setattr(head, "forward", lambda x: (rows.append(x.shape[0]), project(x))[1], raising=False)
     closure = loss_closure(model, batch)
     assert isinstance(closure, BatchedLoss)
-    assert torch.equal(closure(), model(**batch).loss)
+    with torch.no_grad():
+        got = closure()
+    # prompt tuning prepends virtual tokens: the last one predicts the first real token too
+    labels = batch["labels"] if adapter == "prompt" else batch["labels"][:, 1:]
+    labelled = int((labels != -100).sum())
+    assert max(rows) == 3 and sum(rows) == labelled  # fp32 logits of the whole batch never exist at once
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+def test_batched_head_chunks_keep_replicas_apart(monkeypatch):
+    """Chunks of the LM head run across all replicas at once; the losses do not depend on the chunk size."""
+    from zopeft.batched import loss as loss_room
+
+    model = peft_model("llama", "lora")
+    batch = fixed_batch("llama")
+    opt = zopeft.FZOO(model, n_perturbations=N, eps=EPS)
+    whole = loss_closure(model, batch).losses(opt, opt.evaluations())
+    monkeypatch.setattr(loss_room, "HEAD_CHUNK_BYTES", (N + 1) * 5 * VOCAB * 10)  # 5 rows per replica and chunk
+    chunked = loss_closure(model, batch).losses(opt, opt.evaluations())
+    torch.testing.assert_close(torch.tensor(chunked), torch.tensor(whole), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize(
     "case,reason",
     [
-        ("ia3", "ia3_l"),
         ("dora", "LoRA variant"),
         ("full", "not a LoRA"),
-        ("train_mode", "training mode"),
         ("num_items", "num_items_in_batch"),
     ],
 )
@@ -243,12 +274,8 @@ def test_unsupported_cases_fall_back_to_sequential_with_a_log_line(case, reason,
     if case == "full":
         model = tiny_model("llama")
         opt = zopeft.FZOO(model, lr=LR, eps=EPS, n_perturbations=N)
-    elif case == "train_mode":
-        model = peft_model("llama", "lora")
-        model.train()
-        opt = zopeft.FZOO([p for p in model.parameters() if p.requires_grad], lr=LR, eps=EPS, n_perturbations=N)
     else:
-        model = peft_model("llama", "ia3" if case == "ia3" else "dora" if case == "dora" else "lora")
+        model = peft_model("llama", "dora" if case == "dora" else "lora")
         opt = zopeft.FZOO(model, lr=LR, eps=EPS, n_perturbations=N)
         if case == "num_items":
             batch = {**batch, "num_items_in_batch": torch.tensor(48)}
@@ -259,21 +286,36 @@ def test_unsupported_cases_fall_back_to_sequential_with_a_log_line(case, reason,
             opt.step(loss_closure(model, batch))
     finally:
         hook.remove()
-    lines = [r.message for r in caplog.records if r.name == "zopeft"]
-    assert any("sequential evaluation" in m and reason in m for m in lines), lines
+    warnings = [r.message for r in caplog.records if r.name == "zopeft" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "sequential evaluation" in warnings[0] and reason in warnings[0], warnings
     assert len(calls) == N + 1 and opt.forward_passes == N + 1
     assert batched_support(model, opt, batch) is not None
 
 
-def test_plain_closure_logs_the_sequential_path_once(caplog):
+@pytest.mark.parametrize("form", ["tensors", "groups"])
+def test_optimizer_from_tensors_evaluates_the_closures_model_in_eval_mode(form, caplog):
+    """Param groups get what a module gets: eval mode during the step (so the batched path), train mode after."""
+    model = peft_model("llama", "lora")
+    model.train()
+    tensors = [p for p in model.parameters() if p.requires_grad]
+    params = tensors if form == "tensors" else [{"params": tensors[:4]}, {"params": tensors[4:], "lr": LR / 2}]
+    opt = zopeft.FZOO(params, lr=LR, eps=EPS, n_perturbations=N)
+    with caplog.at_level(logging.INFO, logger="zopeft"):
+        opt.step(loss_closure(model, fixed_batch("llama")))
+    lines = [r.message for r in caplog.records if r.name == "zopeft"]
+    assert any("batched evaluation" in m for m in lines) and not any("sequential" in m for m in lines), lines
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_plain_closure_warns_once_about_the_slower_sequential_path(caplog):
     model = peft_model("llama", "lora")
     batch = fixed_batch("llama")
     opt = zopeft.FZOO(model, lr=LR, eps=EPS, n_perturbations=2)
-    with caplog.at_level(logging.INFO, logger="zopeft"):
+    with caplog.at_level(logging.DEBUG, logger="zopeft"):
         for _ in range(3):
             opt.step(lambda: model(**batch).loss)
-    infos = [r for r in caplog.records if r.name == "zopeft" and r.levelno == logging.INFO]
-    assert len(infos) == 1 and "loss_closure" in infos[0].message
+    shown = [r for r in caplog.records if r.name == "zopeft" and r.levelno >= logging.INFO]
+    assert len(shown) == 1 and shown[0].levelno == logging.WARNING and "loss_closure" in shown[0].message
 
 
 class _FakeBatched:

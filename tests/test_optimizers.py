@@ -119,7 +119,7 @@ def test_bf16_adapters_keep_an_fp32_master_so_small_updates_accumulate():
     opt = MeZO([w], lr=1e-4, eps=1e-2)  # ε must exceed bf16's spacing (2⁻⁷ at 1.0) to move the loss
     for _ in range(30):
         opt.step(lambda: quadratic(w.float()))
-    master = opt._masters[0]
+    master = opt.points.masters()[0]
     assert not torch.equal(master, torch.ones(6))  # bf16 alone would round each 1e-4 step away
     assert torch.equal(w.detach(), master.to(torch.bfloat16))
     assert "masters" in opt.state_dict()

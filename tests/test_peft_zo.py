@@ -61,8 +61,10 @@ def test_only_trainable_tensors_change_and_restore_is_exact(arch, adapter, quant
         assert torch.equal(dict(model.named_parameters())[n].detach(), data)
 
 
+# MeZO: ε = 1e-2, the MeZO paper's LoRA setting (with 1e-3, 100 steps on this tiny model lower the loss
+# by 0.01 to 0.11 depending on the seed; with 1e-2 by 0.07 to 0.14 over seeds 0-4)
 @pytest.mark.parametrize(
-    "name,lr,eps,steps", [("fzoo", 1e-2, 1e-3, 20), ("mezo", 3e-2, 1e-3, 100), ("adamezo", 1e-4, 1e-3, 30)]
+    "name,lr,eps,steps", [("fzoo", 1e-2, 1e-3, 20), ("mezo", 3e-2, 1e-2, 100), ("adamezo", 1e-4, 1e-3, 30)]
 )
 @pytest.mark.parametrize("quant", [None, "nf4"])
 def test_loss_decreases_on_fixed_batch(name, lr, eps, steps, quant):

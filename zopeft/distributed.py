@@ -131,9 +131,9 @@ class ZOComm:
         """Bytes each rank contributes to :meth:`combine` for n evaluations."""
         return (n + 1) * torch.finfo(torch.float64).bits // 8
 
-    def check_sync(self, tensors: list[torch.Tensor], step: int) -> None:
-        """Raise :class:`ReplicaDivergence` unless every rank holds bit-identical tensors."""
-        local = torch.tensor([_checksum(tensors)], dtype=torch.int64, device=self.device)
+    def check_sync(self, fingerprint: int, step: int) -> None:
+        """Raise :class:`ReplicaDivergence` unless every rank has the same ``fingerprint`` of its trainable tensors."""
+        local = torch.tensor([fingerprint], dtype=torch.int64, device=self.device)
         gathered = [torch.zeros_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local)
         values = [int(g.item()) for g in gathered]
@@ -142,13 +142,3 @@ class ZOComm:
                 f"trainable tensors differ between ranks at step {step} (checksums {values}); "
                 "check that every rank runs the same recipe, seed and library versions"
             )
-
-
-def _checksum(tensors: list[torch.Tensor]) -> int:
-    """A bit-sensitive checksum: position-weighted sum of the tensors' raw fp32 words."""
-    total = 0
-    for i, t in enumerate(tensors):
-        words = t.detach().float().reshape(-1).view(torch.int32).to(torch.int64)
-        weights = torch.arange(words.numel(), device=words.device) % 7 + 1
-        total += (i + 1) * int((words * weights).sum().item())
-    return total & ((1 << 63) - 1)

@@ -1,18 +1,25 @@
 """Seeded perturbation noise that is regenerated, never stored.
 
-Every noise tensor is a pure function of a 64-bit key derived from
-(run seed, step, perturbation index, tensor index).  It is drawn on the
-tensor's own device from a dedicated :class:`torch.Generator`, so the global
-torch RNG is never touched and any tensor's noise for any step can be rebuilt
-on its own (AdaMeZO's moment window, replay, and multi-rank runs rely on it).
+Every noise vector is a pure function of a 64-bit key derived from
+(run seed, step, perturbation index, buffer index).  A *buffer* is one flat
+fp32 vector holding many trainable tensors (see :mod:`zopeft.optim.points`),
+so one perturbation costs one draw per buffer, however many tensors there are.
+The draw runs on the buffer's own device from a dedicated
+:class:`torch.Generator`, so the global torch RNG is never touched and any
+buffer's noise for any step can be rebuilt on its own (AdaMeZO's moment
+window, replay, and multi-rank runs rely on it).
+
+:data:`NOISE_FORMAT` names this stream.  Format 1 (zopeft 0.1) drew one
+stream per tensor; states and step logs of that format cannot be continued.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["NOISE_KINDS", "noise_key", "draw_noise"]
+__all__ = ["NOISE_FORMAT", "NOISE_KINDS", "draw_noise", "noise_key"]
 
+NOISE_FORMAT = 2
 NOISE_KINDS = ("rademacher", "gaussian")
 _MASK64 = (1 << 64) - 1
 _generators: dict[torch.device, torch.Generator] = {}
@@ -25,10 +32,10 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def noise_key(seed: int, step: int, perturbation: int, tensor: int) -> int:
-    """Mix the four coordinates of one noise tensor into a 64-bit generator seed."""
+def noise_key(seed: int, step: int, perturbation: int, buffer: int) -> int:
+    """Mix the four coordinates of one noise vector into a 64-bit generator seed."""
     key = 0
-    for part in (seed, step, perturbation, tensor):
+    for part in (seed, step, perturbation, buffer):
         key = _splitmix64(key ^ (part & _MASK64))
     return key
 
@@ -41,18 +48,18 @@ def _generator(device: torch.device) -> torch.Generator:
 
 
 def draw_noise(
-    shape: torch.Size,
+    shape: torch.Size | tuple[int, ...],
     key: int,
-    device: torch.device,
+    device: torch.device | str,
     kind: str = "rademacher",
-    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Draw the noise tensor for ``key`` on ``device``: Rademacher (±1) or standard Gaussian."""
-    gen = _generator(torch.device(device))
+    """Draw the fp32 noise for ``key`` on ``device``: Rademacher (±1) or standard Gaussian."""
+    device = torch.device(device)
+    gen = _generator(device)
     gen.manual_seed(key)
     if kind == "rademacher":
-        bits = torch.randint(0, 2, shape, generator=gen, device=device, dtype=torch.int8)
-        return bits.to(dtype).mul_(2).sub_(1)
+        bits = torch.randint(0, 2, shape, generator=gen, device=device, dtype=torch.float32)
+        return bits.mul_(2).sub_(1)
     if kind == "gaussian":
-        return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
     raise ValueError(f"unknown noise {kind!r}; choose one of {', '.join(NOISE_KINDS)}")

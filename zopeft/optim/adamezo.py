@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .base import StepRecord
+from .points import Buffer
 from .mezo import MeZO
 
 
@@ -16,7 +17,7 @@ class AdaMeZO(MeZO):
     """MeZO estimates with truncated Adam-style moments rebuilt from the last K (step, g) pairs.
 
     With gₜ the projected gradient and zₜ the noise of step t (regenerated from
-    its seed, one tensor at a time, in fp32)::
+    its seed, one flat buffer at a time, in fp32)::
 
         m = Σ_{k<K} β₁ᵏ·g_{t−k}·z_{t−k}
         v = Σ_{k<K} β₂ᵏ·g²_{t−k}·z²_{t−k}
@@ -68,16 +69,17 @@ class AdaMeZO(MeZO):
 
     def in_warmup(self) -> bool:
         """True while the window is still filling (the first K applied steps)."""
-        return self.applied_steps <= self.window
+        return self.applied_steps < self.window
 
-    def direction(self, step: int, index: int, param: torch.Tensor, coefs: list[tuple[int, float]]) -> torch.Tensor:
+    def direction(self, step: int, buffer: Buffer, coefs: list[tuple[int, float]]) -> torch.Tensor:
         if self.in_warmup():
-            return super().direction(step, index, param, coefs)
-        m = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            return super().direction(step, buffer, coefs)
+        window = [*self.history, (step, coefs[0][1])][-self.window :]  # this step's (step, g) is applied next
+        m = torch.zeros(buffer.numel, dtype=torch.float32, device=buffer.device)
         gaussian = self.noise == "gaussian"
         v: torch.Tensor | float = torch.zeros_like(m) if gaussian else 0.0
-        for k, (past_step, g) in enumerate(reversed(self.history)):
-            z = self.draw(past_step, 0, index, param)
+        for k, (past_step, g) in enumerate(reversed(window)):
+            z = self.points.noise_at(past_step, 0, buffer)
             m.add_(z, alpha=self.beta1**k * g)
             if gaussian:
                 v.addcmul_(z, z, value=self.beta2**k * g * g)  # type: ignore[union-attr]

@@ -9,12 +9,14 @@ A ZO step has two halves, mirroring ``loss.backward()`` / ``optimizer.step()``:
 * :meth:`ZOOptimizer.step` turns the averaged losses into an update and
   applies it.  ``step(closure)`` does both halves at once.
 
-The weights are restored bit-exactly after every evaluation: each trainable
-tensor has an fp32 master copy (adapters are small), perturbed values are
-written from it and the update is applied to it.  A step whose loss is not
-finite is skipped with the weights untouched.  Every applied step is recorded
-as a compact :class:`StepRecord` (step index, learning rates, losses), from
-which :meth:`ZOOptimizer.replay` can rebuild the run without a forward pass.
+The trainable tensors and their points are owned by :attr:`ZOOptimizer.points`
+(:class:`~zopeft.optim.points.Points`: flat fp32 master buffers, one noise draw
+per buffer), so the weights are restored bit-exactly after every evaluation and a
+step costs a constant number of tensor operations however many tensors there are.
+A step whose loss is not finite, or whose update would make a weight non-finite,
+is skipped with the weights untouched.  Every step is recorded as a compact
+:class:`StepRecord` (step index, learning rates, losses), from which
+:meth:`ZOOptimizer.replay` rebuilds the run without a forward pass.
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
-from ..batched import log_evaluation_path
 from ..bnb_cpu import use_exact_4bit_cpu_path
 from ..distributed import ZOComm
-from ..noise import NOISE_KINDS, draw_noise, noise_key
+from ..noise import NOISE_FORMAT
+from .evaluation_log import report_path
+from .points import Buffer, Point, Points
 
 __all__ = ["Evaluation", "StepRecord", "ZOOptimizer"]
 
 Closure = Callable[[], Any]
-Evaluation = tuple[int, float] | None
+Evaluation = Point
 """One loss evaluation: ``(perturbation index, scale)`` for θ + scale·ε·z_k, or ``None`` for θ."""
 
 
@@ -60,7 +63,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         weight_decay: decoupled weight decay, θ ← θ − lr·wd·θ.
         noise: ``"rademacher"`` (±1, default) or ``"gaussian"``.
         seed: run seed; with the step and perturbation index it determines
-            every noise tensor.
+            every noise vector.
         master_weights: keep fp32 master copies so that restores are
             bit-exact and fp16/bf16 adapters do not drift (default).  ``False``
             perturbs fp32 tensors in place (MeZO's memory, not bit-exact) and is
@@ -69,7 +72,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             closure offers it (see :mod:`zopeft.batched`); otherwise, and where
             unsupported, the points are evaluated one forward pass each.
         perturbation_batch_size: points (replicas of the batch) per batched
-            forward pass; ``None``: automatic.
+            forward pass; ``None``: automatic (see :mod:`zopeft.batched.memory`).
+        max_memory: peak device memory (bytes, or a string such as ``"12GB"``)
+            the automatic ``perturbation_batch_size`` keeps a step under.
         parallel: how ranks share a step under ``torch.distributed`` (see
             :mod:`zopeft.distributed`): ``"perturbation"`` (the step's points are
             divided among ranks that all see the same batch), ``"data"`` (each rank
@@ -99,46 +104,38 @@ class ZOOptimizer(torch.optim.Optimizer):
         master_weights: bool = True,
         batched: bool = False,
         perturbation_batch_size: int | None = None,
+        max_memory: int | str | None = None,
         parallel: str | ZOComm | None = "auto",
         sync_check_steps: int = 100,
         **defaults: Any,
     ) -> None:
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if noise not in NOISE_KINDS:
-            raise ValueError(f"unknown noise {noise!r}; choose one of {', '.join(NOISE_KINDS)}")
-        self._module = params if isinstance(params, nn.Module) else None
-        if self._module is not None:
-            use_exact_4bit_cpu_path(self._module)
-        super().__init__(_trainable_groups(params), dict(lr=lr, weight_decay=weight_decay, **defaults))
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {eps}")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
         if perturbation_batch_size is not None and perturbation_batch_size < 1:
             raise ValueError(f"perturbation_batch_size must be >= 1, got {perturbation_batch_size}")
         if sync_check_steps < 0:
             raise ValueError(f"sync_check_steps must be >= 0, got {sync_check_steps}")
+        self._module = params if isinstance(params, nn.Module) else None
+        if self._module is not None:
+            use_exact_4bit_cpu_path(self._module)
+        super().__init__(_trainable_groups(params), dict(lr=lr, weight_decay=weight_decay, **defaults))
+        self.points = Points(
+            [g["params"] for g in self.param_groups], eps=eps, seed=seed, noise=noise, master_weights=master_weights
+        )
         self.comm = parallel if isinstance(parallel, ZOComm) else ZOComm.for_optimizer(parallel, self.default_parallel)
         self.sync_check_steps = int(sync_check_steps)
         self.batched = bool(batched)
         self.perturbation_batch_size = perturbation_batch_size
-        self.eps = float(eps)
-        self.noise = noise
-        self.seed = int(seed)
-        self._tensors = [p for group in self.param_groups for p in group["params"]]
-        for p in self._tensors:
-            if not master_weights and p.dtype != torch.float32:
-                raise ValueError(
-                    f"a trainable tensor is {p.dtype}: in-place perturbation of low-precision weights drifts; "
-                    "use master_weights=True (fp32 master copies) or cast the trainable tensors to float32"
-                )
-        self._masters = [p.detach().float().clone() for p in self._tensors] if master_weights else None
-        self._applied: list[tuple[int, int, float]] = []  # in-place mode: perturbations currently on θ
+        self.max_memory = max_memory
         self._step = 0
         self.forward_passes = 0
         self.skipped_steps = 0
         self._pending: list[float] | None = None
         self._pending_count = 0
-        self._last_loss: float | None = None
         self.last_stats: dict[str, Any] = {}
         self.step_log: list[StepRecord] = []
 
@@ -159,15 +156,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Method-specific statistics for :attr:`last_stats`."""
         return {}
 
-    def direction(self, step: int, index: int, param: torch.Tensor, coefs: list[tuple[int, float]]) -> torch.Tensor:
-        """The fp32 update direction d for one tensor (θ ← θ − lr·(d + wd·θ)); default Σ c_k·z_k."""
-        d = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-        for k, c in coefs:
-            d.add_(self.draw(step, k, index, param), alpha=c)
-        return d
+    def direction(self, step: int, buffer: Buffer, coefs: list[tuple[int, float]]) -> torch.Tensor:
+        """The flat fp32 update direction d of one buffer (θ ← θ − lr·(d + wd·θ)); default Σ c_k·z_k."""
+        return self.points.combination(step, buffer, coefs)
 
     def on_applied(self, record: StepRecord, coefs: list[tuple[int, float]]) -> None:
-        """Hook run before an accepted update is applied (AdaMeZO records its window here)."""
+        """Hook run after an update was applied (AdaMeZO records its window here)."""
 
     def extra_state(self) -> dict[str, Any]:
         return {}
@@ -175,68 +169,75 @@ class ZOOptimizer(torch.optim.Optimizer):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`extra_state` returned."""
 
-    # ----- noise and perturbation ------------------------------------------------------------
+    # ----- the point owner's settings, as torch.optim-style attributes -----------------------
+    @property
+    def eps(self) -> float:
+        return self.points.eps
+
+    @property
+    def seed(self) -> int:
+        return self.points.seed
+
+    @property
+    def noise(self) -> str:
+        return self.points.noise
+
     @property
     def step_index(self) -> int:
         """The index of the next step (its noise keys depend on it)."""
         return self._step
 
-    def draw(self, step: int, perturbation: int, index: int, param: torch.Tensor) -> torch.Tensor:
-        """The fp32 noise z for tensor ``index`` at ``(step, perturbation)``, on the tensor's device."""
-        key = noise_key(self.seed, step, perturbation, index)
-        return draw_noise(param.shape, key, param.device, self.noise)
-
     def perturb(self, perturbation: int, scale: float) -> None:
         """Set θ ← θ₀ + scale·ε·z_k for the current step (θ₀: the unperturbed weights)."""
-        if self._masters is None:  # with master copies every tensor is overwritten below
-            self.restore()
-        step = self._step
-        for i, p in enumerate(self._tensors):
-            z = self.draw(step, perturbation, i, p)
-            if self._masters is None:
-                p.data.add_(z, alpha=scale * self.eps)
-            else:
-                p.data.copy_(z.mul_(scale * self.eps).add_(self._masters[i]))
-        if self._masters is None:
-            self._applied.append((step, perturbation, scale))
+        self.points.write(self._step, (perturbation, scale))
 
     def restore(self) -> None:
         """Return the tensors to θ₀ (bit-exact with master weights)."""
-        if self._masters is not None:
-            for p, m in zip(self._tensors, self._masters):
-                p.data.copy_(m)
+        self.points.restore()
+
+    @contextlib.contextmanager
+    def evaluation_mode(self, model: nn.Module | None = None) -> Iterator[None]:
+        """Evaluate with the module in eval mode (no dropout), restoring its mode after.
+
+        The module is the one the optimizer was built from, else ``model`` (a closure's model)
+        when the trainable tensors belong to it.
+        """
+        module = self._module or (model if model is not None and self._owns(model) else None)
+        if module is None or not module.training:
+            yield
             return
-        for step, k, scale in reversed(self._applied):
-            for i, p in enumerate(self._tensors):
-                p.data.sub_(self.draw(step, k, i, p), alpha=scale * self.eps)
-        self._applied.clear()
+        module.eval()
+        try:
+            yield
+        finally:
+            module.train()
 
     # ----- the two halves of a step ----------------------------------------------------------
     @torch.no_grad()
     def estimate(self, closure: Closure) -> float:
         """Evaluate the closure at this step's perturbed points and accumulate the losses.
 
-        The closure runs under ``no_grad`` (and with the module in eval mode when the
-        optimizer was built from a module, so dropout does not blur the differences).
-        With several ranks the points (perturbation parallel) or the losses (data
-        parallel) are shared with one all-reduce of a few floats.
+        The closure runs under ``no_grad`` and with the model in eval mode (the module the
+        optimizer was built from, or the model of a :func:`zopeft.loss_closure`), so dropout
+        does not blur the differences.  With several ranks the points (perturbation parallel)
+        or the losses (data parallel) are shared with one all-reduce of a few floats.
         Returns the loss at the current weights.
         """
         evaluations = self.evaluations()
         comm = self.comm
-        if comm is None:
-            losses, evaluated = self._evaluate(closure, evaluations)
-        else:
-            mine, evaluated = self._evaluate(closure, [evaluations[i] for i in comm.assigned(len(evaluations))])
-            losses, evaluated = comm.combine(mine, len(evaluations), evaluated)
+        with self.evaluation_mode(getattr(closure, "model", None)):
+            if comm is None:
+                losses, evaluated = self._evaluate(closure, evaluations)
+            else:
+                mine, evaluated = self._evaluate(closure, [evaluations[i] for i in comm.assigned(len(evaluations))])
+                losses, evaluated = comm.combine(mine, len(evaluations), evaluated)
         self.forward_passes += evaluated
         if self._pending is None:
             self._pending, self._pending_count = losses, 1
         else:
             self._pending = [a + b for a, b in zip(self._pending, losses)]
             self._pending_count += 1
-        self._last_loss = self.loss_at_theta(losses)
-        return self._last_loss
+        return self.loss_at_theta(losses)
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> float | None:  # type: ignore[override]
@@ -248,18 +249,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         losses = [x / self._pending_count for x in self._pending]
         micro_batches, self._pending, self._pending_count = self._pending_count, None, 0
         record: StepRecord = {"step": self._step, "lr": [g["lr"] for g in self.param_groups], "losses": losses}
-        self._apply(record)
-        self.step_log.append(record)
-        self._step += 1
-        self.last_stats = {
-            "step": record["step"],
-            "loss": self.loss_at_theta(losses),
-            "lr": record["lr"][0],
-            "forward_passes": self.forward_passes,
-            "skipped_steps": self.skipped_steps,
-            **({"skipped": record["skipped"]} if "skipped" in record else {}),
-            **self.step_stats(losses),
-        }
+        self._advance(record)
         if self.comm is not None:
             self.last_stats["comm_bytes"] = micro_batches * self.comm.payload_bytes(len(losses))
             if self.sync_check_steps and self._step % self.sync_check_steps == 0:
@@ -269,88 +259,94 @@ class ZOOptimizer(torch.optim.Optimizer):
     def check_replicas(self) -> None:
         """Raise :class:`~zopeft.distributed.ReplicaDivergence` unless all ranks hold bit-identical tensors."""
         if self.comm is not None:
-            self.comm.check_sync(self._masters or self._tensors, self._step)
+            self.comm.check_sync(self.points.fingerprint(), self._step)
 
     @torch.no_grad()
     def replay(self, records: Iterable[StepRecord]) -> None:
-        """Re-apply logged steps (from :attr:`step_log`) without any forward pass."""
+        """Re-apply logged steps (from :attr:`step_log`) without any forward pass.
+
+        Replay continues this optimizer: the first record must be its next step (a fresh
+        optimizer over the run's starting weights replays a log from step 0).
+        """
         for record in records:
-            self._step = record["step"]
-            self._apply(dict(record))  # type: ignore[arg-type]
-            self._step += 1
+            if record["step"] != self._step:
+                raise ValueError(
+                    f"replay: the log's step {record['step']} is not this optimizer's next step {self._step}; "
+                    "replay onto the run's starting weights with a fresh optimizer (same seed)"
+                )
+            self._advance({k: v for k, v in record.items() if k != "skipped"})  # type: ignore[arg-type]
+            self.last_stats["replayed"] = True
 
     # ----- internals -------------------------------------------------------------------------
+    def _advance(self, record: StepRecord) -> None:
+        """Apply (or skip) the update of ``record``, log it and move to the next step."""
+        losses = record["losses"]
+        coefs = self.coefficients(losses) if all(map(math.isfinite, losses)) else "non-finite loss"
+        if isinstance(coefs, str):
+            record["skipped"] = coefs
+        else:
+            directions = [self.direction(record["step"], b, coefs) for b in self.points.buffers]
+            weight_decays = [g["weight_decay"] for g in self.param_groups]
+            if self.points.apply(directions, record["lr"], weight_decays):
+                self.on_applied(record, coefs)
+            else:
+                record["skipped"] = "non-finite update"
+        if "skipped" in record:
+            self.skipped_steps += 1
+        self.step_log.append(record)
+        self._step += 1
+        lrs = record["lr"]
+        self.last_stats = {
+            "step": record["step"],
+            "loss": self.loss_at_theta(losses),
+            "lr": lrs[0] if len(lrs) == 1 else list(lrs),
+            "forward_passes": self.forward_passes,
+            "skipped_steps": self.skipped_steps,
+            **({"skipped": record["skipped"]} if "skipped" in record else {}),
+            **self.step_stats(losses),
+        }
+
     def _evaluate(self, closure: Closure, evaluations: list[Evaluation]) -> tuple[list[float], int]:
         """The losses at ``evaluations`` (NaN after the first non-finite one) and how many were evaluated."""
         batched = getattr(closure, "losses", None) if self.batched else None
-        if callable(batched):  # e.g. zopeft.batched.loss_closure: all points in few forward passes
-            with self._eval_mode():
-                done = batched(self, evaluations)
+        if callable(batched):  # e.g. zopeft.loss_closure: all points in few forward passes
+            done = batched(self, evaluations)
             if done is not None:  # None: unsupported here, evaluate sequentially
                 n = next((j + 1 for j, x in enumerate(done) if not math.isfinite(x)), len(evaluations))
                 return list(done[:n]) + [math.nan] * (len(evaluations) - n), n
         elif self.batched:
-            log_evaluation_path(
-                self, "sequential", "the closure offers no batched evaluation; see zopeft.batched.loss_closure"
+            report_path(
+                self, "sequential", "the closure offers no batched evaluation; see zopeft.loss_closure", slower=True
             )
         losses: list[float] = []
-        with self._eval_mode():
-            try:
-                for ev in evaluations:
-                    if ev is None:
-                        self.restore()
-                    else:
-                        self.perturb(*ev)
-                    losses.append(_as_float(closure()))
-                    if not math.isfinite(losses[-1]):
-                        break
-            finally:
-                self.restore()
+        try:
+            for ev in evaluations:
+                self.points.write(self._step, ev)
+                losses.append(_as_float(closure()))
+                if not math.isfinite(losses[-1]):
+                    break
+        finally:
+            self.points.restore()
         evaluated = len(losses)
         return losses + [math.nan] * (len(evaluations) - evaluated), evaluated
 
-    def _apply(self, record: StepRecord) -> None:
-        losses = record["losses"]
-        coefs = self.coefficients(losses) if all(map(math.isfinite, losses)) else "non-finite loss"
-        record.pop("skipped", None)
-        if isinstance(coefs, str):
-            record["skipped"] = coefs
-            self.skipped_steps += 1
-            return
-        self.on_applied(record, coefs)
-        step, index = record["step"], 0
-        for group, lr in zip(self.param_groups, record["lr"]):
-            wd = group["weight_decay"]
-            for p in group["params"]:
-                d = self.direction(step, index, p, coefs)
-                theta = p.data if self._masters is None else self._masters[index]
-                if wd:
-                    d.add_(theta, alpha=wd)
-                theta.sub_(d.to(theta.dtype), alpha=lr)
-                if self._masters is not None:
-                    p.data.copy_(theta)
-                index += 1
-
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        module = self._module
-        if module is None or not module.training:
-            yield
-            return
-        module.eval()
-        try:
-            yield
-        finally:
-            module.train()
+    def _owns(self, model: nn.Module) -> bool:
+        """Whether the trainable tensors are parameters of ``model``."""
+        first = self.points.tensors[0]
+        return any(p is first for p in model.parameters())
 
     # ----- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Step count, run seed, counters, hyperparameters and method state (e.g. AdaMeZO's window).
+        """Step count, run seed, counters, hyperparameters, method state (e.g. AdaMeZO's window)
+        and a checksum of the trainable tensors the state belongs to.
 
-        fp32 master copies are included only where a trainable tensor is fp16/bf16
+        fp32 master buffers are included only where a trainable tensor is fp16/bf16
         (there the master holds bits the model's own weights cannot).
         """
         state: dict[str, Any] = {
+            "noise_format": NOISE_FORMAT,
+            "layout": self.points.layout(),
+            "fingerprint": self.points.fingerprint(model=True),
             "step": self._step,
             "seed": self.seed,
             "eps": self.eps,
@@ -360,37 +356,48 @@ class ZOOptimizer(torch.optim.Optimizer):
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
             "extra": self.extra_state(),
         }
-        if self._masters is not None and any(p.dtype != torch.float32 for p in self._tensors):
-            state["masters"] = [m.clone() for m in self._masters]
+        if self.points.needs_saved_masters():
+            state["masters"] = self.points.masters()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # type: ignore[override]
         """Continue a run: the model's trainable tensors must already hold the saved weights."""
-        if len(state["param_groups"]) != len(self.param_groups):
+        found = state.get("noise_format", 1)
+        if found != NOISE_FORMAT:
             raise ValueError(
-                f"optimizer state has {len(state['param_groups'])} param groups, this optimizer "
-                f"{len(self.param_groups)}: was it saved for a different model or adapter?"
+                f"optimizer state has noise format {found} (zopeft 0.1 drew one noise stream per tensor); this "
+                f"zopeft draws format {NOISE_FORMAT} (one stream per flat buffer), so the run cannot continue "
+                "bit-identically: start a new run, or finish this one with the zopeft version that began it"
+            )
+        if state["layout"] != self.points.layout():
+            raise ValueError(
+                f"optimizer state was saved for trainable tensors laid out as {state['layout']}, this optimizer has "
+                f"{self.points.layout()} ([group, device, dtype, elements] per buffer): was it saved for a "
+                "different model, adapter or param groups?"
+            )
+        if self.points.fingerprint(model=True) != state["fingerprint"]:
+            raise ValueError(
+                "the model's trainable tensors are not the ones this optimizer state was saved with: load the "
+                "adapter weights saved beside the state first (PeftModel.from_pretrained(..., is_trainable=True) "
+                "or set_peft_model_state_dict), then call load_state_dict"
             )
         self._step = int(state["step"])
-        self.seed = int(state["seed"])
-        self.eps = float(state["eps"])
-        self.noise = state["noise"]
+        self.points.seed = int(state["seed"])
+        self.points.eps = float(state["eps"])
+        self.points.noise = state["noise"]
         self.forward_passes = int(state["forward_passes"])
         self.skipped_steps = int(state["skipped_steps"])
         for group, saved in zip(self.param_groups, state["param_groups"]):
             group.update(saved)
         self.load_extra_state(state["extra"])
-        self.sync_masters(state.get("masters"))
+        if "masters" in state:
+            self.points.load_masters(state["masters"])
+        else:
+            self.points.sync_from_model()
 
-    @torch.no_grad()
-    def sync_masters(self, masters: list[torch.Tensor] | None = None) -> None:
-        """Re-read the master copies from the model (after its weights were loaded) or from ``masters``."""
-        if self._masters is None:
-            return
-        for i, p in enumerate(self._tensors):
-            self._masters[i].copy_(p.detach().float() if masters is None else masters[i])
-            if masters is not None:
-                p.data.copy_(self._masters[i])
+    def sync_masters(self) -> None:
+        """Re-read the master copies from the model, after its weights were changed outside the optimizer."""
+        self.points.sync_from_model()
 
 
 def _as_float(loss: Any) -> float:

@@ -10,7 +10,7 @@ from .base import Evaluation, ZOOptimizer
 class MeZO(ZOOptimizer):
     """Two-point SPSA: g = (L(θ+εz) − L(θ−εz)) / 2ε, then θ ← θ − lr·(g·z + wd·θ).
 
-    Two forward passes per step.  The loss reported for θ is (L₊ + L₋)/2, which
+    Two forward passes per step.  A step with g = 0 makes no update and is counted in ``skipped_steps``.  The loss reported for θ is (L₊ + L₋)/2, which
     equals L(θ) up to O(ε²) and costs no extra forward pass.
 
     Args:
@@ -30,8 +30,11 @@ class MeZO(ZOOptimizer):
         """g = (L₊ − L₋) / 2ε."""
         return (losses[0] - losses[1]) / (2 * self.eps)
 
-    def coefficients(self, losses: list[float]) -> list[tuple[int, float]]:
-        return [(0, self.projected_grad(losses))]
+    def coefficients(self, losses: list[float]) -> list[tuple[int, float]] | str:
+        g = self.projected_grad(losses)
+        if g == 0:  # L₊ = L₋ (e.g. a flat discrete objective): no information, counted as skipped like FZOO's σ = 0
+            return "projected_grad=0"
+        return [(0, g)]
 
     def loss_at_theta(self, losses: list[float]) -> float:
         return (losses[0] + losses[1]) / 2

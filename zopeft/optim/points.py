@@ -1,0 +1,263 @@
+"""The one owner of the trainable tensors and of the points θ₀ + s·ε·z_k around them.
+
+The trainable tensors are laid out in flat *buffers*: one per (param group, device, dtype),
+split further only where a buffer would exceed :data:`MAX_BUFFER_NUMEL` elements (full-parameter
+ZO of a large model).  Each buffer keeps its fp32 master values θ₀ in one flat vector, and its
+noise z_k is one vector drawn from the key (seed, step, k, buffer).  Writing a point, restoring
+θ₀, stacking R points for a batched forward, applying an update Σ c_k·z_k and rebuilding an old
+perturbation are therefore a constant number of tensor operations per buffer, however many
+tensors (LoRA layers) the model has: ``torch._foreach_copy_`` moves the flat values into the
+model's own tensors, which stay ordinary, separately stored parameters (PEFT ``save_pretrained``,
+``state_dict`` and safetensors see nothing unusual).
+
+Exactness: a point is computed as ``master + (s·ε)·z`` from the fp32 masters, the same single
+operation on the same inputs whether it is written into the model (sequential evaluation) or
+stacked as a replica (batched evaluation), so both paths see bit-identical values, and
+:meth:`Points.restore` returns the model to θ₀ bit-exactly.  Without masters
+(``master_weights=False``, MeZO's in-place memory for fp32 tensors) a point is added to and
+subtracted from the tensors in place, which is not bit-exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..noise import NOISE_KINDS, draw_noise, noise_key
+
+__all__ = ["MAX_BUFFER_NUMEL", "Buffer", "Point", "Points"]
+
+MAX_BUFFER_NUMEL = 1 << 26
+"""A buffer holds at most this many elements (256 MiB of fp32) unless one tensor alone is larger.
+
+Part of the noise format: changing it changes which noise every tensor sees."""
+
+Point = tuple[int, float] | None
+"""A point: ``(perturbation index k, scale s)`` for θ₀ + s·ε·z_k, or ``None`` for θ₀."""
+
+
+@dataclass
+class Buffer:
+    """Trainable tensors of one param group, device and dtype, seen as one flat vector."""
+
+    index: int
+    group: int
+    device: torch.device
+    dtype: torch.dtype
+    tensors: list[torch.Tensor]
+    master: torch.Tensor | None = None  # fp32 θ₀ (None without master weights)
+    numels: list[int] = field(default_factory=list)
+    numel: int = 0
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat[..., P]`` cut into per-tensor views ``[..., *shape]`` (no copy)."""
+        lead = flat.shape[:-1]
+        return [v.view(*lead, *t.shape) for v, t in zip(flat.split(self.numels, dim=-1), self.tensors)]
+
+    def values(self) -> torch.Tensor:
+        """θ₀ as one flat fp32 vector (the master, or the tensors' current values)."""
+        return self.master if self.master is not None else self.model_values()
+
+    def model_values(self) -> torch.Tensor:
+        """The model's tensors as they are now, as one flat fp32 vector (a copy)."""
+        return torch.cat([t.detach().reshape(-1).float() for t in self.tensors])
+
+
+class Points:
+    """The trainable tensors in flat fp32 buffers, and the perturbed points around them.
+
+    Args:
+        groups: the tensors of each param group (in order).
+        eps: perturbation scale ε.
+        seed: run seed of the noise keys.
+        noise: ``"rademacher"`` or ``"gaussian"``.
+        master_weights: keep fp32 master buffers (bit-exact restore; required for fp16/bf16).
+    """
+
+    def __init__(
+        self, groups: Sequence[Sequence[torch.Tensor]], *, eps: float, seed: int, noise: str = "rademacher",
+        master_weights: bool = True,
+    ) -> None:
+        if noise not in NOISE_KINDS:
+            raise ValueError(f"unknown noise {noise!r}; choose one of {', '.join(NOISE_KINDS)}")
+        self.eps, self.seed, self.noise = float(eps), int(seed), noise
+        self.tensors = [t for group in groups for t in group]
+        if not master_weights:
+            for t in self.tensors:
+                if t.dtype != torch.float32:
+                    raise ValueError(
+                        f"a trainable tensor is {t.dtype}: in-place perturbation of low-precision weights drifts; "
+                        "use master_weights=True (fp32 master copies) or cast the trainable tensors to float32"
+                    )
+        self.buffers = _layout(groups)
+        if master_weights:
+            for b in self.buffers:
+                b.master = b.model_values()
+        self._applied: list[tuple[list[torch.Tensor], float]] = []  # in-place mode: noise currently on θ
+        self.draws = 0  # noise vectors drawn so far (one per buffer and perturbation)
+
+    @property
+    def has_masters(self) -> bool:
+        return bool(self.buffers) and self.buffers[0].master is not None
+
+    @property
+    def numel(self) -> int:
+        return sum(b.numel for b in self.buffers)
+
+    def layout(self) -> list[list[Any]]:
+        """``[[group, device type, dtype, numel], ...]`` per buffer: what a saved state must match."""
+        return [[b.group, b.device.type, str(b.dtype).removeprefix("torch."), b.numel] for b in self.buffers]
+
+    # ----- noise -----------------------------------------------------------------------------
+    def noise_at(self, step: int, perturbation: int, buffer: Buffer) -> torch.Tensor:
+        """The flat fp32 noise z of ``buffer`` at ``(step, perturbation)``, on its device."""
+        self.draws += 1
+        key = noise_key(self.seed, step, perturbation, buffer.index)
+        return draw_noise((buffer.numel,), key, buffer.device, self.noise)
+
+    def combination(self, step: int, buffer: Buffer, coefficients: Sequence[tuple[int, float]]) -> torch.Tensor:
+        """Σ c_k·z_k over ``(k, c_k)`` for ``buffer`` at ``step`` (flat fp32)."""
+        total = torch.zeros(buffer.numel, dtype=torch.float32, device=buffer.device)
+        for k, c in coefficients:
+            total.add_(self.noise_at(step, k, buffer), alpha=c)
+        return total
+
+    # ----- points ----------------------------------------------------------------------------
+    def point_values(
+        self, step: int, point: Point, buffer: Buffer, *, theta: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """θ₀ + s·ε·z_k of ``buffer`` as a flat fp32 vector (θ₀ itself for ``None``); ``theta``: θ₀ if known."""
+        theta = buffer.values() if theta is None else theta
+        if point is None:
+            return theta if out is None else out.copy_(theta)
+        k, scale = point
+        return torch.add(theta, self.noise_at(step, k, buffer), alpha=scale * self.eps, out=out)
+
+    @torch.no_grad()
+    def write(self, step: int, point: Point) -> None:
+        """Set the model's tensors to ``point`` (with masters: exactly ``point_values``)."""
+        if not self.has_masters:
+            self.restore()
+            if point is not None:
+                k, scale = point
+                noises = [self.noise_at(step, k, b) for b in self.buffers]
+                for b, z in zip(self.buffers, noises):
+                    torch._foreach_add_(b.tensors, b.views(z), alpha=scale * self.eps)
+                self._applied.append((noises, scale * self.eps))
+            return
+        for b in self.buffers:
+            torch._foreach_copy_(b.tensors, b.views(self.point_values(step, point, b)))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Return the tensors to θ₀ (bit-exact with masters)."""
+        if self.has_masters:
+            for b in self.buffers:
+                torch._foreach_copy_(b.tensors, b.views(b.master))
+            return
+        for noises, alpha in reversed(self._applied):
+            for b, z in zip(self.buffers, noises):
+                torch._foreach_add_(b.tensors, b.views(z), alpha=-alpha)
+        self._applied.clear()
+
+    @torch.no_grad()
+    def stack(self, step: int, points: Sequence[Point]) -> dict[int, torch.Tensor]:
+        """Every tensor at each of R points: ``{id(tensor): values [R, *shape]}`` in the tensor's dtype.
+
+        Built per buffer as one ``[R, P]`` matrix, row r = ``point_values(points[r])``: the very
+        values :meth:`write` puts into the model.  Views of the matrix, no per-tensor copy.
+        """
+        out: dict[int, torch.Tensor] = {}
+        for b in self.buffers:
+            rows = torch.empty(len(points), b.numel, dtype=torch.float32, device=b.device)
+            theta = b.values()
+            for r, point in enumerate(points):
+                self.point_values(step, point, b, theta=theta, out=rows[r])
+            rows = rows if b.dtype == torch.float32 else rows.to(b.dtype)
+            out.update(zip(map(id, b.tensors), b.views(rows)))
+        return out
+
+    # ----- updates ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self, directions: Sequence[torch.Tensor], lrs: Sequence[float], weight_decays: Sequence[float]) -> bool:
+        """θ₀ ← θ₀ − lr·(d + wd·θ₀) per buffer (lr, wd of its group); write θ₀ into the model.
+
+        Returns ``False``, changing nothing, when any new value would be non-finite.
+        """
+        if not self.has_masters:
+            if not all(bool(torch.isfinite(d).all()) for d in directions):
+                return False
+            for b, d in zip(self.buffers, directions):
+                lr, wd = lrs[b.group], weight_decays[b.group]
+                if wd:
+                    torch._foreach_mul_(b.tensors, 1 - lr * wd)
+                torch._foreach_add_(b.tensors, b.views(d), alpha=-lr)
+            return True
+        new = []
+        for b, d in zip(self.buffers, directions):
+            lr, wd = lrs[b.group], weight_decays[b.group]
+            theta = b.master.mul(1 - lr * wd) if wd else b.master
+            new.append(torch.add(theta, d, alpha=-lr))
+        if not all(bool(torch.isfinite(v).all()) for v in new):
+            return False
+        for b, v in zip(self.buffers, new):
+            b.master.copy_(v)
+        self.restore()
+        return True
+
+    # ----- state -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sync_from_model(self) -> None:
+        """Re-read θ₀ from the model's tensors (after their weights were loaded)."""
+        for b in self.buffers:
+            if b.master is not None:
+                torch._foreach_copy_(b.views(b.master), [t.detach() for t in b.tensors])
+
+    @torch.no_grad()
+    def load_masters(self, masters: Sequence[torch.Tensor]) -> None:
+        """Set θ₀ from saved flat masters (:meth:`masters`) and write it into the model."""
+        for b, m in zip(self.buffers, masters):
+            if b.master is None or m.shape != b.master.shape:
+                raise ValueError("saved master weights do not match this optimizer's buffers")
+            b.master.copy_(m)
+        self.restore()
+
+    def masters(self) -> list[torch.Tensor]:
+        """Copies of the flat fp32 masters (empty without master weights)."""
+        return [b.master.clone() for b in self.buffers if b.master is not None]
+
+    def needs_saved_masters(self) -> bool:
+        """Whether the masters hold bits the model's own tensors cannot (fp16/bf16 tensors)."""
+        return self.has_masters and any(b.dtype != torch.float32 for b in self.buffers)
+
+    def fingerprint(self, *, model: bool = False) -> int:
+        """A checksum that changes with any bit of θ₀ (``model``: of the model's tensors as they are)."""
+        total = 0
+        for b in self.buffers:
+            flat = b.model_values() if model else b.values()
+            words = flat.view(torch.int32).to(torch.int64)
+            weights = torch.arange(words.numel(), device=words.device) % 7 + 1
+            total += (b.index + 1) * int((words * weights).sum().item())
+        return total & ((1 << 63) - 1)
+
+
+def _layout(groups: Sequence[Sequence[torch.Tensor]]) -> list[Buffer]:
+    """Buffers per (group, device, dtype) in first-seen order, each cut at :data:`MAX_BUFFER_NUMEL`."""
+    buffers: list[Buffer] = []
+    for g, tensors in enumerate(groups):
+        open_: dict[tuple[torch.device, torch.dtype], Buffer] = {}
+        for t in tensors:
+            key = (t.device, t.dtype)
+            b = open_.get(key)
+            if b is None or (b.numels and b.numel + t.numel() > MAX_BUFFER_NUMEL):
+                b = open_[key] = Buffer(len(buffers), g, t.device, t.dtype, [])
+                buffers.append(b)
+            b.tensors.append(t)
+            b.numels.append(t.numel())
+            b.numel += t.numel()
+    return buffers
+
