@@ -9,23 +9,24 @@ weights), and for a deep narrow model with LoRA on every linear layer (24 layers
 adapter tensors, batch 2x16: many tiny tensors, where per-tensor optimizer work would dominate),
 the time of one optimizer step is divided by the time of the forward passes it needs::
 
-    ratio = t(step) / (loss evaluations per step × t(one plain forward))
+    ratio = t(step) / (loss evaluations per step × t(one loss evaluation))
 
-A plain forward is the closure a user writes, ``model(**batch).loss`` under ``no_grad``.  The
+One loss evaluation is what the optimizers run per point, ``zopeft.loss_closure(model, batch)()``
+under ``no_grad`` (the model's own loss, projected onto the vocabulary only at labelled positions);
+the ``plain fwd`` column is the closure a user writes, ``model(**batch).loss``, for reference.  The
 floor of a step that evaluates its points one forward pass each is 1.0; what is above it is the
 optimizer's own work: drawing the seeded noise, writing perturbed weights and restoring them,
-computing the update (AdaMeZO rebuilds its moments from the last K noise tensors each step).
+computing the update (AdaMeZO rebuilds its moments from the last K noise vectors each step).
 
 Batched FZOO evaluates its N+1 points as replicas of the batch in few forward passes
 (:mod:`zopeft.batched`) and can go *below* 1.0: one large matmul over the shared frozen base uses
-the hardware better than N+1 small ones, a 4-bit weight is dequantized once per pass instead of
-N+1 times, and with answer-only labels (the label-word format) the vocabulary projection runs
-only at the labelled positions.  Where the batched path does not apply (full-parameter ZO) it
-falls back to the sequential loop; the ``batched`` column says which path ran.
+the hardware better than N+1 small ones, and a 4-bit weight is dequantized once per pass instead
+of N+1 times.  Where the batched path does not apply (full-parameter ZO) it falls back to the
+sequential loop; the ``path`` column says which path ran.
 
 The model stays fixed (lr = 0: the step's work is done, the update is zero).  Steps of all
-optimizers alternate within each round (with three plain forwards) so that machine load affects
-them alike; the table shows medians over the rounds after a warm-up round.
+optimizers alternate within each round (with three forwards of each kind) so that machine load
+affects them alike; the table shows medians over the rounds after a warm-up round.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ COLUMNS: list[common.Column] = [
     ("model", "model", ""), ("adapter", "adapter", ""), ("quant", "quant", ""), ("batch", "batch", ""),
     ("optimizer", "optimizer", ""),
     ("path", "path", ""), ("evals/step", "evaluations_per_step", "d"), ("fwd s", "forward_s", ".4f"),
+    ("plain fwd s", "plain_forward_s", ".4f"),
     ("step s", "step_s", ".4f"), ("ratio", "ratio", ".2f"), ("overhead s", "overhead_s", ".4f"),
 ]
 
@@ -69,25 +71,29 @@ def optimizers(model: torch.nn.Module) -> dict[str, Any]:
 def measure(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int, device: torch.device
 ) -> list[dict[str, Any]]:
-    """Median seconds of a plain forward and of each optimizer's step; one row per optimizer."""
+    """Median seconds of one loss evaluation, a plain forward and each optimizer's step; one row per optimizer."""
     from zopeft.batched import batched_support, loss_closure
 
     opts = optimizers(model)
 
     @torch.no_grad()
-    def forward() -> None:
+    def forward() -> None:  # one loss evaluation, as the optimizers run it
+        float(loss_closure(model, batch)())
+
+    @torch.no_grad()
+    def plain() -> None:  # the closure a user writes
         model(**batch).loss.item()
 
-    actions: dict[str, Callable[[], Any]] = {"forward": forward}
+    actions: dict[str, Callable[[], Any]] = {"forward": forward, "plain": plain}
     actions.update({name: (lambda o=opt: o.step(loss_closure(model, batch))) for name, opt in opts.items()})
     times: dict[str, list[float]] = {name: [] for name in actions}
     for i in range(repeats + 1):  # round 0 warms up
         for name, action in actions.items():
-            for _ in range(FORWARDS_PER_ROUND if name == "forward" else 1):
+            for _ in range(FORWARDS_PER_ROUND if name in ("forward", "plain") else 1):
                 dt = common.timed(action, device)
                 if i:
                     times[name].append(dt)
-    t_fwd = common.median(times["forward"])
+    t_fwd, t_plain = common.median(times["forward"]), common.median(times["plain"])
     rows = []
     for name, opt in opts.items():
         evals = len(opt.evaluations())
@@ -99,6 +105,7 @@ def measure(
             "sequential_reason": reason,
             "evaluations_per_step": evals,
             "forward_s": t_fwd,
+            "plain_forward_s": t_plain,
             "step_s": t_step,
             "ratio": t_step / (evals * t_fwd),
             "overhead_s": t_step - evals * t_fwd,
@@ -160,8 +167,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch": {"batch_size": batch_size, "length": args.length, "labels": args.labels},
         "optimizers": {"eps": ZO_EPS, "lr": 0.0, "fzoo_n_perturbations": N_PERTURBATIONS, "adamezo_window": "default (10)"},
         "repeats": repeats,
-        "definition": "ratio = median step seconds / (loss evaluations per step x median plain-forward seconds); "
-                      "1.0 = the step costs exactly its forward passes",
+        "definition": "ratio = median step seconds / (loss evaluations per step x median seconds of one loss "
+                      "evaluation, zopeft.loss_closure(model, batch)()); 1.0 = the step costs exactly its forward "
+                      "passes. plain fwd = model(**batch).loss (the vocabulary projection at every position)",
         "table": table.text(),
         "results": table.rows,
         "skipped": skipped,

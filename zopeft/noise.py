@@ -15,6 +15,8 @@ stream per tensor; states and step logs of that format cannot be continued.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["NOISE_FORMAT", "NOISE_KINDS", "draw_noise", "noise_key"]
@@ -23,6 +25,7 @@ NOISE_FORMAT = 2
 NOISE_KINDS = ("rademacher", "gaussian")
 _MASK64 = (1 << 64) - 1
 _generators: dict[torch.device, torch.Generator] = {}
+_shifts: dict[torch.device, torch.Tensor] = {}
 
 
 def _splitmix64(x: int) -> int:
@@ -47,19 +50,32 @@ def _generator(device: torch.device) -> torch.Generator:
     return gen
 
 
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    shifts = _shifts.get(device)
+    if shifts is None:
+        shifts = _shifts[device] = torch.arange(8, dtype=torch.uint8, device=device)
+    return shifts
+
+
 def draw_noise(
     shape: torch.Size | tuple[int, ...],
     key: int,
     device: torch.device | str,
     kind: str = "rademacher",
 ) -> torch.Tensor:
-    """Draw the fp32 noise for ``key`` on ``device``: Rademacher (±1) or standard Gaussian."""
+    """Draw the fp32 noise for ``key`` on ``device``: Rademacher (±1) or standard Gaussian.
+
+    Rademacher signs are the bits of random bytes, eight per draw of the generator (a CPU
+    generator costs a few ns per number, so this is several times faster than one number per sign).
+    """
     device = torch.device(device)
     gen = _generator(device)
     gen.manual_seed(key)
     if kind == "rademacher":
-        bits = torch.randint(0, 2, shape, generator=gen, device=device, dtype=torch.float32)
-        return bits.mul_(2).sub_(1)
+        n = math.prod(shape)
+        packed = torch.randint(0, 256, ((n + 7) // 8,), generator=gen, device=device, dtype=torch.uint8)
+        bits = packed.unsqueeze(1).bitwise_right_shift(_bit_shifts(device)).bitwise_and_(1).view(-1)[:n]
+        return bits.view(torch.int8).mul(2).sub_(1).to(torch.float32).view(shape)
     if kind == "gaussian":
         return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
     raise ValueError(f"unknown noise {kind!r}; choose one of {', '.join(NOISE_KINDS)}")

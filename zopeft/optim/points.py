@@ -20,6 +20,8 @@ subtracted from the tensors in place, which is not bit-exact.
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,10 +32,18 @@ from ..noise import NOISE_KINDS, draw_noise, noise_key
 
 __all__ = ["MAX_BUFFER_NUMEL", "Buffer", "Point", "Points"]
 
+_FP32_MAX = torch.finfo(torch.float32).max
+
 MAX_BUFFER_NUMEL = 1 << 26
 """A buffer holds at most this many elements (256 MiB of fp32) unless one tensor alone is larger.
 
 Part of the noise format: changing it changes which noise every tensor sees."""
+SCRATCH_NUMEL = 1 << 22
+"""Buffers up to this size (adapters) keep a reusable point vector, so that writing a point creates
+no tensors (per-tensor views cost Python time that matters with hundreds of small tensors)."""
+NOISE_CACHE_BYTES = 64 << 20
+"""Noise vectors of up to this many bytes in all are kept for reuse within and across steps (MeZO
+draws z once a step instead of three times, FZOO's update reuses its N draws, AdaMeZO its window)."""
 
 Point = tuple[int, float] | None
 """A point: ``(perturbation index k, scale s)`` for θ₀ + s·ε·z_k, or ``None`` for θ₀."""
@@ -48,9 +58,19 @@ class Buffer:
     device: torch.device
     dtype: torch.dtype
     tensors: list[torch.Tensor]
-    master: torch.Tensor | None = None  # fp32 θ₀ (None without master weights)
     numels: list[int] = field(default_factory=list)
     numel: int = 0
+    master: torch.Tensor | None = None  # fp32 θ₀ (None without master weights)
+    master_views: list[torch.Tensor] = field(default_factory=list)
+    scratch: torch.Tensor | None = None  # a small buffer's reusable point, with its views cached
+    scratch_views: list[torch.Tensor] = field(default_factory=list)
+
+    def set_master(self, values: torch.Tensor) -> None:
+        """Own ``values`` (flat fp32) as θ₀; a small buffer also gets a scratch vector for its points."""
+        self.master, self.master_views = values, self.views(values)
+        if self.numel <= SCRATCH_NUMEL:
+            self.scratch = torch.empty_like(values)
+            self.scratch_views = self.views(self.scratch)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """``flat[..., P]`` cut into per-tensor views ``[..., *shape]`` (no copy)."""
@@ -95,8 +115,9 @@ class Points:
         self.buffers = _layout(groups)
         if master_weights:
             for b in self.buffers:
-                b.master = b.model_values()
+                b.set_master(b.model_values())
         self._applied: list[tuple[list[torch.Tensor], float]] = []  # in-place mode: noise currently on θ
+        self._noise: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()  # recent draws, LRU
         self.draws = 0  # noise vectors drawn so far (one per buffer and perturbation)
 
     @property
@@ -113,17 +134,29 @@ class Points:
 
     # ----- noise -----------------------------------------------------------------------------
     def noise_at(self, step: int, perturbation: int, buffer: Buffer) -> torch.Tensor:
-        """The flat fp32 noise z of ``buffer`` at ``(step, perturbation)``, on its device."""
+        """The flat fp32 noise z of ``buffer`` at ``(step, perturbation)``, on its device (do not modify it)."""
+        cache_key = (self.seed, self.noise, step, perturbation, buffer.index)
+        z = self._noise.get(cache_key)
+        if z is not None:
+            self._noise.move_to_end(cache_key)
+            return z
         self.draws += 1
         key = noise_key(self.seed, step, perturbation, buffer.index)
-        return draw_noise((buffer.numel,), key, buffer.device, self.noise)
+        z = draw_noise((buffer.numel,), key, buffer.device, self.noise)
+        size = 4 * buffer.numel
+        if size <= NOISE_CACHE_BYTES:
+            self._noise[cache_key] = z
+            while len(self._noise) * size > NOISE_CACHE_BYTES and len(self._noise) > 1:  # drop the oldest
+                self._noise.popitem(last=False)
+        return z
 
     def combination(self, step: int, buffer: Buffer, coefficients: Sequence[tuple[int, float]]) -> torch.Tensor:
-        """Σ c_k·z_k over ``(k, c_k)`` for ``buffer`` at ``step`` (flat fp32)."""
-        total = torch.zeros(buffer.numel, dtype=torch.float32, device=buffer.device)
+        """Σ c_k·z_k over ``(k, c_k)`` for ``buffer`` at ``step`` (a new flat fp32 vector)."""
+        total: torch.Tensor | None = None
         for k, c in coefficients:
-            total.add_(self.noise_at(step, k, buffer), alpha=c)
-        return total
+            z = self.noise_at(step, k, buffer)
+            total = z * c if total is None else total.add_(z, alpha=c)
+        return torch.zeros(buffer.numel, device=buffer.device) if total is None else total
 
     # ----- points ----------------------------------------------------------------------------
     def point_values(
@@ -150,14 +183,15 @@ class Points:
                 self._applied.append((noises, scale * self.eps))
             return
         for b in self.buffers:
-            torch._foreach_copy_(b.tensors, b.views(self.point_values(step, point, b)))
+            values = self.point_values(step, point, b, out=b.scratch)
+            torch._foreach_copy_(b.tensors, b.scratch_views if b.scratch is not None else b.views(values))
 
     @torch.no_grad()
     def restore(self) -> None:
         """Return the tensors to θ₀ (bit-exact with masters)."""
         if self.has_masters:
             for b in self.buffers:
-                torch._foreach_copy_(b.tensors, b.views(b.master))
+                torch._foreach_copy_(b.tensors, b.master_views)
             return
         for noises, alpha in reversed(self._applied):
             for b, z in zip(self.buffers, noises):
@@ -186,10 +220,13 @@ class Points:
     def apply(self, directions: Sequence[torch.Tensor], lrs: Sequence[float], weight_decays: Sequence[float]) -> bool:
         """θ₀ ← θ₀ − lr·(d + wd·θ₀) per buffer (lr, wd of its group); write θ₀ into the model.
 
-        Returns ``False``, changing nothing, when any new value would be non-finite.
+        ``directions`` (one flat fp32 vector per buffer) are consumed.  Returns ``False``,
+        changing nothing, when any new value would be non-finite (in-place mode: any direction).
         """
+        if not all(abs(lr) <= _FP32_MAX and abs(lr * wd) <= _FP32_MAX for lr, wd in zip(lrs, weight_decays)):
+            return False
         if not self.has_masters:
-            if not all(bool(torch.isfinite(d).all()) for d in directions):
+            if not all(_all_finite(d) for d in directions):
                 return False
             for b, d in zip(self.buffers, directions):
                 lr, wd = lrs[b.group], weight_decays[b.group]
@@ -197,15 +234,15 @@ class Points:
                     torch._foreach_mul_(b.tensors, 1 - lr * wd)
                 torch._foreach_add_(b.tensors, b.views(d), alpha=-lr)
             return True
-        new = []
         for b, d in zip(self.buffers, directions):
             lr, wd = lrs[b.group], weight_decays[b.group]
-            theta = b.master.mul(1 - lr * wd) if wd else b.master
-            new.append(torch.add(theta, d, alpha=-lr))
-        if not all(bool(torch.isfinite(v).all()) for v in new):
+            if wd:
+                d.add_(b.master, alpha=wd)
+            torch.sub(b.master, d, alpha=lr, out=d)  # d now holds the new θ₀
+        if not all(_all_finite(d) for d in directions):
             return False
-        for b, v in zip(self.buffers, new):
-            b.master.copy_(v)
+        for b, new in zip(self.buffers, directions):
+            b.master.copy_(new)
         self.restore()
         return True
 
@@ -215,7 +252,7 @@ class Points:
         """Re-read θ₀ from the model's tensors (after their weights were loaded)."""
         for b in self.buffers:
             if b.master is not None:
-                torch._foreach_copy_(b.views(b.master), [t.detach() for t in b.tensors])
+                torch._foreach_copy_(b.master_views, [t.detach() for t in b.tensors])
 
     @torch.no_grad()
     def load_masters(self, masters: Sequence[torch.Tensor]) -> None:
@@ -243,6 +280,11 @@ class Points:
             weights = torch.arange(words.numel(), device=words.device) % 7 + 1
             total += (b.index + 1) * int((words * weights).sum().item())
         return total & ((1 << 63) - 1)
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of ``x`` is finite: its fp32 sum is (one read; NaN and ±inf propagate)."""
+    return math.isfinite(float(x.sum()))
 
 
 def _layout(groups: Sequence[Sequence[torch.Tensor]]) -> list[Buffer]:
