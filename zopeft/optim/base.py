@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..batched import log_evaluation_path
-from ..bnb_cpu import use_exact_4bit_cpu_path
+from ..bnb_cpu import require_exact_4bit_cpu_path
 from ..distributed import ZOComm
 from ..noise import NOISE_KINDS, draw_noise, noise_key
 
@@ -111,7 +111,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown noise {noise!r}; choose one of {', '.join(NOISE_KINDS)}")
         self._module = params if isinstance(params, nn.Module) else None
         if self._module is not None:
-            use_exact_4bit_cpu_path(self._module)
+            require_exact_4bit_cpu_path(self._module)
         super().__init__(_trainable_groups(params), dict(lr=lr, weight_decay=weight_decay, **defaults))
         if perturbation_batch_size is not None and perturbation_batch_size < 1:
             raise ValueError(f"perturbation_batch_size must be >= 1, got {perturbation_batch_size}")
