@@ -17,8 +17,6 @@ from transformers import (
     OPTConfig,
 )
 
-from zopeft.bnb_cpu import use_exact_4bit_cpu_path
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -60,10 +58,7 @@ def tiny_model(arch: str = "llama", quant: str | None = None) -> torch.nn.Module
     auto = AutoModelForSequenceClassification if arch == "bert" else AutoModelForCausalLM
     q = QUANT[quant]
     kwargs = {"quantization_config": q(), "device_map": "cpu"} if q else {}
-    model = auto.from_pretrained(saved_tiny_model(arch), dtype=torch.float32, **kwargs)
-    if q:  # as zopeft's loaders and optimizers do: no bf16 repacking of 4-bit weights on the CPU
-        use_exact_4bit_cpu_path(model)
-    return model
+    return auto.from_pretrained(saved_tiny_model(arch), dtype=torch.float32, **kwargs)
 
 
 def fixed_batch(arch: str = "llama", batch: int = 4, length: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:

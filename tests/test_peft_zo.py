@@ -5,7 +5,6 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from bitsandbytes.functional import has_avx512bf16
 from conftest import fixed_batch, tiny_model
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
@@ -107,28 +106,3 @@ def test_step_runs_the_model_in_eval_mode_and_restores_train_mode():
     opt = zopeft.MeZO(model, lr=1e-3)
     opt.step(lambda: (modes.append(model.training), model(**batch).loss)[1])
     assert modes == [False, False] and model.training
-
-
-def test_4bit_layers_are_put_back_on_the_exact_cpu_path():
-    """bitsandbytes' AVX512-BF16 repacking (bf16 activations and scales) is undone and kept off by the optimizer."""
-    from bitsandbytes.nn.modules import Linear4bit
-
-    if not has_avx512bf16():
-        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
-    model = peft_model("llama", "lora", "nf4")  # loaded as zopeft loads: never repacked
-    batch = fixed_batch("llama")
-    with torch.no_grad():
-        exact = model(**batch).loss
-    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    for m in layers:
-        m.support_avx512bf16_for_cpu = True
-    with torch.no_grad():
-        repacked = model(**batch).loss  # eval mode, no grad: bitsandbytes repacks
-    assert all(m.weight.quant_state.packing_format_for_cpu for m in layers) and not torch.equal(repacked, exact)
-    zopeft.FZOO(model)
-    assert not any(m.support_avx512bf16_for_cpu or m.weight.quant_state.packing_format_for_cpu for m in layers)
-    with torch.no_grad():
-        again = model(**batch).loss
-    # the repacking rounded the block scales to bf16 for good: close to the exact loss, not equal
-    assert not any(m.weight.quant_state.packing_format_for_cpu for m in layers)
-    torch.testing.assert_close(again, exact, rtol=1e-3, atol=0)

@@ -26,7 +26,7 @@ def test_fzoo_lowers_the_loss_of_smollm2_in_4bit_with_lora():
     model.eval()
     with torch.no_grad():
         before = model(**batch).loss.item()
-    # after the first inference forward: bitsandbytes may repack 4-bit weights for its CPU kernel then
+    # the 4-bit bytes as loaded: the forward above did not repack them (zopeft/bnb_cpu.py)
     packed = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
     assert packed, "the base should be 4-bit"
     opt = zopeft.FZOO(model, lr=1e-2, eps=1e-3, n_perturbations=4, seed=0)

@@ -27,7 +27,6 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .bnb_cpu import use_exact_4bit_cpu_path
 from .checkpoint import atomic_directory
 
 __all__ = [
@@ -169,7 +168,6 @@ def load_base_model(spec: ModelSpec, *, quantize: bool = True) -> PreTrainedMode
         model.config.pad_token_id = model.config.eos_token_id if model.config.eos_token_id is not None else 0
     if quantize and spec.quantization_bit:
         _release_checkpoint(model)
-        use_exact_4bit_cpu_path(model)
     return model
 
 

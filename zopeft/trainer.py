@@ -9,6 +9,7 @@ import torch
 from transformers import Trainer
 
 from .batched import loss_closure
+from .bnb_cpu import require_exact_4bit_cpu_path
 from .optim.base import ZOOptimizer
 from .registry import get_optimizer
 
@@ -35,6 +36,7 @@ class ZOTrainer(Trainer):
         self, *args: Any, zo_optimizer: str | ZOOptimizer = "fzoo", zo_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
+        require_exact_4bit_cpu_path(self.model)
         self.zo_optimizer = zo_optimizer
         self.zo_kwargs = dict(zo_kwargs or {})
 

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypedDict
 
 import torch
 from torch import nn
 
-from ..bnb_cpu import use_exact_4bit_cpu_path
+from ..bnb_cpu import require_exact_4bit_cpu_path
 from ..distributed import ZOComm
 from ..noise import NOISE_FORMAT
 from .evaluation_log import report_path
@@ -121,7 +122,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"sync_check_steps must be >= 0, got {sync_check_steps}")
         self._module = params if isinstance(params, nn.Module) else None
         if self._module is not None:
-            use_exact_4bit_cpu_path(self._module)
+            require_exact_4bit_cpu_path(self._module)
         super().__init__(_trainable_groups(params), dict(lr=lr, weight_decay=weight_decay, **defaults))
         self.points = Points(
             [g["params"] for g in self.param_groups], eps=eps, seed=seed, noise=noise, master_weights=master_weights
@@ -138,6 +139,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._pending_count = 0
         self.last_stats: dict[str, Any] = {}
         self.step_log: list[StepRecord] = []
+        self._owned: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
     # ----- what a method defines -------------------------------------------------------------
     def evaluations(self) -> list[Evaluation]:
@@ -331,9 +333,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         return losses + [math.nan] * (len(evaluations) - evaluated), evaluated
 
     def _owns(self, model: nn.Module) -> bool:
-        """Whether the trainable tensors are parameters of ``model``."""
-        first = self.points.tensors[0]
-        return any(p is first for p in model.parameters())
+        """Whether the trainable tensors are parameters of ``model`` (checked once per model, with its 4-bit layers)."""
+        owned = self._owned.get(model)
+        if owned is None:
+            first = self.points.tensors[0]
+            owned = self._owned[model] = any(p is first for p in model.parameters())
+            if owned:
+                require_exact_4bit_cpu_path(model)
+        return owned
 
     # ----- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

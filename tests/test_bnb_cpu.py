@@ -1,0 +1,158 @@
+"""bitsandbytes' 4-bit CPU layers stay exact whatever the order of forwards, optimizers and trainers.
+
+On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight for a bf16 kernel at its first eval
+forward without gradients, and its inverse does not restore the block scales.  Train mode
+never repacks, so a train-mode forward is the exact reference (no dropout in these models).
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from bitsandbytes.functional import has_avx512bf16
+from conftest import fixed_batch, tiny_model
+from peft import LoraConfig, get_peft_model
+from transformers import TrainingArguments
+
+import zopeft
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = {
+    "module": lambda model: model,
+    "tensors": lambda model: [p for p in model.parameters() if p.requires_grad],
+    "param groups": lambda model: [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-2}],
+}
+needs_avx512bf16 = pytest.mark.skipif(not has_avx512bf16(), reason="no AVX512-BF16: bitsandbytes never repacks here")
+
+
+def lora_model() -> torch.nn.Module:
+    base = tiny_model("llama", "nf4")
+    torch.manual_seed(0)  # the adapter's initialisation (after the first tiny_model call, which seeds and draws)
+    return get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+
+
+def logits(model: torch.nn.Module, batch: dict, *, train: bool) -> torch.Tensor:
+    model.train(train)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def quantized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every 4-bit layer's packed weight and quantization state (block scales, codebook), as saved."""
+    return {
+        f"{name}.{key}": value.clone()
+        for name, layer in model.named_modules() if isinstance(layer, bnb.nn.Linear4bit)
+        for key, value in {"weight": layer.weight.data, **layer.weight.quant_state.as_dict(packed=True)}.items()
+    }
+
+
+def fzoo_step(model: torch.nn.Module, params, batch: dict) -> tuple[list[float], torch.Tensor]:
+    """One FZOO step in eval mode; its losses and the eval-mode logits after it."""
+    opt = zopeft.FZOO(params, lr=1e-2, eps=1e-3, n_perturbations=2, seed=0)
+    model.eval()
+    opt.step(lambda: model(**batch).loss)
+    return opt.step_log[-1]["losses"], logits(model, batch, train=False)
+
+
+@functools.cache
+def safe_order() -> tuple[list[float], torch.Tensor]:
+    """The order that was always exact: optimizer from the module before any forward."""
+    model = lora_model()
+    return fzoo_step(model, model, fixed_batch())
+
+
+@pytest.mark.parametrize("forward_first", [False, True], ids=["optimizer first", "forward first"])
+@pytest.mark.parametrize("params", PARAMS)
+def test_same_logits_and_step_whatever_the_order(forward_first, params):
+    model, batch = lora_model(), fixed_batch()
+    exact = logits(model, batch, train=True)
+    stored = quantized_state(model)
+    if forward_first:  # a user's baseline evaluation
+        assert torch.equal(logits(model, batch, train=False), exact)
+    losses, after = fzoo_step(model, PARAMS[params](model), batch)
+    assert losses == safe_order()[0]
+    assert torch.equal(after, safe_order()[1])
+    assert torch.equal(after, logits(model, batch, train=True))
+    now = quantized_state(model)
+    assert now.keys() == stored.keys() and all(torch.equal(stored[k], v) for k, v in now.items())
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, batch: dict) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch["input_ids"])
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+def test_trainer_evaluate_before_training_changes_nothing(tmp_path):
+    def run(evaluate_first: bool) -> tuple[list[float], list]:
+        model = lora_model()
+        data = Rows(fixed_batch(batch=4))
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                 per_device_eval_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True, seed=0)
+        trainer = zopeft.ZOTrainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                                   zo_kwargs={"eps": 1e-3, "n_perturbations": 2})
+        evals = [trainer.evaluate()["eval_loss"]] if evaluate_first else []
+        trainer.create_optimizer()
+        evals.append(trainer.evaluate()["eval_loss"])
+        trainer.train()
+        return evals + [trainer.evaluate()["eval_loss"]], trainer.zo_optimizer.step_log
+
+    (before, built, trained), log = run(evaluate_first=True)
+    (safe_built, safe_trained), safe_log = run(evaluate_first=False)
+    assert before == built == safe_built
+    assert log == safe_log and trained == safe_trained
+
+
+def run_python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@needs_avx512bf16
+def test_bitsandbytes_imported_after_the_module_never_repacks():
+    """The patch waits for ``import bitsandbytes`` and survives a ``find_spec`` probe (as transformers probes)."""
+    out = run_python(
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('bnb_cpu', 'zopeft/bnb_cpu.py')\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "assert 'torch' not in sys.modules and 'bitsandbytes' not in sys.modules\n"
+        "assert importlib.util.find_spec('bitsandbytes') is not None\n"
+        "import torch, bitsandbytes as bnb\n"
+        "layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type='nf4').to('cpu').eval()\n"
+        "with torch.no_grad():\n"
+        "    layer(torch.randn(2, 64))\n"
+        "print(getattr(layer.weight.quant_state, 'packing_format_for_cpu', False))\n"
+    )
+    assert out.strip() == "False"
+
+
+class ShippedLinear4bit(bnb.nn.Linear4bit):
+    """``Linear4bit`` as bitsandbytes ships it: a plain class attribute hides zopeft's ``False``."""
+
+    support_avx512bf16_for_cpu = True
+
+
+@needs_avx512bf16
+def test_a_layer_repacked_before_zopeft_saw_it_is_refused(tmp_path):
+    layer = ShippedLinear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to("cpu").eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 64))  # bitsandbytes' repack, as before zopeft was imported
+    assert layer.weight.quant_state.packing_format_for_cpu
+    model = torch.nn.Sequential(layer, torch.nn.Linear(64, 1))
+    message = "repacked the 4-bit layer '0' .* import zopeft before loading the model, then load it again$"
+    with pytest.raises(RuntimeError, match=message):
+        zopeft.MeZO(model, lr=1e-3)
+    with pytest.raises(RuntimeError, match=message):
+        zopeft.ZOTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
