@@ -45,7 +45,8 @@ FULL_4BIT = "full-parameter ZO cannot train a 4-bit base"
 ZO_EPS = 1e-3
 DEEP_NARROW = {"model": "deep-narrow", "adapter": "lora-all", "batch": 2, "length": 16}
 COLUMNS: list[common.Column] = [
-    ("model", "model", ""), ("adapter", "adapter", ""), ("quant", "quant", ""), ("batch", "batch", ""),
+    ("model", "model", ""), ("adapter", "adapter", ""), ("tensors", "tensors", "d"), ("quant", "quant", ""),
+    ("batch", "batch", ""),
     ("optimizer", "optimizer", ""),
     ("path", "path", ""), ("evals/step", "evaluations_per_step", "d"), ("fwd s", "forward_s", ".4f"),
     ("plain fwd s", "plain_forward_s", ".4f"),
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch = common.token_batch(rows, length, common.vocab_size(model), device, labels=args.labels)
         tensors = len(common.trainable(model))
         for row in measure(model, batch, repeats, device):
-            table.add({"model": model_size, "adapter": f"{adapter} ({tensors} tensors)", "quant": quant or "none",
+            table.add({"model": model_size, "adapter": adapter, "tensors": tensors, "quant": quant or "none",
                        "batch": f"{rows}x{length}", **row})
         del model
     result = {

@@ -69,8 +69,9 @@ def test_anatomy(tmp_path: Path) -> None:
     data = _load(result)
     assert Path(result["json"]).name == "anatomy_cpu_quick.json"
     rows = {(r["adapter"], r["quant"], r["optimizer"]): r for r in data["results"]}
-    assert set(rows) == {(a, q, o) for a, q in [("lora", "none"), ("full", "none"), ("lora", "nf4")]
+    assert set(rows) == {(a, q, o) for a, q in [("lora", "none"), ("full", "none"), ("lora", "nf4"), ("lora-all", "none")]
                          for o in ("mezo", "adamezo", "fzoo-sequential", "fzoo-batched")}
+    assert rows[("lora-all", "none", "mezo")]["tensors"] == 336 and rows[("lora-all", "none", "mezo")]["model"] == "deep-narrow"
     assert data["skipped"] == [{"adapter": "full", "quant": "nf4", "reason": bench_anatomy.FULL_4BIT}]
     for row in rows.values():
         assert row["ratio"] > 0 and row["forward_s"] > 0 and row["step_s"] > 0
