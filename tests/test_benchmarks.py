@@ -131,7 +131,7 @@ def test_mezo_package_noise_check() -> None:
 
 
 def test_convergence(tmp_path: Path) -> None:
-    argv = _args(tmp_path, "--quick", "--model", "tiny", "--optimizers", "mezo,fzoo,adamw", "--budget", "4",
+    argv = _args(tmp_path, "--quick", "--model", "tiny", "--optimizers", "mezo,fzoo,hizoo,adamw", "--budget", "4",
                  "--eval-every", "2", "--report-size", "8", "--grid", "mezo=1e-4,1e-3", "--tune-budget", "2",
                  "--tune-size", "8")
     result = bench_convergence.main(argv)
@@ -140,8 +140,9 @@ def test_convergence(tmp_path: Path) -> None:
     (tuning,) = data["tuning"]
     assert tuning["optimizer"] == "mezo" and tuning["chosen_lr"] in (1e-4, 1e-3)
     runs = {r["optimizer"]: r for r in data["runs"]}
-    # each run spends the budget in whole steps: MeZO 2 evaluations/step, FZOO 9, AdamW 3 equivalents
+    # each run spends the budget in whole steps: MeZO 2 evaluations/step, FZOO 9, HiZOO 3, AdamW 3 equivalents
     assert runs["mezo"]["forward_equivalents"] == 4 and runs["mezo"]["steps"] == 2
+    assert runs["hizoo"]["forward_equivalents"] == 6 and runs["hizoo"]["steps"] == 2
     assert runs["fzoo"]["forward_equivalents"] == 9 and runs["fzoo"]["steps"] == 1
     assert runs["adamw"]["forward_equivalents"] == 6 and runs["adamw"]["steps"] == 2
     for run in runs.values():
@@ -150,7 +151,7 @@ def test_convergence(tmp_path: Path) -> None:
         assert all(0 <= p["accuracy"] <= 1 and math.isfinite(p["loss"]) for p in run["curve"])
     target = data["tasks"]["sst2"]["target_accuracy"]
     assert target == pytest.approx(data["tasks"]["sst2"]["zero_shot"]["accuracy"] + 0.03)
-    assert {c["optimizer"] for c in data["comparison"]} == {"fzoo", "adamw"}
+    assert {c["optimizer"] for c in data["comparison"]} == {"fzoo", "hizoo", "adamw"}
 
     # --resume reuses every recorded run: the same results without training again
     log = Path(result["json"]).with_suffix(".runs.jsonl")

@@ -19,11 +19,12 @@ def quadratic(w: torch.Tensor) -> torch.Tensor:
 
 def make(name: str, seed: int = 0, **kw):
     w = torch.nn.Parameter(torch.zeros(6))
-    defaults = {"mezo": dict(lr=0.02), "fzoo": dict(lr=0.05), "adamezo": dict(lr=2e-4, window=4)}[name]
+    defaults = {"mezo": dict(lr=0.02), "fzoo": dict(lr=0.05), "adamezo": dict(lr=2e-4, window=4),
+                "hizoo": dict(lr=0.02, hessian_smooth=0.01)}[name]
     return w, zopeft.get_optimizer(name, [w], seed=seed, **{**defaults, **kw})
 
 
-@pytest.mark.parametrize("name", ["mezo", "fzoo", "adamezo"])
+@pytest.mark.parametrize("name", ["mezo", "fzoo", "adamezo", "hizoo"])
 def test_loss_decreases_on_quadratic(name):
     w, opt = make(name)
     start = quadratic(w).item()
@@ -125,7 +126,7 @@ def test_bf16_adapters_keep_an_fp32_master_so_small_updates_accumulate():
     assert "masters" in opt.state_dict()
 
 
-@pytest.mark.parametrize("name", ["mezo", "fzoo", "adamezo"])
+@pytest.mark.parametrize("name", ["mezo", "fzoo", "adamezo", "hizoo"])
 def test_same_seed_gives_bit_identical_weights(name):
     runs = []
     for _ in range(2):
@@ -140,7 +141,7 @@ def test_same_seed_gives_bit_identical_weights(name):
     assert not torch.equal(runs[0], w.detach())
 
 
-@pytest.mark.parametrize("name", ["mezo", "fzoo", "adamezo"])
+@pytest.mark.parametrize("name", ["mezo", "fzoo", "adamezo", "hizoo"])
 def test_state_dict_round_trip_continues_identically(name):
     w, opt = make(name, seed=3)
     for _ in range(6):
@@ -160,7 +161,7 @@ def test_state_dict_round_trip_continues_identically(name):
     assert opt2.forward_passes == opt.forward_passes
 
 
-@pytest.mark.parametrize("name", ["mezo", "fzoo", "adamezo"])
+@pytest.mark.parametrize("name", ["mezo", "fzoo", "adamezo", "hizoo"])
 def test_replay_from_step_log_rebuilds_the_run(name):
     w, opt = make(name, seed=5)
     for _ in range(10):
@@ -256,3 +257,45 @@ def test_register_optimizer_adds_to_registry():
 
     assert "halfmezo" in zopeft.available_optimizers()
     assert isinstance(zopeft.get_optimizer("HalfMeZO", [torch.nn.Parameter(torch.zeros(1))]), HalfMeZO)
+
+
+CURVATURE = torch.tensor([0.5, 1.0, 2.0, 4.0])
+
+
+def separable(w: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (CURVATURE * (w - 1) ** 2).sum()
+
+
+def test_hizoo_update_equals_hand_computation():
+    lr, eps, alpha, wd = 0.05, 1e-2, 0.1, 0.01
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = zopeft.HiZOO([w], lr=lr, eps=eps, hessian_smooth=alpha, weight_decay=wd)
+    assert opt.evaluations() == [None, (0, 1.0), (0, -1.0)]
+    w0 = w.detach().clone()
+    opt.step(lambda: separable(w))
+    z = draw_noise(w.shape, noise_key(0, 0, 0, 0), w.device, "gaussian")
+    l0, lp, lm = (separable(w0 + s * eps * z).item() for s in (0, 1, -1))  # Σ = 1 at the start
+    sigma = torch.clamp((1 - alpha) + alpha * (lp + lm - 2 * l0) / (2 * eps**2) * (z * z - 1), min=1e-8)
+    g = (lp - lm) / (2 * eps)
+    torch.testing.assert_close(opt.curvature[0], sigma, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.detach(), w0 - lr * (g * z / sigma.sqrt() + wd * w0), rtol=1e-4, atol=1e-6)
+    assert opt.forward_passes == 3 and "curvature" in opt.state_dict()["extra"]
+
+
+def test_hizoo_curvature_converges_to_the_diagonal_of_a_separable_quadratic():
+    """The estimate is unbiased but heavy-tailed (its noise scales with the other coordinates' curvature):
+    time-averaged over 6000 steps it is within 20% of each entry (8-17% over seeds 0-5)."""
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = zopeft.HiZOO([w], lr=0.0, eps=1e-2, hessian_smooth=0.003, seed=1)
+    history = []
+    for _ in range(8000):
+        opt.step(lambda: separable(w))
+        history.append(opt.curvature[0].clone())
+    estimate = torch.stack(history[2000:]).mean(0)
+    torch.testing.assert_close(estimate, CURVATURE, rtol=0.2, atol=0)
+    assert torch.equal(w.detach(), torch.zeros(4))  # lr = 0: the three evaluations restored exactly
+
+
+def test_hizoo_refuses_rademacher_noise():
+    with pytest.raises(ValueError, match="noise='gaussian'"):
+        zopeft.HiZOO([torch.nn.Parameter(torch.zeros(2))], noise="rademacher")

@@ -9,6 +9,8 @@ from .noise import draw_noise, noise_key
 from .optim.adamezo import AdaMeZO
 from .optim.base import StepRecord, ZOOptimizer
 from .optim.fzoo import FZOO
+from .optim.hizoo import HiZOO
+from .optim.hyperparameters import Setting, hyperparameters
 from .optim.mezo import MeZO
 from .registry import available_optimizers, get_optimizer, register_optimizer
 from .trainer import ZOTrainer
@@ -19,7 +21,9 @@ __all__ = [
     "AdaMeZO",
     "BatchedLoss",
     "FZOO",
+    "HiZOO",
     "MeZO",
+    "Setting",
     "StepRecord",
     "ZOOptimizer",
     "ZOTrainer",
@@ -27,6 +31,7 @@ __all__ = [
     "batched_support",
     "draw_noise",
     "get_optimizer",
+    "hyperparameters",
     "loss_closure",
     "noise_key",
     "register_optimizer",

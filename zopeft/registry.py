@@ -8,6 +8,7 @@ from typing import Any
 from .optim.adamezo import AdaMeZO
 from .optim.base import ZOOptimizer
 from .optim.fzoo import FZOO
+from .optim.hizoo import HiZOO
 from .optim.mezo import MeZO
 
 __all__ = ["available_optimizers", "get_optimizer", "register_optimizer"]
@@ -42,5 +43,5 @@ def get_optimizer(name: str, params: Any, **kwargs: Any) -> ZOOptimizer:
     return cls(params, **kwargs)
 
 
-for _name, _cls in (("mezo", MeZO), ("fzoo", FZOO), ("adamezo", AdaMeZO)):
+for _name, _cls in (("mezo", MeZO), ("fzoo", FZOO), ("adamezo", AdaMeZO), ("hizoo", HiZOO)):
     register_optimizer(_name, _cls)

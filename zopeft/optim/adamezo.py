@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from .base import StepRecord
-from .points import Buffer
+from .hyperparameters import Setting
 from .mezo import MeZO
+from .points import Buffer
 
 
 class AdaMeZO(MeZO):
@@ -42,6 +43,14 @@ class AdaMeZO(MeZO):
         moment_scale: factor on m (default 100, as the reference code).
         **kwargs: ``weight_decay``, ``noise``, ``seed``, ``master_weights``.
     """
+
+    settings = {
+        "window": Setting("K, past steps in the rebuilt moments", ge=1),
+        "beta1": Setting("first-moment decay", ge=0, lt=1),
+        "beta2": Setting("second-moment decay", ge=0, lt=1),
+        "delta": Setting("δ in the denominator", gt=0),
+        "moment_scale": Setting("factor on m (100 in the reference code)", gt=0),
+    }
 
     def __init__(
         self,

@@ -33,7 +33,9 @@ from torch import nn
 from ..bnb_cpu import require_exact_4bit_cpu_path
 from ..distributed import ZOComm
 from ..noise import NOISE_FORMAT
+from ..batched.memory import parse_memory
 from .evaluation_log import report_path
+from .hyperparameters import Setting
 from .points import Buffer, Point, Points
 
 __all__ = ["Evaluation", "StepRecord", "ZOOptimizer"]
@@ -92,6 +94,16 @@ class ZOOptimizer(torch.optim.Optimizer):
     """
 
     default_parallel = "data"
+    settings = {
+        "eps": Setting("perturbation scale ε", gt=0),
+        "noise": Setting("perturbation noise", choices=("rademacher", "gaussian")),
+        "master_weights": Setting("fp32 master copies: bit-exact restores, no drift of fp16/bf16 adapters"),
+        "batched": Setting("evaluate a step's points as replicas of the batch in few forward passes"),
+        "perturbation_batch_size": Setting("replicas per batched forward pass (None: from free memory)", ge=1),
+        "max_memory": Setting("peak memory the automatic replica count keeps under, e.g. 12GB", check=parse_memory),
+        "parallel": Setting("under torchrun: how ranks share a step", choices=("auto", "perturbation", "data")),
+        "sync_check_steps": Setting("under torchrun: compare replica checksums every k steps (0: never)", ge=0),
+    }
 
     def __init__(
         self,

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from .base import Evaluation, ZOOptimizer
+from .hyperparameters import Setting
 
 
 class FZOO(ZOOptimizer):
@@ -29,6 +30,8 @@ class FZOO(ZOOptimizer):
         **kwargs: ``weight_decay``, ``noise``, ``seed``, ``master_weights``,
             ``perturbation_batch_size`` (replicas per batched forward; default automatic).
     """
+
+    settings = {"n_perturbations": Setting("perturbations per step (N)", ge=2)}
 
     def __init__(
         self,

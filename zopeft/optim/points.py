@@ -119,6 +119,7 @@ class Points:
         self._applied: list[tuple[list[torch.Tensor], float]] = []  # in-place mode: noise currently on θ
         self._noise: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()  # recent draws, LRU
         self.draws = 0  # noise vectors drawn so far (one per buffer and perturbation)
+        self.perturbation_scale: list[torch.Tensor] | None = None  # per buffer: points move along scale ⊙ z
 
     @property
     def has_masters(self) -> bool:
@@ -150,6 +151,11 @@ class Points:
                 self._noise.popitem(last=False)
         return z
 
+    def perturbation(self, step: int, perturbation: int, buffer: Buffer) -> torch.Tensor:
+        """The direction u of a point: z, or ``perturbation_scale ⊙ z`` where a method sets a scale (HiZOO)."""
+        z = self.noise_at(step, perturbation, buffer)
+        return z if self.perturbation_scale is None else z * self.perturbation_scale[buffer.index]
+
     def combination(self, step: int, buffer: Buffer, coefficients: Sequence[tuple[int, float]]) -> torch.Tensor:
         """Σ c_k·z_k over ``(k, c_k)`` for ``buffer`` at ``step`` (a new flat fp32 vector)."""
         total: torch.Tensor | None = None
@@ -163,12 +169,12 @@ class Points:
         self, step: int, point: Point, buffer: Buffer, *, theta: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """θ₀ + s·ε·z_k of ``buffer`` as a flat fp32 vector (θ₀ itself for ``None``); ``theta``: θ₀ if known."""
+        """θ₀ + s·ε·u_k of ``buffer`` as a flat fp32 vector (θ₀ itself for ``None``); ``theta``: θ₀ if known."""
         theta = buffer.values() if theta is None else theta
         if point is None:
             return theta if out is None else out.copy_(theta)
         k, scale = point
-        return torch.add(theta, self.noise_at(step, k, buffer), alpha=scale * self.eps, out=out)
+        return torch.add(theta, self.perturbation(step, k, buffer), alpha=scale * self.eps, out=out)
 
     @torch.no_grad()
     def write(self, step: int, point: Point) -> None:
@@ -177,7 +183,7 @@ class Points:
             self.restore()
             if point is not None:
                 k, scale = point
-                noises = [self.noise_at(step, k, b) for b in self.buffers]
+                noises = [self.perturbation(step, k, b) for b in self.buffers]
                 for b, z in zip(self.buffers, noises):
                     torch._foreach_add_(b.tensors, b.views(z), alpha=scale * self.eps)
                 self._applied.append((noises, scale * self.eps))
