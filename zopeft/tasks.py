@@ -24,7 +24,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ALPACA_TEMPLATE", "TASK_KINDS", "Task", "build_task"]
+from .objectives import CandidateBatch
+
+__all__ = ["ALPACA_TEMPLATE", "TASK_KINDS", "Task", "build_task", "candidate_batch"]
 
 IGNORE = -100
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -240,6 +242,51 @@ def _score(model: torch.nn.Module, examples: list[_Example], pad_id: int, batch_
     return out
 
 
+def _candidate_batch(examples: list[_Example], pad_id: int, length_normalised: bool, shared: bool) -> CandidateBatch:
+    """Model inputs scoring every candidate of every example (see :class:`~zopeft.objectives.CandidateBatch`).
+
+    ``shared`` single-token candidates (label words): one row per example, scored at its answer
+    position on every candidate token; otherwise one row per (example, candidate).
+    """
+    gold = torch.tensor([ex.gold for ex in examples])
+    count = max(len(ex.candidates) for ex in examples)
+    if shared and all(len(c) == 1 for c in examples[0].candidates):
+        seqs = [ex.context + ex.candidates[ex.gold] for ex in examples]
+        targets = [[IGNORE] * len(ex.context) + ex.candidates[ex.gold] for ex in examples]
+        tokens = torch.tensor([c[0] for c in examples[0].candidates])
+        return CandidateBatch(_pad(seqs, targets, pad_id), gold, count, candidate_tokens=tokens)
+    pairs = [(e, c) for e, ex in enumerate(examples) for c in range(len(ex.candidates))]
+    seqs = [examples[e].context + examples[e].candidates[c] for e, c in pairs]
+    targets = [[IGNORE] * len(examples[e].context) + examples[e].candidates[c] for e, c in pairs]
+    return CandidateBatch(
+        _pad(seqs, targets, pad_id), gold, count, row_example=torch.tensor([e for e, _ in pairs]),
+        row_candidate=torch.tensor([c for _, c in pairs]), length_normalised=length_normalised,
+    )
+
+
+def candidate_batch(
+    tokenizer: Any, prompts: list[str], choices: list[str] | list[list[str]], gold: list[int], *,
+    cutoff_len: int = 256, length_normalised: bool = False,
+) -> CandidateBatch:
+    """A batch for :func:`zopeft.metric_closure` from prompts, their candidate continuations and gold indices.
+
+    ``choices``: one list of label words shared by every prompt (``[" bad", " good"]``), or a list
+    per prompt.  Continuations are appended to the prompt verbatim.  Candidates are ranked by
+    summed log-probability, or by its mean per token with ``length_normalised``.
+    """
+    if not prompts or len(prompts) != len(gold):
+        raise ValueError(f"candidate_batch: {len(prompts)} prompts and {len(gold)} gold indices")
+    shared = bool(choices) and isinstance(choices[0], str)
+    per_prompt = [choices] * len(prompts) if shared else choices
+    prefix = _special_prefix(tokenizer)
+    examples = []
+    for prompt, options, g in zip(prompts, per_prompt, gold):
+        if not 0 <= g < len(options):
+            raise ValueError(f"candidate_batch: gold index {g} is not one of the {len(options)} choices")
+        examples.append(_example(prefix, _encode(tokenizer, prompt), [_encode(tokenizer, o) for o in options], g, cutoff_len))
+    return _candidate_batch(examples, _pad_id(tokenizer), length_normalised, shared)
+
+
 @dataclass
 class _CandidateTask:
     """Shared by classification and multiple_choice: train on the gold continuation, eval by argmax."""
@@ -253,12 +300,20 @@ class _CandidateTask:
     def examples(self, records: list[dict], tokenizer: Any) -> list[_Example]:
         raise NotImplementedError
 
+    shared_candidates = False  # every record has the same candidates (label words)
+
     def collate(self, records: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         _check_records(records)
         examples = self.examples(records, tokenizer)
         seqs = [ex.context + ex.candidates[ex.gold] for ex in examples]
         targets = [[IGNORE] * len(ex.context) + ex.candidates[ex.gold] for ex in examples]
         return _pad(seqs, targets, _pad_id(tokenizer))
+
+    def candidate_batch(self, records: list[dict], tokenizer: Any) -> CandidateBatch:
+        """Every candidate's score of every record, for an objective (:func:`zopeft.metric_closure`)."""
+        _check_records(records)
+        examples = self.examples(records, tokenizer)
+        return _candidate_batch(examples, _pad_id(tokenizer), self.length_normalised, self.shared_candidates)
 
     def evaluate(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 16) -> dict[str, float]:
         _check_records(records)
@@ -283,6 +338,7 @@ class ClassificationTask(_CandidateTask):
 
     label_words: dict | list = field(default_factory=dict)
     kind = "classification"
+    shared_candidates = True
 
     def __post_init__(self) -> None:
         if not self.label_words:
@@ -446,6 +502,13 @@ class SequenceClassificationTask:
                 batch[name] = torch.tensor([list(v) + [pad] * (length - len(v)) for v in enc[name]])
         batch["labels"] = torch.tensor([_label_index(r, self.label_field, keys) for r in records])
         return batch
+
+    def candidate_batch(self, records: list[dict], tokenizer: Any) -> CandidateBatch:
+        """The batch with its classes as the candidates, for an objective (:func:`zopeft.metric_closure`)."""
+        batch = self.collate(records, tokenizer)
+        keys = _label_keys(self.label_words)
+        classes = len(keys) if keys is not None else int(batch["labels"].max()) + 1
+        return CandidateBatch(batch, batch["labels"], classes)
 
     def evaluate(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 16) -> dict[str, float]:
         _check_records(records)

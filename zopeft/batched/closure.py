@@ -11,13 +11,14 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..objectives import CandidateBatch, CandidateScores, Objective, resolve_objective
 from ..optim.evaluation_log import report_path
 from .adapters.base import Unsupported, applied
-from .loss import LossPlan, plan_loss
+from .loss import Criterion, LossPlan, plan_loss
 from .memory import parse_memory, replicas_per_pass
 from .plan import Plan, build_plan
 
-__all__ = ["BatchedLoss", "PointSource", "batched_support", "loss_closure"]
+__all__ = ["BatchedLoss", "MetricClosure", "PointSource", "batched_support", "loss_closure", "metric_closure"]
 
 logger = logging.getLogger("zopeft")
 _max_replicas: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()  # after an OOM
@@ -46,6 +47,24 @@ def loss_closure(model: nn.Module, batch: Mapping[str, Any], *, perturbation_bat
             automatic (see :mod:`zopeft.batched.memory`).
     """
     return BatchedLoss(model, batch, perturbation_batch_size=perturbation_batch_size)
+
+
+def metric_closure(
+    model: nn.Module, batch: CandidateBatch, objective: str | Objective = "accuracy", *,
+    perturbation_batch_size: int | None = None,
+) -> MetricClosure:
+    """A closure whose "loss" is an objective of the candidates' scores (see :mod:`zopeft.objectives`).
+
+    Like :func:`loss_closure`, its points are evaluated as replicas of the batch in few forward
+    passes where the model and adapter allow; the objective is computed per replica.
+
+    Args:
+        model: a causal LM (label words / answer choices) or a sequence classifier (classes).
+        batch: from :func:`zopeft.candidate_batch` or a task's ``candidate_batch``.
+        objective: ``"accuracy"``, ``"margin"``, ``"python:module:function"`` or a callable
+            ``(scores, gold) -> float`` to minimise.
+    """
+    return MetricClosure(model, batch, resolve_objective(objective), perturbation_batch_size=perturbation_batch_size)
 
 
 def batched_support(model: nn.Module, optimizer: PointSource, batch: Mapping[str, Any]) -> str | None:
@@ -89,6 +108,10 @@ class BatchedLoss:
             return self.model(**self.batch).loss  # nothing to save: the model computes the same
         loss = plan.losses(self.model, self._replicate(plan, 1), self.batch["labels"], 1)[0]
         return torch.tensor(loss)
+
+    def criterion(self, plan: LossPlan) -> Criterion | None:
+        """What each replica's value is computed from (``None``: the model's own loss)."""
+        return None
 
     def losses(self, optimizer: PointSource, evaluations: Sequence[Any]) -> list[float] | None:
         """The loss at each evaluation point, or ``None`` where unsupported (the caller runs the sequential loop).
@@ -174,4 +197,29 @@ class BatchedLoss:
         stack = optimizer.points.stack(optimizer.step_index, evaluations)
         inputs = self._replicate(plan.loss, replicas)
         with applied(plan.patches(stack, replicas)):
-            return plan.loss.losses(self.model, inputs, self.batch["labels"], replicas)
+            return plan.loss.losses(self.model, inputs, self.batch["labels"], replicas, self.criterion(plan.loss))
+
+
+class MetricClosure(BatchedLoss):
+    """An objective of the candidates' scores as a closure (see :func:`metric_closure`)."""
+
+    def __init__(
+        self, model: nn.Module, batch: CandidateBatch, objective: Objective, *, perturbation_batch_size: int | None = None
+    ) -> None:
+        super().__init__(model, batch.inputs, perturbation_batch_size=perturbation_batch_size)
+        self.candidates, self.objective = batch, objective
+
+    def __call__(self) -> torch.Tensor:
+        """The objective at the model's current weights (a 0-dim tensor)."""
+        try:
+            plan = plan_loss(self.model, self.batch)
+        except Unsupported as exc:
+            raise ValueError(f"a metric objective needs a causal LM or a sequence classifier batch: {exc}") from None
+        value = plan.losses(self.model, self._replicate(plan, 1), self.batch["labels"], 1, self.criterion(plan))[0]
+        return torch.tensor(value)
+
+    def criterion(self, plan: LossPlan) -> Criterion:
+        labels = self.batch["labels"]
+        if plan.kind == "seq_cls":
+            return CandidateScores(self.candidates, self.objective, labels, labels)
+        return CandidateScores(self.candidates, self.objective, plan.targets(labels), plan.label_rows(labels))

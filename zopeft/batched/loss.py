@@ -22,7 +22,7 @@ import math
 import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,9 @@ from torch import nn
 
 from .adapters.base import Patch, Unsupported, applied
 
-__all__ = ["HEAD_CHUNK_BYTES", "LossPlan", "plan_loss", "prompt_learning_type", "takes_logit_mask"]
+__all__ = [
+    "HEAD_CHUNK_BYTES", "Criterion", "CrossEntropy", "LossPlan", "plan_loss", "prompt_learning_type", "takes_logit_mask",
+]
 
 HEAD_CHUNK_BYTES = 256 << 20
 """Logit memory of one chunk of the LM head (all replicas together)."""
@@ -129,64 +131,119 @@ class LossPlan:
                 out["logits_to_keep"] = mask.repeat(replicas, 1) if replicas > 1 else mask
         return out
 
-    def losses(self, model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, replicas: int) -> list[float]:
-        """Run the model on ``inputs`` (R replicas) and return each replica's loss, reduced as the model's own."""
-        if self.head == "chunked":
-            return self._chunked_head(model, inputs, labels, replicas)
-        output = model(**inputs)
-        logits = getattr(output, "logits", None)
-        if not isinstance(logits, torch.Tensor):
-            raise Unsupported("the model output has no logits")
-        labels = labels.to(logits.device)
+    def label_rows(self, labels: torch.Tensor) -> torch.Tensor:
+        """The batch row of each label token, in the order of :meth:`targets`."""
+        return self.label_mask(labels)[:, :-1].nonzero()[:, 0]
+
+    def losses(
+        self, model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, replicas: int,
+        criterion: Criterion | None = None,
+    ) -> list[float]:
+        """Run the model on ``inputs`` (R replicas) and return each replica's value of ``criterion``.
+
+        The default criterion is the model's own loss: the mean cross-entropy of the label tokens
+        (causal LM), or the model's classification loss.  Causal-LM criteria see the logits of
+        the labelled positions only, a chunk of positions at a time (:class:`Criterion`).
+        """
         if self.kind == "seq_cls":
-            from transformers.loss.loss_utils import ForSequenceClassificationLoss
-
-            if logits.shape[0] != replicas * labels.shape[0]:
-                raise Unsupported(f"logits batch {logits.shape[0]} is not {replicas} x {labels.shape[0]}")
-            per = logits.view(replicas, labels.shape[0], *logits.shape[1:])
-            return [float(ForSequenceClassificationLoss(labels, per[r], self.base.config)) for r in range(replicas)]
-        loss_fn, vocab = self.base.loss_function, logits.shape[-1]
-        if self.head == "mask":  # logits (R·n, V) at the masked positions; targets already shifted
-            targets = self.targets(labels)
-            if not targets.numel():  # no label token: the mean over none, as the model's loss
-                return [math.nan] * replicas
-            if logits.dim() != 2 or logits.shape[0] != replicas * targets.numel():
+            return self._classes(model, inputs, labels, replicas, criterion)
+        device = next(p.device for p in self.base.parameters())
+        labels = labels.to(device)
+        criterion = criterion or CrossEntropy(self.targets(labels))
+        if self.head == "chunked":
+            self._chunked_head(model, inputs, criterion, replicas, self.targets(labels).numel())
+            return criterion.result(replicas)
+        logits = _logits(model(**inputs))
+        if self.head == "mask":  # (R·n, V) at the masked positions
+            n = self.targets(labels).numel()
+            if logits.dim() != 2 or logits.shape[0] != replicas * n:
                 raise Unsupported(f"logits_to_keep gave logits of shape {tuple(logits.shape)}")
-            per = logits.view(replicas, -1, vocab)
-            return [float(loss_fn(logits=per[r], labels=None, vocab_size=vocab, shift_labels=targets))
-                    for r in range(replicas)]
-        labels = self.extended_labels(labels)
-        if logits.shape[:2] != (replicas * labels.shape[0], labels.shape[1]):
-            raise Unsupported(f"logits of shape {tuple(logits.shape)} do not match {replicas} x labels {tuple(labels.shape)}")
-        per = logits.view(replicas, labels.shape[0], *logits.shape[1:])
-        return [float(loss_fn(logits=per[r], labels=labels, vocab_size=vocab)) for r in range(replicas)]
+            criterion.consume(logits.view(replicas, n, -1), 0)
+        else:  # (R·b, T', V) everywhere: take the labelled positions
+            mask = self.label_mask(labels)
+            if logits.shape[:2] != (replicas * mask.shape[0], mask.shape[1]):
+                raise Unsupported(f"logits of shape {tuple(logits.shape)} do not match {replicas} x {tuple(mask.shape)}")
+            criterion.consume(logits.view(replicas, *mask.shape, -1)[:, mask], 0)
+        return criterion.result(replicas)
 
-    def _chunked_head(self, model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, replicas: int) -> list[float]:
-        """Mean cross-entropy per replica, running the LM head on chunks of the labelled rows."""
-        head = self.base.get_output_embeddings()
-        targets = self.targets(labels.to(head.weight.device))
-        n = targets.numel()
+    def _classes(
+        self, model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, replicas: int, criterion: Criterion | None
+    ) -> list[float]:
+        """Sequence classification: the model's loss per replica, or ``criterion`` on the class logits."""
+        from transformers.loss.loss_utils import ForSequenceClassificationLoss
+
+        logits = _logits(model(**inputs))
+        labels = labels.to(logits.device)
+        if logits.shape[0] != replicas * labels.shape[0]:
+            raise Unsupported(f"logits batch {logits.shape[0]} is not {replicas} x {labels.shape[0]}")
+        per = logits.view(replicas, labels.shape[0], *logits.shape[1:])
+        if criterion is not None:
+            return criterion.classify(per)
+        return [float(ForSequenceClassificationLoss(labels, per[r], self.base.config)) for r in range(replicas)]
+
+    def _chunked_head(self, model: nn.Module, inputs: dict[str, Any], criterion: Criterion, replicas: int, n: int) -> None:
+        """Run the model with its LM head applied to chunks of the labelled rows, each fed to ``criterion``."""
         if not n:
-            return [math.nan] * replicas
+            return
+        head = self.base.get_output_embeddings()
         vocab = int(self.base.config.get_text_config().vocab_size)
         rows = max(1, HEAD_CHUNK_BYTES // (replicas * vocab * _LOGIT_BYTES))
         original = head.forward
-        sums = torch.zeros(replicas, dtype=torch.float64, device=head.weight.device)
 
         def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if args or kwargs or hidden.shape[0] != replicas * n:
                 raise Unsupported(f"the LM head got {tuple(hidden.shape)}, not {replicas} x {n} labelled rows")
             per = hidden.view(replicas, n, hidden.shape[-1])
             for start in range(0, n, rows):
-                logits = original(per[:, start : start + rows].reshape(-1, hidden.shape[-1])).float()
-                tokens = targets[start : start + rows].repeat(replicas)
-                ce = F.cross_entropy(logits, tokens, reduction="none").view(replicas, -1)
-                sums.add_(ce.sum(1, dtype=torch.float64))
+                logits = original(per[:, start : start + rows].reshape(-1, hidden.shape[-1]))
+                criterion.consume(logits.view(replicas, -1, logits.shape[-1]), start)
             return hidden.new_zeros(hidden.shape[0], 0)
 
         with applied([Patch(head, "forward", forward)]):
             model(**inputs)
-        return (sums / n).tolist()
+
+
+class Criterion(Protocol):
+    """What a replica's value is computed from: the logits of the labelled positions, chunk by chunk."""
+
+    def consume(self, logits: torch.Tensor, start: int) -> None:
+        """Logits ``(R, c, V)`` of the labelled positions ``[start, start + c)`` (in :meth:`LossPlan.targets` order)."""
+
+    def result(self, replicas: int) -> list[float]:
+        """One value per replica, after every position was consumed."""
+
+    def classify(self, logits: torch.Tensor) -> list[float]:
+        """Sequence classification: one value per replica from class logits ``(R, b, C)``."""
+
+
+class CrossEntropy:
+    """The mean cross-entropy of the label tokens (the causal-LM loss), summed in float64 chunk by chunk."""
+
+    def __init__(self, targets: torch.Tensor) -> None:
+        self.targets = targets
+        self.sums: torch.Tensor | None = None
+
+    def consume(self, logits: torch.Tensor, start: int) -> None:
+        replicas, count, vocab = logits.shape
+        tokens = self.targets[start : start + count].repeat(replicas)
+        ce = F.cross_entropy(logits.reshape(-1, vocab).float(), tokens, reduction="none").view(replicas, count)
+        sums = ce.sum(1, dtype=torch.float64)
+        self.sums = sums if self.sums is None else self.sums.add_(sums)
+
+    def result(self, replicas: int) -> list[float]:
+        if self.sums is None:  # no label token: the mean over none, as the model's loss
+            return [math.nan] * replicas
+        return (self.sums / self.targets.numel()).tolist()
+
+    def classify(self, logits: torch.Tensor) -> list[float]:
+        raise NotImplementedError("the sequence-classification loss is the model's own")
+
+
+def _logits(output: Any) -> torch.Tensor:
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise Unsupported("the model output has no logits")
+    return logits
 
 
 def plan_loss(model: nn.Module, batch: Mapping[str, Any]) -> LossPlan:

@@ -1,0 +1,143 @@
+"""Objectives only zeroth-order training can optimise: accuracy, a clipped margin, or any Python function.
+
+A ZO step needs one number per perturbed point, so the objective need not be differentiable.
+Each objective maps the candidates' scores of a batch - log-probabilities ``(examples,
+candidates)`` of the label words, answer choices or classes - and the gold indices to a number
+to *minimise*:
+
+* ``accuracy``: the error rate, 1 − mean(argmax = gold);
+* ``margin``: mean over examples of clip(best other score − gold score, −1, 1): a smooth
+  surrogate of the error that saturates once an example is right (or wrong) by 1 nat;
+* ``python:module:function``: ``function(scores, gold) -> float``, e.g. a reward.
+
+A discrete objective on a small batch is often flat: with 4 examples the error rate takes five
+values, and when all of a step's points give the same value FZOO's σ (or MeZO's difference) is 0
+and the step is skipped (counted in ``skipped_steps``).  Use batches of 16 or more for
+``accuracy``, or ``margin``, which moves with every score.
+
+:class:`CandidateBatch` holds what the scores are computed from (see :func:`zopeft.candidate_batch`
+and :meth:`zopeft.tasks.Task.candidate_batch`); :func:`zopeft.metric_closure` makes an objective
+a closure for ``opt.step``, batched over the perturbed points like :func:`zopeft.loss_closure`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["OBJECTIVES", "CandidateBatch", "CandidateScores", "Objective", "accuracy_error", "clipped_margin",
+           "resolve_objective"]
+
+Objective = Callable[[torch.Tensor, torch.Tensor], float]
+"""``objective(scores (examples, candidates), gold (examples,)) -> float`` to minimise."""
+
+
+def accuracy_error(scores: torch.Tensor, gold: torch.Tensor) -> float:
+    """1 − accuracy of the argmax candidate."""
+    return 1.0 - float((scores.argmax(-1) == gold).float().mean())
+
+
+def clipped_margin(scores: torch.Tensor, gold: torch.Tensor) -> float:
+    """Mean of clip(best other score − gold score, −1, 1): negative when right, positive when wrong."""
+    gold_score = scores.gather(1, gold.unsqueeze(1)).squeeze(1)
+    others = scores.scatter(1, gold.unsqueeze(1), float("-inf")).max(-1).values
+    return float((others - gold_score).clamp(-1.0, 1.0).mean())
+
+
+OBJECTIVES: dict[str, Objective] = {"accuracy": accuracy_error, "margin": clipped_margin}
+
+
+def resolve_objective(spec: str | Objective) -> Objective:
+    """An objective from a name (:data:`OBJECTIVES`), ``python:module:function``, or a callable."""
+    if callable(spec):
+        return spec
+    if spec.startswith("python:"):
+        module, _, name = spec[len("python:"):].rpartition(":")
+        if not module or not name:
+            raise ValueError(f"objective {spec!r}: write python:MODULE:FUNCTION, e.g. python:my_rewards:f1")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"objective {spec!r}: cannot import {name} from {module} ({err})") from None
+        if not callable(fn):
+            raise ValueError(f"objective {spec!r}: {module}.{name} is not callable")
+        return fn
+    if spec not in OBJECTIVES:
+        hint = difflib.get_close_matches(spec, [*OBJECTIVES, "loss"], n=1)
+        raise ValueError(
+            f"unknown objective {spec!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; choose loss, {', '.join(OBJECTIVES)} or python:MODULE:FUNCTION"
+        )
+    return OBJECTIVES[spec]
+
+
+@dataclass
+class CandidateBatch:
+    """Model inputs whose label tokens are candidate continuations, and how rows map to examples.
+
+    ``inputs`` is a model batch (``input_ids``, ``attention_mask``, ``labels``: -100 except on the
+    scored tokens).  With ``candidate_tokens`` (single-token candidates) each row is one example
+    and its one labelled position is scored on every candidate token; otherwise each row scores
+    one candidate of one example (``row_example``, ``row_candidate``) by its tokens' summed
+    log-probability (divided by their count where ``length_normalised``).  A sequence classifier
+    scores its classes: ``num_candidates`` = number of labels, no candidate tokens.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    gold: torch.Tensor
+    num_candidates: int
+    candidate_tokens: torch.Tensor | None = None
+    row_example: torch.Tensor | None = None
+    row_candidate: torch.Tensor | None = None
+    length_normalised: bool = False
+
+    def to(self, device: torch.device | str) -> CandidateBatch:
+        move = {k: v.to(device) for k, v in self.inputs.items()}
+        opt = {k: getattr(self, k) for k in ("candidate_tokens", "row_example", "row_candidate")}
+        return CandidateBatch(move, self.gold.to(device), self.num_candidates,
+                              **{k: v.to(device) if v is not None else None for k, v in opt.items()},
+                              length_normalised=self.length_normalised)
+
+
+class CandidateScores:
+    """A :class:`~zopeft.batched.loss.Criterion`: each replica's candidate scores, then the objective."""
+
+    def __init__(self, batch: CandidateBatch, objective: Objective, targets: torch.Tensor, rows: torch.Tensor) -> None:
+        self.batch, self.objective = batch, objective
+        self.targets, self.rows = targets, rows  # each labelled position's token and batch row
+        self.parts: list[torch.Tensor] = []
+
+    def consume(self, logits: torch.Tensor, start: int) -> None:
+        logp = logits.float().log_softmax(-1)  # (R, c, V)
+        if self.batch.candidate_tokens is not None:
+            self.parts.append(logp[..., self.batch.candidate_tokens.to(logp.device)])  # (R, c, C)
+        else:
+            tokens = self.targets[start : start + logp.shape[1]].to(logp.device)
+            self.parts.append(logp.gather(2, tokens.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(2))
+
+    def result(self, replicas: int) -> list[float]:
+        b = self.batch
+        if b.candidate_tokens is not None:
+            scores = torch.cat(self.parts, dim=1)  # (R, examples, C): one labelled position per example
+        else:
+            per_token = torch.cat(self.parts, dim=1)  # (R, positions)
+            rows = self.rows.to(per_token.device)
+            n_rows = b.row_example.numel()
+            sums = per_token.new_zeros(replicas, n_rows).index_add_(1, rows, per_token)
+            if b.length_normalised:
+                sums = sums / torch.bincount(rows, minlength=n_rows).clamp_(min=1)
+            scores = per_token.new_full((replicas, b.gold.numel(), b.num_candidates), float("-inf"))
+            scores[:, b.row_example.to(rows.device), b.row_candidate.to(rows.device)] = sums
+        return self._values(scores)
+
+    def classify(self, logits: torch.Tensor) -> list[float]:
+        return self._values(F.log_softmax(logits.float(), -1))
+
+    def _values(self, scores: torch.Tensor) -> list[float]:
+        gold = self.batch.gold.to(scores.device)
+        return [float(self.objective(scores[r], gold)) for r in range(scores.shape[0])]
