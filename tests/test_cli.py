@@ -226,6 +226,9 @@ def test_override_text_that_is_not_yaml_stays_text():
     from zopeft.recipe import parse_overrides
 
     assert parse_overrides(["template={sentence} It was"]) == {"template": "{sentence} It was"}
+    # text keys take the text as written (a lone {field} is not a YAML mapping) unless quoted
+    assert parse_overrides(["template={sentence}", "output_dir=''", "max_steps=3", "zo.eps="]) == {
+        "template": "{sentence}", "output_dir": "", "max_steps": 3, "zo": {"eps": None}}
 
 
 def test_resume_refuses_changed_essential_keys(tmp_path):

@@ -234,7 +234,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["zo.eps=1e-3", "max_steps=200"]`` → nested dict; values parsed as YAML scalars.
 
     A key whose value is text (``template``, ``output_dir``, ...) takes the text as written
-    (``template={sentence}`` is not a YAML mapping); ``key=`` with nothing after it is null.
+    (``template={sentence}`` is not a YAML mapping) unless it is quoted (``output_dir=''``);
+    ``key=`` with nothing after it is null.
     """
     out: dict[str, Any] = {}
     for item in overrides:
@@ -245,7 +246,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        text = key.strip() in _text_keys()
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        text = key.strip() in _text_keys() and not quoted
         node[leaf] = None if not value.strip() else value if text else _scalar(value)
     return out
 
