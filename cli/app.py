@@ -2,16 +2,19 @@
 
 Expected problems (a bad recipe key, a missing file, a target module that
 matches nothing) print one ``error:`` line per problem and exit with code 2;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead, and the libraries' own warnings.
+``--help``, ``recipes`` and ``validate`` never import torch or transformers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
@@ -31,19 +34,28 @@ app.add_typer(recipes_app, name="recipes")
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file (see `zopeft recipes`)")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="dotted overrides: max_steps=200 zo.eps=1e-3")]
-Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks instead of one-line errors")]
+Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks and the libraries' warnings")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace what is there (never a run or an adapter)")]
 
 
-def recipes_dir() -> Path:
-    """The bundled recipes: $ZOPEFT_RECIPES, else the repository's recipes/ folder."""
-    return Path(os.environ.get("ZOPEFT_RECIPES", Path(__file__).resolve().parent.parent / "recipes"))
+def _quiet_libraries() -> None:
+    """Hide what users cannot act on: bitsandbytes' optional-kernel warning, FutureWarnings, load progress bars."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
+    if "transformers" in sys.modules:  # imported already (e.g. the CLI called from Python)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 @contextlib.contextmanager
 def _user_errors(debug: bool) -> Iterator[None]:
-    """Turn expected problems into `error:` lines and exit code 2."""
+    """Turn expected problems into `error:` lines and exit code 2 (tracebacks and library noise with --debug)."""
     from zopeft.recipe import RecipeError
 
+    if not debug:
+        _quiet_libraries()
     try:
         yield
     except RecipeError as err:
@@ -60,20 +72,29 @@ def _user_errors(debug: bool) -> Iterator[None]:
 
 
 def _resolve(recipe: Path, overrides: list[str] | None):
-    from zopeft.recipe import load_recipe
+    from zopeft.recipe import bundled_recipes_dir, load_recipe
 
-    if not recipe.exists() and (recipes_dir() / recipe.name).exists():
-        recipe = recipes_dir() / recipe.name
-    return load_recipe(recipe, overrides or [])
+    if not recipe.exists() and (bundled_recipes_dir() / recipe.name).exists():
+        recipe = bundled_recipes_dir() / recipe.name
+    resolved = load_recipe(recipe, overrides or [])
+    for note in resolved.zo.notes():
+        typer.secho(f"note: {note}", fg="yellow", err=True)
+    return resolved
 
 
 @app.command()
-def train(recipe: RecipeArg, overrides: Overrides = None, debug: Debug = False) -> None:
+def train(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="start over in an output_dir that holds a previous run (overwrite_output_dir=true)")] = False,
+    debug: Debug = False,
+) -> None:
     """Train an adapter as the recipe says (overrides: key=value, dotted for nested keys)."""
-    from zopeft.runner import train as run
-
     with _user_errors(debug):
-        resolved = _resolve(recipe, overrides)
+        from zopeft.runner import train as run
+
+        resolved = _resolve(recipe, [*(overrides or []), *(["overwrite_output_dir=true"] if overwrite else [])])
         result = run(resolved, echo=typer.echo)
     before, after = result.eval_before, result.eval_after
     metric = "accuracy" if "accuracy" in after else "loss"
@@ -92,9 +113,9 @@ def evaluate(
     debug: Debug = False,
 ) -> None:
     """Evaluate (accuracy / loss) on a split; print the metrics and write them as JSON."""
-    from zopeft.runner import evaluate as run
-
     with _user_errors(debug):
+        from zopeft.runner import evaluate as run
+
         resolved = _resolve(recipe, overrides)
         metrics = run(resolved, adapter=adapter, split=split)
     target = output or (adapter or Path(resolved.output_dir)) / f"eval_{split}.json"
@@ -111,15 +132,40 @@ def merge(
     dtype: Annotated[str, typer.Option(help="bf16 | fp16 | fp32")] = "bf16",
     max_shard_size: Annotated[str, typer.Option(help="largest safetensors shard, e.g. 5GB")] = "5GB",
     recipe: Annotated[Optional[Path], typer.Option(help="recipe (default: recipe.yaml beside the adapter)")] = None,
+    overwrite: Overwrite = False,
     debug: Debug = False,
 ) -> None:
     """Merge a LoRA adapter into its base, reloaded unquantized; write sharded safetensors and verify logits."""
-    from zopeft.merge import merge_adapter
-
     with _user_errors(debug):
-        report = merge_adapter(adapter, out, dtype=dtype, max_shard_size=max_shard_size, recipe_path=recipe)
+        from zopeft.merge import describe_checks, merge_adapter
+
+        report = merge_adapter(adapter, out, dtype=dtype, max_shard_size=max_shard_size, recipe_path=recipe,
+                               overwrite=overwrite)
     typer.echo(f"merged model: {report['out_dir']} ({len(report['files'])} files)")
-    typer.echo(f"verification: max |logit difference| adapter vs merged = {report['max_abs_logit_diff']:.3g}")
+    for line in describe_checks(report):
+        typer.echo(line)
+
+
+@app.command()
+def replay(
+    run_dir: Annotated[Path, typer.Argument(help="a ZO training output_dir (recipe.yaml + zo_steps.jsonl)")],
+    out: Annotated[Path, typer.Option(help="directory for the rebuilt adapter")],
+    overwrite: Overwrite = False,
+    debug: Debug = False,
+) -> None:
+    """Rebuild a ZO run's adapter from its recipe and step log (zo_steps.jsonl) without a forward pass."""
+    with _user_errors(debug):
+        from zopeft.replay import replay_run
+
+        result = replay_run(run_dir, out, overwrite=overwrite)
+    typer.echo(f"replayed {result['steps']} steps -> {result['out_dir']}")
+    if result["identical"] is None:
+        typer.echo(f"not compared: {run_dir} holds no final adapter of these {result['steps']} steps")
+    elif result["identical"]:
+        typer.echo(f"bit-identical to {result['compared']}")
+    else:
+        typer.secho(f"error: differs from {result['compared']} (another device or library version?)", fg="red", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -128,15 +174,23 @@ def validate(recipe: RecipeArg, overrides: Overrides = None, debug: Debug = Fals
     with _user_errors(debug):
         resolved = _resolve(recipe, overrides)
     typer.echo(resolved.to_yaml().rstrip())
+    if resolved.is_zeroth_order:
+        from zopeft.registry import hyperparameters
+
+        typer.echo(f"# settings of {resolved.zo.optimizer} (zo.<key>):")
+        for name, setting in hyperparameters(resolved.zo.optimizer).items():
+            typer.echo(f"#   {setting.describe(name)}")
     typer.secho("recipe is valid", fg="green", err=True)
 
 
 @recipes_app.callback(invoke_without_command=True)
 def list_recipes(ctx: typer.Context) -> None:
     """List the bundled recipes with their one-line descriptions."""
+    from zopeft.recipe import bundled_recipes_dir
+
     if ctx.invoked_subcommand is not None:
         return
-    for path in sorted(recipes_dir().glob("*.yaml")):
+    for path in sorted(bundled_recipes_dir().glob("*.yaml")):
         description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
         typer.echo(f"{path.stem:32s} {description}")
 
@@ -144,11 +198,13 @@ def list_recipes(ctx: typer.Context) -> None:
 @recipes_app.command("cp")
 def copy_recipe(name: str, dest: Path) -> None:
     """Copy the bundled recipe NAME to DEST (a file or a directory) to edit it."""
-    source = recipes_dir() / (name if name.endswith(".yaml") else f"{name}.yaml")
+    from zopeft.recipe import bundled_recipes_dir
+
+    source = bundled_recipes_dir() / (name if name.endswith(".yaml") else f"{name}.yaml")
     if not source.exists():
         import difflib
 
-        names = [p.stem for p in recipes_dir().glob("*.yaml")]
+        names = [p.stem for p in bundled_recipes_dir().glob("*.yaml")]
         hint = difflib.get_close_matches(name, names, n=1)
         typer.secho(f"error: no bundled recipe {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                     + "; see `zopeft recipes`", fg="red", err=True)
@@ -159,8 +215,10 @@ def copy_recipe(name: str, dest: Path) -> None:
 
 
 @app.command()
-def env() -> None:
+def env(debug: Debug = False) -> None:
     """Versions of the stack and the device zopeft would use."""
+    if not debug:
+        _quiet_libraries()
     import bitsandbytes
     import peft
     import torch

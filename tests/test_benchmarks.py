@@ -20,7 +20,9 @@ import pytest
 import torch
 
 from benchmarks import __main__ as suite
-from benchmarks import bench_anatomy, bench_batched, bench_convergence, bench_memory, bench_peers, bench_scaling, common
+from benchmarks import (
+    bench_anatomy, bench_batched, bench_convergence, bench_memory, bench_peers, bench_scaling, bench_startup, common,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -188,6 +190,13 @@ def test_scaling(tmp_path: Path) -> None:
     assert rows["fzoo", 2]["comm_bytes"] == 10 * 8 and rows["mezo", 2]["comm_bytes"] == 3 * 8  # N+2, 2+1 float64
     assert rows["fzoo", 1]["comm_bytes"] == 0 and rows["mezo", 2]["examples_per_step"] == 2 * rows["mezo", 1]["examples_per_step"]
     assert all(r["step_s"] > 0 and r["speedup"] > 0 for r in rows.values())
+
+
+def test_startup(tmp_path: Path) -> None:
+    result = bench_startup.main(_args(tmp_path, "--quick", "--repeats", "1", "--commands", "import,validate"))
+    rows = {r["command"]: r for r in _load(result)["results"]}
+    assert set(rows) == {"import zopeft", "zopeft validate"}
+    assert all(r["heavy_imports"] == "none" and 0 < r["min_s"] <= r["median_s"] for r in rows.values())
 
 
 def test_first_reaching_and_comparison() -> None:

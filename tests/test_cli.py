@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, LlamaConfig
 from typer.testing import CliRunner
 
-from zopeft_cli.app import app, recipes_dir
+from zopeft.recipe import bundled_recipes_dir
+from zopeft_cli.app import app
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -91,6 +92,7 @@ def test_every_bundled_recipe_validates(recipe):
     [
         ("learnig_rate=1e-3", "learnig_rate: unknown key (did you mean 'learning_rate'?)"),
         ("zo.n_perturbation=4", "zo.n_perturbation: unknown key (did you mean 'n_perturbations'?)"),
+        ("zo.objective=acuracy", "zo.objective: unknown objective 'acuracy' (did you mean 'accuracy'?)"),
         ("max_steps=many", "max_steps: Input should be a valid integer"),
         ("zo.eps=-1", "zo.eps: Input should be greater than 0"),
         ("quantization_bit=3", "quantization_bit: Input should be 4 or 8"),
@@ -118,6 +120,7 @@ def test_target_module_that_matches_nothing_is_a_clear_error(tmp_path):
     result = invoke("train", write_recipe(tmp_path, lora_target=["q_prj"]))
     assert result.exit_code == 2 and "q_prj" in result.output and "q_proj" in result.output
     assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()  # found after the model loaded: the output_dir it created is gone again
 
 
 # ----- train, outputs, eval ----------------------------------------------------------------------
@@ -202,20 +205,31 @@ def test_killed_run_resumes_to_a_bit_identical_adapter(tmp_path, optimizer):
 
     with pytest.raises(Killed):
         train(recipe_in("b"), echo=killer, progress=False)
+    out = tmp_path / "b" / "out"
+    for log in ("trainer_log.jsonl", "zo_steps.jsonl"):  # a kill in the middle of a write
+        with (out / log).open("a") as f:
+            f.write('{"step": 5, "lo')
     lines: list[str] = []
     resumed = load_recipe(tmp_path / "b" / "recipe.yaml", ["resume_from_checkpoint=auto"])
     train(resumed, echo=lines.append, progress=False)
     assert any("RESUMING" in s and "checkpoint-4" in s for s in lines)
-    a, b = adapter_tensors(tmp_path / "a" / "out"), adapter_tensors(tmp_path / "b" / "out")
+    a, b = adapter_tensors(tmp_path / "a" / "out"), adapter_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "out" / "trainer_log.jsonl").read_text().splitlines()]
+    steps = [json.loads(x)["step"] for x in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # the killed run's step-5 line was dropped on resume
+    # the seed log was cut back to the checkpoint too: one record per step, and it replays the run
+    assert [json.loads(x)["step"] for x in (out / "zo_steps.jsonl").read_text().splitlines()] == list(range(7))
+    replayed = invoke("replay", out, "--out", tmp_path / "replayed")
+    assert replayed.exit_code == 0 and "bit-identical" in replayed.output, replayed.output
 
 
 def test_override_text_that_is_not_yaml_stays_text():
     from zopeft.recipe import parse_overrides
 
     assert parse_overrides(["template={sentence} It was"]) == {"template": "{sentence} It was"}
+    # text keys take the text as written (a lone {field} is not a YAML mapping) unless quoted
+    assert parse_overrides(["template={sentence}", "output_dir=''", "max_steps=3", "zo.eps="]) == {
+        "template": "{sentence}", "output_dir": "", "max_steps": 3, "zo": {"eps": None}}
 
 
 def test_resume_refuses_changed_essential_keys(tmp_path):
@@ -227,13 +241,16 @@ def test_resume_refuses_changed_essential_keys(tmp_path):
 
 
 # ----- merge -------------------------------------------------------------------------------------
-def test_merge_4bit_trained_adapter_reports_matching_logits(tmp_path):
+def test_merge_4bit_trained_adapter_reports_matching_logits_and_the_quantization_gap(tmp_path):
     path = write_recipe(tmp_path, quantization_bit=4, max_steps=3, learning_rate=0.05)
     assert invoke("train", path).exit_code == 0
     result = invoke("merge", "--adapter", tmp_path / "out", "--out", tmp_path / "merged", "--dtype", "fp32")
     assert result.exit_code == 0, result.output
-    diff = float(result.output.split("=")[-1])
-    assert diff < 1e-4
+    export, quantized = [line for line in result.output.splitlines() if line.startswith("  vs ")]
+    assert "unquantized base" in export and "float32 rounding" in export
+    assert float(export.split("max |logit diff| ")[1].split()[0]) < 1e-4
+    assert "4-bit base it was trained on" in quantized and "quantization gap" in quantized
+    assert "top-token agreement" in quantized
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert (tmp_path / "merged" / "tokenizer_config.json").exists()
@@ -252,7 +269,7 @@ def test_recipes_list_and_copy(tmp_path):
     assert listed.exit_code == 0 and "llama3_lora_fzoo" in listed.output and "OFFLINE" in listed.output
     copied = invoke("recipes", "cp", "llama3_lora_fzoo", tmp_path)
     assert copied.exit_code == 0 and (tmp_path / "llama3_lora_fzoo.yaml").read_text() == (
-        recipes_dir() / "llama3_lora_fzoo.yaml").read_text()
+        bundled_recipes_dir() / "llama3_lora_fzoo.yaml").read_text()
     missing = invoke("recipes", "cp", "llama3_lora_fzo", tmp_path)
     assert missing.exit_code == 2 and "did you mean 'llama3_lora_fzoo'" in missing.output
 

@@ -107,7 +107,7 @@ def test_cli_under_torchrun_matches_single_process_and_resumes(tmp_path):
 
 def test_data_parallel_ranks_read_disjoint_slices_of_one_stream(tmp_path):
     from zopeft.recipe import load_recipe
-    from zopeft.runner import batch_indices
+    from zopeft.components import batch_indices
 
     recipe = load_recipe(write_recipe(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2))
     for step in range(3):

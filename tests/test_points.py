@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import zopeft
 from zopeft.batched import loss_closure
-from zopeft.batched.memory import parse_memory, replicas_per_pass
+from zopeft.batched.memory import replicas_per_pass
+from zopeft.optim.settings import parse_memory
 from zopeft.noise import draw_noise, noise_key
 from zopeft.optim import points as points_module
 

@@ -2,43 +2,53 @@
 
 >>> opt = zopeft.FZOO(peft_model, lr=1e-3, eps=1e-3, n_perturbations=8)
 >>> loss = opt.step(lambda: peft_model(**batch).loss)
+
+The names below are imported on first use (PEP 562), so ``import zopeft`` (and the CLI's
+``validate``, ``recipes`` and ``--help``) does not import torch, transformers, PEFT or bitsandbytes.
 """
 
-from .batched import BatchedLoss, batched_support, loss_closure, metric_closure
-from .objectives import OBJECTIVES, CandidateBatch
-from .noise import draw_noise, noise_key
-from .optim.adamezo import AdaMeZO
-from .optim.base import StepRecord, ZOOptimizer
-from .optim.fzoo import FZOO
-from .optim.hizoo import HiZOO
-from .optim.hyperparameters import Setting, hyperparameters
-from .optim.mezo import MeZO
-from .registry import available_optimizers, get_optimizer, register_optimizer
-from .tasks import candidate_batch
-from .trainer import ZOTrainer
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaMeZO",
-    "BatchedLoss",
-    "CandidateBatch",
-    "FZOO",
-    "OBJECTIVES",
-    "HiZOO",
-    "MeZO",
-    "Setting",
-    "StepRecord",
-    "ZOOptimizer",
-    "ZOTrainer",
-    "available_optimizers",
-    "batched_support",
-    "candidate_batch",
-    "draw_noise",
-    "get_optimizer",
-    "hyperparameters",
-    "loss_closure",
-    "metric_closure",
-    "noise_key",
-    "register_optimizer",
-]
+# public name -> the submodule that defines it (one line per name)
+_EXPORTS = {
+    "AdaMeZO": ".optim.adamezo",
+    "BatchedLoss": ".batched",
+    "CandidateBatch": ".objectives",
+    "FZOO": ".optim.fzoo",
+    "HiZOO": ".optim.hizoo",
+    "MeZO": ".optim.mezo",
+    "OBJECTIVES": ".objectives",
+    "Setting": ".optim.settings",
+    "StepRecord": ".optim.base",
+    "ZOOptimizer": ".optim.base",
+    "ZOTrainer": ".trainer",
+    "available_optimizers": ".registry",
+    "batched_support": ".batched",
+    "candidate_batch": ".tasks",
+    "draw_noise": ".noise",
+    "get_optimizer": ".registry",
+    "hyperparameters": ".registry",
+    "loss_closure": ".batched",
+    "metric_closure": ".batched",
+    "noise_key": ".noise",
+    "register_optimizer": ".registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'zopeft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -2,8 +2,9 @@
 
 Nested state (optimizer, scheduler, RNG) is split into ``NAME.json`` for plain
 values and ``NAME.safetensors`` for tensors.  Directories are assembled under a
-temporary name and renamed into place, so a run killed mid-save leaves the
-previous checkpoint intact and never a half-written one.
+temporary name (``.NAME.tmp-PID``) and renamed into place, so a run killed mid-save
+leaves the previous checkpoint intact and never a half-written one; the temporaries a
+killed process leaves behind are removed by :func:`remove_stale_temporaries`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +21,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["atomic_directory", "latest_checkpoint", "load_state", "save_state", "write_text_atomic"]
+__all__ = [
+    "atomic_directory", "atomic_files", "check_safetensors", "load_state", "remove_stale_temporaries", "save_state",
+    "write_text_atomic",
+]
 
 _TENSOR, _DICT = "__tensor__", "__dict__"
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)")
 
 
 @contextlib.contextmanager
@@ -29,7 +35,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``final`` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp = _temporary(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -41,13 +47,65 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
 
+
+@contextlib.contextmanager
+def atomic_files(directory: str | Path) -> Iterator[Path]:
+    """Yield a staging directory whose files are each renamed into ``directory`` if the block succeeds."""
+    directory = Path(directory)
+    staging = _temporary(directory / "files")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        for f in staging.iterdir():
+            os.replace(f, directory / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _temporary(final: Path) -> Path:
+    """Where :func:`atomic_directory` and :func:`write_text_atomic` assemble ``final``."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[str]:
+    """Remove the ``.NAME.tmp-PID`` / ``.NAME.old-PID`` entries directly in ``directory`` whose process is gone.
+
+    These are what a process killed in the middle of :func:`atomic_directory` or
+    :func:`write_text_atomic` leaves; nothing else is touched.  Returns the removed names.
+    """
+    removed = []
+    for path in sorted(Path(directory).glob(".*")):
+        match = _TEMPORARY.fullmatch(path.name)
+        if match and int(match["pid"]) != os.getpid() and not _process_alive(int(match["pid"])):
+            _remove(path)
+            removed.append(path.name)
+    return removed
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file via a temporary file and rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temporary(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -90,7 +148,24 @@ def load_state(directory: str | Path, name: str) -> Any:
     return decode(json.loads((directory / f"{name}.json").read_text()))
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The ``checkpoint-N`` directory with the largest N, or None."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+def check_safetensors(path: str | Path) -> str | None:
+    """What makes the safetensors file at ``path`` unusable (missing, truncated, no valid header), or None.
+
+    Reads only the header, so a truncated file is found without loading its tensors.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or 8 + length > size:
+                return f"{path} is truncated or not a safetensors file ({size} bytes)"
+            header = json.loads(f.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{path} has no valid safetensors header"
+    if 8 + length + end > size:
+        return f"{path} is truncated ({size} of {8 + length + end} bytes)"
+    return None

@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .checkpoint import atomic_directory
+from .checkpoint import atomic_directory, check_safetensors
 
 __all__ = [
     "AdapterSpec", "ModelSpec", "apply_adapter", "load_adapter_model", "load_base_model", "load_model",
@@ -210,7 +210,9 @@ def apply_adapter(model: PreTrainedModel, adapter: AdapterSpec, task_type: str) 
         for p in model.parameters():
             p.requires_grad_(p.is_floating_point())
         return model
-    targets = None if adapter.lora_target == "all-linear" else list(adapter.lora_target)
+    targets = adapter.lora_target
+    if isinstance(targets, str):  # "q_proj,v_proj" as LLaMA-Factory writes it; "all-linear": None
+        targets = None if targets == "all-linear" else [t.strip() for t in targets.split(",")]
     if targets:
         _check_modules(model, targets, "lora_target", linear_only=True)
     if adapter.modules_to_save:
@@ -250,8 +252,18 @@ def load_adapter_model(
 
     if not (Path(adapter_dir) / "adapter_config.json").exists():
         raise FileNotFoundError(f"--adapter {adapter_dir}: no adapter_config.json (pass a training output_dir or checkpoint-N)")
+    problem = check_safetensors(Path(adapter_dir) / "adapter_model.safetensors")
+    if problem:
+        raise ValueError(f"--adapter: {problem}; pass a complete adapter (e.g. an earlier checkpoint-N)")
     base = load_base_model(spec, quantize=quantize)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+    except RuntimeError as err:  # e.g. "size mismatch for ...lora_A.weight": trained on another base
+        mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), None)
+        if mismatch is None:
+            raise
+        raise ValueError(f"--adapter {adapter_dir} does not fit {spec.model_name_or_path} ({mismatch}); "
+                         "use the recipe it was trained with (its recipe.yaml)") from None
     return model, load_tokenizer(spec)
 
 
@@ -263,14 +275,28 @@ def trainable_summary(model: nn.Module) -> str:
 
 
 # ----- merged export -----------------------------------------------------------------------------
+def _agreement(logits: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Max |logit difference| and top-token agreement at the positions ``mask`` keeps."""
+    a, b = logits.float().cpu()[mask], reference.float().cpu()[mask]
+    return {
+        "max_abs_logit_diff": (a - b).abs().max().item(),
+        "max_abs_logit": b.abs().max().item(),
+        "top1_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+    }
+
+
 def merge_and_export(
     spec: ModelSpec, adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16",
     max_shard_size: str = "5GB", verify_batch: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Merge the adapter into the base reloaded UNQUANTIZED in fp32, write ``out_dir``, verify logits.
 
-    The export is verified by running ``verify_batch`` through the unmerged fp32
-    adapter model and through the merged model as written (reloaded from disk).
+    ``verify_batch`` runs through the merged model as written (reloaded from disk) and through
+    the adapter on the fp32 base (``export``: the error of the export itself, i.e. the rounding
+    of the weights to ``dtype``) and, when the spec is quantized, on the quantized base the
+    adapter was trained on (``quantized``: adds the quantization gap, since the merged model
+    holds the unquantized weights).  Each check: max |logit difference| (and the largest
+    |logit| for scale) and top-token agreement over the batch's positions.
     """
     peft_type = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("peft_type", "")
     if peft_type in UNMERGEABLE:
@@ -280,6 +306,7 @@ def merge_and_export(
     model, tokenizer = load_adapter_model(fp32, adapter_dir, quantize=False)
     model.eval()
     batch = verify_batch or dict(tokenizer(["Zeroth-order fine-tuning runs on forward passes."], return_tensors="pt"))
+    mask = batch["attention_mask"].bool()
     with torch.no_grad():
         reference = model(**batch).logits
         merged = model.merge_and_unload().to(getattr(torch, dtype))
@@ -287,7 +314,18 @@ def merge_and_export(
     with atomic_directory(out_dir) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
+    del model, merged
     reloaded = load_base_model(dataclasses.replace(fp32, model_name_or_path=str(out_dir), quantization_bit=None))
     with torch.no_grad():
-        diff = (reloaded(**batch).logits.float() - reference.float()).abs().max().item()
-    return {"max_abs_logit_diff": diff, "out_dir": str(out_dir), "files": sorted(p.name for p in out_dir.iterdir())}
+        written = reloaded(**batch).logits
+    del reloaded
+    report = {"out_dir": str(out_dir), "files": sorted(p.name for p in out_dir.iterdir()), "dtype": dtype,
+              "positions": int(mask.sum()), "export": _agreement(written, reference, mask), "quantized": None}
+    if spec.quantization_bit:
+        trained, _ = load_adapter_model(spec, adapter_dir)
+        trained.eval()
+        device = next(trained.parameters()).device
+        with torch.no_grad():
+            as_trained = trained(**{k: v.to(device) for k, v in batch.items()}).logits
+        report["quantized"] = _agreement(written, as_trained, mask)
+    return report

@@ -17,7 +17,9 @@ and the step is skipped (counted in ``skipped_steps``).  Use batches of 16 or mo
 
 :class:`CandidateBatch` holds what the scores are computed from (see :func:`zopeft.candidate_batch`
 and :meth:`zopeft.tasks.Task.candidate_batch`); :func:`zopeft.metric_closure` makes an objective
-a closure for ``opt.step``, batched over the perturbed points like :func:`zopeft.loss_closure`.
+a closure for ``opt.step``, batched over the perturbed points like :func:`zopeft.loss_closure`
+(the scores come from :class:`zopeft.batched.loss.CandidateScores`).  This module does not
+import torch, so that recipes can be validated without it.
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ import difflib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["OBJECTIVES", "CandidateBatch", "CandidateScores", "Objective", "accuracy_error", "clipped_margin",
-           "resolve_objective"]
+__all__ = ["OBJECTIVES", "CandidateBatch", "Objective", "accuracy_error", "clipped_margin", "resolve_objective"]
 
-Objective = Callable[[torch.Tensor, torch.Tensor], float]
+Objective = Callable[["torch.Tensor", "torch.Tensor"], float]
 """``objective(scores (examples, candidates), gold (examples,)) -> float`` to minimise."""
 
 
@@ -102,42 +104,3 @@ class CandidateBatch:
         return CandidateBatch(move, self.gold.to(device), self.num_candidates,
                               **{k: v.to(device) if v is not None else None for k, v in opt.items()},
                               length_normalised=self.length_normalised)
-
-
-class CandidateScores:
-    """A :class:`~zopeft.batched.loss.Criterion`: each replica's candidate scores, then the objective."""
-
-    def __init__(self, batch: CandidateBatch, objective: Objective, targets: torch.Tensor, rows: torch.Tensor) -> None:
-        self.batch, self.objective = batch, objective
-        self.targets, self.rows = targets, rows  # each labelled position's token and batch row
-        self.parts: list[torch.Tensor] = []
-
-    def consume(self, logits: torch.Tensor, start: int) -> None:
-        logp = logits.float().log_softmax(-1)  # (R, c, V)
-        if self.batch.candidate_tokens is not None:
-            self.parts.append(logp[..., self.batch.candidate_tokens.to(logp.device)])  # (R, c, C)
-        else:
-            tokens = self.targets[start : start + logp.shape[1]].to(logp.device)
-            self.parts.append(logp.gather(2, tokens.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(2))
-
-    def result(self, replicas: int) -> list[float]:
-        b = self.batch
-        if b.candidate_tokens is not None:
-            scores = torch.cat(self.parts, dim=1)  # (R, examples, C): one labelled position per example
-        else:
-            per_token = torch.cat(self.parts, dim=1)  # (R, positions)
-            rows = self.rows.to(per_token.device)
-            n_rows = b.row_example.numel()
-            sums = per_token.new_zeros(replicas, n_rows).index_add_(1, rows, per_token)
-            if b.length_normalised:
-                sums = sums / torch.bincount(rows, minlength=n_rows).clamp_(min=1)
-            scores = per_token.new_full((replicas, b.gold.numel(), b.num_candidates), float("-inf"))
-            scores[:, b.row_example.to(rows.device), b.row_candidate.to(rows.device)] = sums
-        return self._values(scores)
-
-    def classify(self, logits: torch.Tensor) -> list[float]:
-        return self._values(F.log_softmax(logits.float(), -1))
-
-    def _values(self, scores: torch.Tensor) -> list[float]:
-        gold = self.batch.gold.to(scores.device)
-        return [float(self.objective(scores[r], gold)) for r in range(scores.shape[0])]

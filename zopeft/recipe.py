@@ -8,29 +8,40 @@ reported as one line naming the key path and the fix (:class:`RecipeError`).
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
+import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, create_model,
+    field_validator, model_validator,
+)
 
 from .registry import available_optimizers
 
-__all__ = ["FIRST_ORDER_OPTIMIZERS", "Recipe", "RecipeError", "ZOSettings", "load_recipe", "parse_overrides"]
+__all__ = [
+    "FIRST_ORDER_OPTIMIZERS", "REPORTERS", "Recipe", "RecipeError", "ZOSettings", "bundled_recipes_dir", "load_recipe",
+    "parse_overrides",
+]
 
 FIRST_ORDER_OPTIMIZERS = ("adamw",)
+REPORTERS = ("tensorboard", "wandb")  # report_to: besides trainer_log.jsonl, which is always written
+STEPS = 10**9  # upper bound of every step count: a typo guard, not a limit anyone reaches
+BATCH = 4096  # per-device batch sizes above this are typos (use gradient_accumulation_steps)
 # Keys whose change makes a checkpoint meaningless to resume from.
 ESSENTIAL_KEYS = (
     "model_name_or_path", "quantization_bit", "quantization_type", "double_quantization", "compute_dtype",
     "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "num_virtual_tokens",
-    "modules_to_save", "dataset", "task", "template", "label_words", "cutoff_len", "max_train_samples",
-    "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "learning_rate", "lr_scheduler_type",
-    "warmup_steps", "weight_decay", "zo",
+    "modules_to_save", "dataset", "task", "template", "label_words", "text_fields", "label_field", "choices_field",
+    "cutoff_len", "max_train_samples", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "zo",
 )
 # zo keys that change how a step is computed, not what it computes: free to change on resume.
-OPERATIONAL_ZO_KEYS = ("batched", "perturbation_batch_size", "sync_check_steps")
+OPERATIONAL_ZO_KEYS = ("batched", "perturbation_batch_size", "max_memory", "sync_check_steps")
 
 
 class RecipeError(ValueError):
@@ -42,49 +53,106 @@ class RecipeError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float key must be finite (.inf / .nan are refused with the key's name)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ZOSettings(_Strict):
-    """The ``zo:`` block: which optimizer and its hyperparameters."""
+    """The ``zo:`` block: the optimizer, the objective, and the optimizer's own settings.
 
-    optimizer: str = Field("fzoo", description="fzoo | mezo | adamezo (zeroth-order) or adamw (first-order baseline)")
-    eps: float = Field(1e-3, gt=0, description="perturbation scale ε")
-    n_perturbations: int = Field(8, ge=2, description="FZOO: perturbations per step (N)")
-    noise: Literal["rademacher", "gaussian"] = "rademacher"
-    batched: bool = Field(True, description="FZOO: evaluate the N+1 points as replicas of the batch in one forward pass")
-    perturbation_batch_size: int | None = Field(None, ge=1, description="FZOO: replicas per batched forward")
-    window: int = Field(10, ge=1, description="AdaMeZO: K, steps in the rebuilt moments")
-    beta1: float = Field(0.7, ge=0, lt=1)
-    beta2: float = Field(0.9, ge=0, lt=1)
-    delta: float = Field(1e-5, gt=0)
-    moment_scale: float = Field(100.0, gt=0, description="AdaMeZO: factor on m (100 in the reference code)")
-    master_weights: bool = True
-    parallel: Literal["auto", "perturbation", "data"] = Field(
-        "auto", description="under torchrun: perturbation (FZOO's default) or data (MeZO/AdaMeZO's default)"
-    )
-    sync_check_steps: int = Field(100, ge=0, description="under torchrun: compare replica checksums every k steps")
+    The settings come from the optimizer's declaration (:mod:`zopeft.optim.settings`, or a
+    registered optimizer's ``settings``): :func:`zo_settings_model` builds the block's schema for
+    each optimizer, so a new optimizer needs no edit here.
+    """
 
-    @field_validator("optimizer")
+    ignored: list[str] = Field(default_factory=list, exclude=True, repr=False)  # other optimizers' settings, dropped
+    optimizer: str = Field("fzoo", description="a registered ZO optimizer (fzoo, mezo, adamezo, hizoo, ...) or adamw "
+                           "(the first-order baseline)")
+    objective: str = Field("loss", description="what ZO minimises: loss, accuracy, margin or python:MODULE:FUNCTION "
+                           "(see zopeft.objectives)")
+
+    @field_validator("objective")
     @classmethod
-    def _known_optimizer(cls, name: str) -> str:
-        valid = [*available_optimizers(), *FIRST_ORDER_OPTIMIZERS]
-        if name.lower() not in valid:
-            hint = difflib.get_close_matches(name.lower(), valid, n=1)
-            raise ValueError(f"unknown optimizer {name!r}{_did_you_mean(hint)}; choose one of {', '.join(valid)}")
-        return name.lower()
+    def _known_objective(cls, value: str) -> str:
+        from .objectives import OBJECTIVES
+
+        if value.startswith("python:"):
+            module, _, name = value[len("python:"):].rpartition(":")
+            if not module or not name:
+                raise ValueError(f"write python:MODULE:FUNCTION, e.g. python:my_rewards:f1, got {value!r}")
+            if importlib.util.find_spec(module.split(".")[0]) is None:
+                raise ValueError(f"module {module!r} of {value!r} is not importable (is it on PYTHONPATH?)")
+        elif value not in ("loss", *OBJECTIVES):
+            hint = difflib.get_close_matches(value, ["loss", *OBJECTIVES], n=1)
+            raise ValueError(f"unknown objective {value!r}{_did_you_mean(hint)}; choose loss, "
+                             f"{', '.join(OBJECTIVES)} or python:MODULE:FUNCTION")
+        return value
 
     def optimizer_kwargs(self) -> dict[str, Any]:
-        """Constructor arguments for the chosen ZO optimizer (only those it takes)."""
-        common = {"eps": self.eps, "noise": self.noise, "master_weights": self.master_weights,
-                  "parallel": self.parallel, "sync_check_steps": self.sync_check_steps}
-        extra = {
-            "fzoo": {"n_perturbations": self.n_perturbations, "batched": self.batched,
-                     "perturbation_batch_size": self.perturbation_batch_size},
-            "adamezo": {"window": self.window, "beta1": self.beta1, "beta2": self.beta2, "delta": self.delta,
-                        "moment_scale": self.moment_scale},
-        }.get(self.optimizer, {})
-        return {**common, **extra}
+        """Constructor arguments of the chosen ZO optimizer: its declared settings."""
+        return self.model_dump(exclude=set(ZOSettings.model_fields))
+
+    def notes(self) -> list[str]:
+        """One line per setting of another optimizer that the chosen one does not take (e.g. after zo.optimizer=...)."""
+        return [f"zo.{key}: a setting of {owners}, which {self.optimizer} does not use; ignored"
+                for key, owners in (item.split("=", 1) for item in self.ignored)]
+
+
+@functools.cache
+def zo_settings_model(optimizer: str) -> type[ZOSettings]:
+    """The schema of the ``zo:`` block for ``optimizer``: :class:`ZOSettings` plus its declared settings."""
+    from .registry import hyperparameters
+
+    if optimizer in FIRST_ORDER_OPTIMIZERS:
+        return ZOSettings
+    fields: dict[str, Any] = {}
+    for name, setting in hyperparameters(optimizer).items():
+        annotation = Literal[setting.choices] if setting.choices else setting.type  # type: ignore[valid-type]
+        if setting.check:
+            annotation = Annotated[annotation, AfterValidator(_checked(setting.check))]
+        fields[name] = (annotation, Field(setting.default, description=setting.help, **setting.bounds()))
+    return create_model(f"zo ({optimizer})", __base__=ZOSettings, **fields)
+
+
+def _checked(check: Any) -> Any:
+    def validate(value: Any) -> Any:
+        check(value)
+        return value
+
+    return validate
+
+
+def _zo_block(data: Any) -> ZOSettings:
+    """Validate the ``zo:`` block against the chosen optimizer's schema; errors name ``zo.<key>``."""
+    if isinstance(data, ZOSettings):
+        return data
+    data = dict(data or {})
+    name = str(data.get("optimizer", ZOSettings.model_fields["optimizer"].default)).lower()
+    valid = [*available_optimizers(), *FIRST_ORDER_OPTIMIZERS]
+    if name not in valid:
+        hint = difflib.get_close_matches(name, valid, n=1)
+        raise ValueError(f"zo.optimizer: unknown optimizer {name!r}{_did_you_mean(hint)}; choose one of {', '.join(valid)}")
+    data["optimizer"] = name
+    model = zo_settings_model(name)
+    ignored = []
+    for key in [k for k in data if k not in model.model_fields]:  # another optimizer's setting: a switch of optimizer
+        owners = [o for o in available_optimizers() if key in zo_settings_model(o).model_fields]
+        if owners:
+            ignored.append(f"{key}={', '.join(owners)}")
+            del data[key]
+    try:
+        return model.model_validate({**data, "ignored": ignored})
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            if e["type"] == "extra_forbidden":
+                key = str(e["loc"][-1])
+                hint = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.5)
+                takes = ", ".join(k for k in model.model_fields if k != "ignored")
+                lines.append(f"zo.{key}: unknown key{_did_you_mean(hint)}; {name} takes {takes}")
+            else:
+                lines.append(_format({**e, "loc": ("zo", *e["loc"])}))
+        raise ValueError("\n".join(lines)) from None
 
 
 class Recipe(_Strict):
@@ -94,7 +162,7 @@ class Recipe(_Strict):
     # model
     model_name_or_path: str
     task_type: Literal["causal_lm", "sequence_classification"] | None = None
-    num_labels: int = Field(2, ge=2)
+    num_labels: int = Field(2, ge=2, le=100_000)
     quantization_bit: Literal[4, 8] | None = None
     quantization_type: Literal["nf4", "fp4"] = "nf4"
     double_quantization: bool = False
@@ -102,39 +170,92 @@ class Recipe(_Strict):
     trust_remote_code: bool = False
     # adapter
     finetuning_type: Literal["lora", "prefix", "prompt", "ia3", "full"] = "lora"
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: float = Field(16, gt=0)
+    lora_rank: int = Field(8, ge=1, le=4096)
+    lora_alpha: float = Field(16, gt=0, le=65536)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_target: str | list[str] = "all-linear"
-    num_virtual_tokens: int = Field(16, ge=1)
-    modules_to_save: list[str] | None = None
+    lora_target: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="module names as a list or comma-separated (q_proj,v_proj), or all-linear (alias: all)"
+    )
+    num_virtual_tokens: int = Field(16, ge=1, le=4096)
+    modules_to_save: list[str] | None = Field(None, description="as a list or comma-separated")
     # data
     dataset: str
     eval_dataset: str | None = Field(None, description="default: the dataset's dev split")
     task: Literal["classification", "multiple_choice", "sft", "sequence_classification"] | None = None
     template: str | None = None
     label_words: dict[int | str, str] | list[str] | None = None
-    cutoff_len: int = Field(256, ge=8)
+    text_fields: list[str] | None = Field(
+        None, min_length=1, description="fields joined as the prompt when there is no template; sequence_classification: "
+        "its one or two input texts"
+    )
+    label_field: str = Field("label", min_length=1, description="the field holding the label (classification, "
+                             "multiple_choice: the gold choice's index, sequence_classification)")
+    choices_field: str = Field("choices", min_length=1, description="multiple_choice: the list of candidate "
+                               "continuations (else choice1, choice2, ...)")
+    cutoff_len: int = Field(256, ge=8, le=1 << 20)
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
     # training
-    learning_rate: float = Field(1e-3, ge=0)
-    max_steps: int = Field(100, ge=1)
-    per_device_train_batch_size: int = Field(16, ge=1)
-    per_device_eval_batch_size: int = Field(16, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-3, ge=0, le=1)
+    max_steps: int = Field(100, ge=1, le=STEPS)
+    per_device_train_batch_size: int = Field(16, ge=1, le=BATCH)
+    per_device_eval_batch_size: int = Field(16, ge=1, le=BATCH)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=BATCH)
     lr_scheduler_type: Literal["constant", "linear", "cosine", "constant_with_warmup", "polynomial"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (None: only at the start and end)")
-    save_steps: int | None = Field(None, ge=1)
-    save_total_limit: int | None = Field(None, ge=1)
-    logging_steps: int = Field(10, ge=1)
+    warmup_steps: int = Field(0, ge=0, le=STEPS)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    eval_steps: int | None = Field(None, ge=1, le=STEPS, description="evaluate every N steps (None: only at the start and end)")
+    save_steps: int | None = Field(None, ge=1, le=STEPS)
+    save_total_limit: int | None = Field(None, ge=1, le=STEPS)
+    logging_steps: int = Field(10, ge=1, le=STEPS)
     output_dir: str = "outputs/run"
-    seed: int = 42
+    overwrite_output_dir: bool = Field(False, description="start over in an output_dir that holds a previous run "
+                                       "(its checkpoints are removed); the CLI's --overwrite")
+    seed: int = Field(42, ge=0, le=2**32 - 1)
     resume_from_checkpoint: str | None = Field(None, description="auto | a checkpoint directory")
-    report_to: Literal["none"] = Field("none", description="trainer_log.jsonl is always written")
-    zo: ZOSettings = Field(default_factory=ZOSettings)
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="none | tensorboard | wandb or a list (trainer_log.jsonl is always written)"
+    )
+    zo: SerializeAsAny[ZOSettings] = Field(default_factory=lambda: _zo_block({}))
+
+    @field_validator("zo", mode="before")
+    @classmethod
+    def _zo(cls, value: Any) -> ZOSettings:
+        return _zo_block(value)
+
+    @field_validator("lora_target", "modules_to_save", mode="before")
+    @classmethod
+    def _module_names(cls, value: Any, info: ValidationInfo) -> Any:
+        """Accept LLaMA-Factory's comma form (``q_proj,v_proj``) and ``all``; refuse empty names and lists."""
+        if value is None:
+            return None
+        if info.field_name == "lora_target" and value in ("all", "all-linear"):
+            return "all-linear"
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, list):
+            return value  # the type check reports it
+        names = [n.strip() if isinstance(n, str) else n for n in names]
+        if not names or not all(isinstance(n, str) and n for n in names):
+            fix = "all-linear for every linear layer" if info.field_name == "lora_target" else "leave the key out"
+            raise ValueError(f"names no module, got {value!r}; list module names (e.g. [q_proj, v_proj]) or {fix}")
+        return names
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty (it would write into the current directory); give a directory, e.g. outputs/run")
+        return value
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _reporters(cls, value: Any) -> Any:
+        """``none``, a name, a comma-separated string or a list, as TrainingArguments takes them."""
+        names = [n.strip() for n in value.split(",")] if isinstance(value, str) else value
+        if isinstance(names, list):
+            names = [n for n in names if n not in ("none", "")]
+            return list(REPORTERS) if names == ["all"] else names
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -144,6 +265,11 @@ class Recipe(_Strict):
             )
         if self.task == "sequence_classification" and self.task_type == "causal_lm":
             raise ValueError("task: sequence_classification needs task_type: sequence_classification")
+        if not self.is_zeroth_order and self.zo.objective != "loss":
+            raise ValueError(f"zo.objective: {self.zo.optimizer} trains on the loss (backprop needs a gradient); "
+                             "use a ZO optimizer for the objective, or zo.objective: loss")
+        if self.task == "sequence_classification" and self.text_fields and len(self.text_fields) > 2:
+            raise ValueError(f"text_fields: sequence_classification reads one or two texts, got {self.text_fields}")
         return self
 
     @property
@@ -160,12 +286,25 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(), sort_keys=False, allow_unicode=True)
 
 
+def bundled_recipes_dir() -> Path:
+    """The bundled recipes: ``$ZOPEFT_RECIPES``, else the package's copy, else a checkout's ``recipes/``."""
+    if "ZOPEFT_RECIPES" in os.environ:
+        return Path(os.environ["ZOPEFT_RECIPES"])
+    packaged = Path(__file__).resolve().parent / "recipes"  # installed from a wheel or sdist
+    return packaged if packaged.is_dir() else packaged.parent.parent / "recipes"
+
+
 def _did_you_mean(hint: list[str]) -> str:
     return f" (did you mean {hint[0]!r}?)" if hint else ""
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["zo.eps=1e-3", "max_steps=200"]`` → nested dict; values parsed as YAML scalars."""
+    """``["zo.eps=1e-3", "max_steps=200"]`` → nested dict; values parsed as YAML scalars.
+
+    A key whose value is text (``template``, ``output_dir``, ...) takes the text as written
+    (``template={sentence}`` is not a YAML mapping) unless it is quoted (``output_dir=''``);
+    ``key=`` with nothing after it is null.
+    """
     out: dict[str, Any] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -175,8 +314,21 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = _scalar(value) if value.strip() else None
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        text = key.strip() in _text_keys() and not quoted
+        node[leaf] = None if not value.strip() else value if text else _scalar(value)
     return out
+
+
+def _text_keys(model: type[BaseModel] | None = None, prefix: str = "") -> set[str]:
+    """Dotted names of the recipe keys whose type is ``str`` (or ``str | None``)."""
+    keys = set()
+    for name, info in (model or Recipe).model_fields.items():
+        if info.annotation in (str, str | None):
+            keys.add(prefix + name)
+        elif isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            keys |= _text_keys(info.annotation, f"{prefix}{name}.")
+    return keys
 
 
 def _scalar(value: str) -> Any:
@@ -216,7 +368,10 @@ def _format(error: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{path}: required key is missing"
     msg = msg.removeprefix("Value error, ")
-    if kind == "literal_error":
+    if re.match(rf"{re.escape(path) if loc else ''}[\w.]*: ", msg):  # the check names its key itself
+        return msg
+    if kind == "literal_error":  # a list item's index adds nothing to the key path
+        path = ".".join(str(p) for p in loc if not isinstance(p, int))
         choices = re.findall(r"'([^']*)'", error["ctx"]["expected"])
         hint = difflib.get_close_matches(str(error.get("input")), choices, n=1)
         return f"{path}: {msg}, got {error.get('input')!r}{_did_you_mean(hint)}"
@@ -242,7 +397,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, *, 
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError([_format(e) for e in err.errors()]) from None
+        raise RecipeError([line for e in err.errors() for line in _format(e).splitlines()]) from None
     if check_files:
         _check_files(recipe)
     return recipe
@@ -272,5 +427,8 @@ def _check_files(recipe: Recipe) -> None:
             errors.append(f"model_name_or_path: {model!r} does not exist (a local directory, a .gguf file, a hub id or pkg:PACKAGE/FILE)")
     if recipe.resume_from_checkpoint not in (None, "auto") and not Path(recipe.resume_from_checkpoint).is_dir():
         errors.append(f"resume_from_checkpoint: {recipe.resume_from_checkpoint!r} is not a directory (use auto or a checkpoint-N path)")
+    for name in recipe.report_to:
+        if importlib.util.find_spec(name) is None:
+            errors.append(f"report_to: {name} needs the {name} package (pip install 'zopeft[{name}]') or drop it")
     if errors:
         raise RecipeError(errors)

@@ -1,23 +1,35 @@
-"""One registry for every zeroth-order optimizer: ``get_optimizer("fzoo", model, lr=...)``."""
+"""One registry for every zeroth-order optimizer: ``get_optimizer("fzoo", model, lr=...)``.
+
+The built-in optimizers are imported only when one is built, so listing the names (recipe
+validation, ``zopeft validate``) does not import torch.
+"""
 
 from __future__ import annotations
 
 import difflib
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .optim.adamezo import AdaMeZO
-from .optim.base import ZOOptimizer
-from .optim.fzoo import FZOO
-from .optim.hizoo import HiZOO
-from .optim.mezo import MeZO
+from .optim.settings import BASE, BUILTIN, Setting
 
-__all__ = ["available_optimizers", "get_optimizer", "register_optimizer"]
+if TYPE_CHECKING:
+    from .optim.base import ZOOptimizer
 
+__all__ = ["available_optimizers", "get_optimizer", "hyperparameters", "register_optimizer"]
+
+# name -> "module:class" of the built-in optimizers, imported on first use
+_BUILTIN = {
+    "mezo": "zopeft.optim.mezo:MeZO",
+    "fzoo": "zopeft.optim.fzoo:FZOO",
+    "adamezo": "zopeft.optim.adamezo:AdaMeZO",
+    "hizoo": "zopeft.optim.hizoo:HiZOO",
+}
 _REGISTRY: dict[str, type[ZOOptimizer]] = {}
 
 
 def register_optimizer(name: str, cls: type[ZOOptimizer] | None = None) -> Any:
     """Register ``cls`` under ``name`` (case-insensitive); usable as a decorator."""
+    from .optim.base import ZOOptimizer
 
     def add(klass: type[ZOOptimizer]) -> type[ZOOptimizer]:
         if not (isinstance(klass, type) and issubclass(klass, ZOOptimizer)):
@@ -30,18 +42,33 @@ def register_optimizer(name: str, cls: type[ZOOptimizer] | None = None) -> Any:
 
 def available_optimizers() -> list[str]:
     """The registered names, sorted."""
-    return sorted(_REGISTRY)
+    return sorted({*_BUILTIN, *_REGISTRY})
 
 
 def get_optimizer(name: str, params: Any, **kwargs: Any) -> ZOOptimizer:
     """Build the optimizer registered as ``name`` over ``params`` (a module, tensors or groups)."""
-    cls = _REGISTRY.get(name.lower())
+    key = name.lower()
+    if key not in _REGISTRY and key in _BUILTIN:
+        module, _, attr = _BUILTIN[key].partition(":")
+        _REGISTRY[key] = getattr(importlib.import_module(module), attr)
+    cls = _REGISTRY.get(key)
     if cls is None:
-        hint = difflib.get_close_matches(name.lower(), _REGISTRY, n=1)
+        hint = difflib.get_close_matches(key, available_optimizers(), n=1)
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise ValueError(f"unknown ZO optimizer {name!r}{suggestion}; available: {', '.join(available_optimizers())}")
     return cls(params, **kwargs)
 
 
-for _name, _cls in (("mezo", MeZO), ("fzoo", FZOO), ("adamezo", AdaMeZO), ("hizoo", HiZOO)):
-    register_optimizer(_name, _cls)
+def hyperparameters(name: str) -> dict[str, Setting]:
+    """The settings of the optimizer registered as ``name``: its declarations over its bases' (no torch import
+    for a built-in one)."""
+    key = name.lower()
+    cls = _REGISTRY.get(key)
+    if cls is None:
+        if key not in _BUILTIN:
+            raise ValueError(f"unknown ZO optimizer {name!r}; available: {', '.join(available_optimizers())}")
+        return {**BASE, **BUILTIN[key]}
+    merged: dict[str, Setting] = {}
+    for klass in reversed(cls.__mro__):
+        merged.update(klass.__dict__.get("settings", {}))
+    return merged

@@ -51,6 +51,10 @@ class Task(Protocol):
         """``{"accuracy", "loss", "n"}`` (accuracy only where defined; sft gives ``perplexity``)."""
         ...
 
+    def check(self, record: dict) -> None:
+        """Raise ``KeyError`` / ``ValueError`` naming what ``record`` lacks for this format (no tokenizer needed)."""
+        ...
+
 
 # ----- shared helpers ----------------------------------------------------------------------------
 def _canon_label(value: Any) -> Any:
@@ -80,7 +84,8 @@ def _label_keys(label_words: dict | list | None) -> list[Any] | None:
 def _label_index(record: dict, label_field: str, keys: list[Any] | None) -> int:
     """Index of the record's label: its position among ``keys``, or the label itself as an int."""
     if label_field not in record:
-        raise KeyError(f"record has no label field {label_field!r} (fields: {', '.join(record)})")
+        raise KeyError(f"record has no label field {label_field!r} (fields: {', '.join(record)}); "
+                       "set label_field to the field that holds the label")
     label = _canon_label(record[label_field])
     if keys is None:
         if not isinstance(label, int):
@@ -95,13 +100,21 @@ def _fill(template: str, record: dict) -> str:
     try:
         return template.format_map(record)
     except KeyError as err:
-        raise KeyError(f"template field {err.args[0]!r} is not in the record (fields: {', '.join(record)})") from None
+        raise KeyError(f"template field {err.args[0]!r} is not in the record (fields: {', '.join(record)}); "
+                       "use these fields in the template") from None
+
+
+def _require_text_fields(record: dict, names: list[str]) -> None:
+    missing = [n for n in names if n not in record]
+    if missing:
+        raise KeyError(f"text field {missing[0]!r} is not in the record (fields: {', '.join(record)}); fix text_fields")
 
 
 def _prompt_text(record: dict, template: str | None, text_fields: list[str] | None, kind: str) -> str:
     if template is not None:
         return _fill(template, record)
     if text_fields:
+        _require_text_fields(record, text_fields)
         return "\n".join(str(record[f]) for f in text_fields)
     raise ValueError(f"{kind}: give a template (e.g. 'Review: {{sentence}}\\nSentiment:') or text_fields")
 
@@ -346,6 +359,10 @@ class ClassificationTask(_CandidateTask):
         self.keys = _label_keys(self.label_words)
         self.words = list(self.label_words.values() if isinstance(self.label_words, dict) else self.label_words)
 
+    def check(self, record: dict) -> None:
+        _prompt_text(record, self.template, self.text_fields, self.kind)
+        _label_index(record, self.label_field, self.keys)
+
     def examples(self, records: list[dict], tokenizer: Any) -> list[_Example]:
         prefix, words = _special_prefix(tokenizer), [_encode(tokenizer, w) for w in self.words]
         return [
@@ -378,7 +395,8 @@ class MultipleChoiceTask(_CandidateTask):
             choices.append(str(record[f"choice{i}"]))
             i += 1
         if len(choices) < 2:
-            raise KeyError(f"record has neither {self.choices_field!r} nor choice1, choice2, ... (fields: {', '.join(record)})")
+            raise KeyError(f"record has neither {self.choices_field!r} nor choice1, choice2, ... (fields: {', '.join(record)}); "
+                           "set choices_field to the field that lists the choices")
         return choices
 
     def prompt(self, record: dict) -> str:
@@ -388,14 +406,22 @@ class MultipleChoiceTask(_CandidateTask):
                     return str(record[name])
         return _prompt_text(record, self.template, self.text_fields, self.kind)
 
+    def read(self, record: dict) -> tuple[str, list[str], int]:
+        """``(prompt, choices, gold index)`` of a record."""
+        prompt, choices = self.prompt(record), self.choices(record)
+        gold = _label_index(record, self.label_field, None)
+        if not 0 <= gold < len(choices):
+            raise ValueError(f"label {gold} is not an index into the {len(choices)} choices")
+        return prompt, choices, gold
+
+    def check(self, record: dict) -> None:
+        self.read(record)
+
     def examples(self, records: list[dict], tokenizer: Any) -> list[_Example]:
         prefix, out = _special_prefix(tokenizer), []
         for r in records:
-            prompt, choices = self.prompt(r), self.choices(r)
+            prompt, choices, gold = self.read(r)
             joined = [c if not prompt or prompt[-1].isspace() or c[:1].isspace() else " " + c for c in choices]
-            gold = _label_index(r, self.label_field, None)
-            if not 0 <= gold < len(choices):
-                raise ValueError(f"label {gold} is not an index into the {len(choices)} choices")
             out.append(_example(prefix, _encode(tokenizer, prompt), [_encode(tokenizer, c) for c in joined], gold, self.cutoff_len))
         return out
 
@@ -431,6 +457,9 @@ class SFTTask:
         else:
             raise KeyError(f"sft record needs prompt/completion or instruction/input/output (fields: {', '.join(record)})")
         return prompt, str(record[completion_key])
+
+    def check(self, record: dict) -> None:
+        self.split(record)
 
     def collate(self, records: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         _check_records(records)
@@ -487,6 +516,10 @@ class SequenceClassificationTask:
             if all(n in record for n in names):
                 return list(names)
         raise KeyError(f"give text_fields: none of the default text fields is in the record (fields: {', '.join(record)})")
+
+    def check(self, record: dict) -> None:
+        _require_text_fields(record, self.fields(record))
+        _label_index(record, self.label_field, _label_keys(self.label_words))
 
     def collate(self, records: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         _check_records(records)

@@ -11,11 +11,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..objectives import CandidateBatch, CandidateScores, Objective, resolve_objective
+from ..objectives import CandidateBatch, Objective, resolve_objective
 from ..optim.evaluation_log import report_path
 from .adapters.base import Unsupported, applied
-from .loss import Criterion, LossPlan, plan_loss
-from .memory import parse_memory, replicas_per_pass
+from .loss import CandidateScores, Criterion, LossPlan, plan_loss
+from ..optim.settings import parse_memory
+from .memory import replicas_per_pass
 from .plan import Plan, build_plan
 
 __all__ = ["BatchedLoss", "MetricClosure", "PointSource", "batched_support", "loss_closure", "metric_closure"]

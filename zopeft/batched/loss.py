@@ -28,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..objectives import CandidateBatch, Objective
 from .adapters.base import Patch, Unsupported, applied
 
 __all__ = [
-    "HEAD_CHUNK_BYTES", "Criterion", "CrossEntropy", "LossPlan", "plan_loss", "prompt_learning_type", "takes_logit_mask",
+    "HEAD_CHUNK_BYTES", "CandidateScores", "Criterion", "CrossEntropy", "LossPlan", "plan_loss", "prompt_learning_type",
+    "takes_logit_mask",
 ]
 
 HEAD_CHUNK_BYTES = 256 << 20
@@ -237,6 +239,45 @@ class CrossEntropy:
 
     def classify(self, logits: torch.Tensor) -> list[float]:
         raise NotImplementedError("the sequence-classification loss is the model's own")
+
+
+class CandidateScores:
+    """A :class:`Criterion`: each replica's candidate scores (see :class:`~zopeft.objectives.CandidateBatch`), then the objective."""
+
+    def __init__(self, batch: CandidateBatch, objective: Objective, targets: torch.Tensor, rows: torch.Tensor) -> None:
+        self.batch, self.objective = batch, objective
+        self.targets, self.rows = targets, rows  # each labelled position's token and batch row
+        self.parts: list[torch.Tensor] = []
+
+    def consume(self, logits: torch.Tensor, start: int) -> None:
+        logp = logits.float().log_softmax(-1)  # (R, c, V)
+        if self.batch.candidate_tokens is not None:
+            self.parts.append(logp[..., self.batch.candidate_tokens.to(logp.device)])  # (R, c, C)
+        else:
+            tokens = self.targets[start : start + logp.shape[1]].to(logp.device)
+            self.parts.append(logp.gather(2, tokens.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(2))
+
+    def result(self, replicas: int) -> list[float]:
+        b = self.batch
+        if b.candidate_tokens is not None:
+            scores = torch.cat(self.parts, dim=1)  # (R, examples, C): one labelled position per example
+        else:
+            per_token = torch.cat(self.parts, dim=1)  # (R, positions)
+            rows = self.rows.to(per_token.device)
+            n_rows = b.row_example.numel()
+            sums = per_token.new_zeros(replicas, n_rows).index_add_(1, rows, per_token)
+            if b.length_normalised:
+                sums = sums / torch.bincount(rows, minlength=n_rows).clamp_(min=1)
+            scores = per_token.new_full((replicas, b.gold.numel(), b.num_candidates), float("-inf"))
+            scores[:, b.row_example.to(rows.device), b.row_candidate.to(rows.device)] = sums
+        return self._values(scores)
+
+    def classify(self, logits: torch.Tensor) -> list[float]:
+        return self._values(F.log_softmax(logits.float(), -1))
+
+    def _values(self, scores: torch.Tensor) -> list[float]:
+        gold = self.batch.gold.to(scores.device)
+        return [float(self.objective(scores[r], gold)) for r in range(scores.shape[0])]
 
 
 def _logits(output: Any) -> torch.Tensor:

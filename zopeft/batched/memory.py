@@ -16,32 +16,17 @@ An out-of-memory error still halves the replicas (see :mod:`zopeft.batched.closu
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 from torch import nn
 
 from .loss import HEAD_CHUNK_BYTES
 
-__all__ = ["MARGIN_FRACTION", "activation_bytes", "parse_memory", "replicas_per_pass"]
+__all__ = ["MARGIN_FRACTION", "activation_bytes", "replicas_per_pass"]
 
 MARGIN_FRACTION = 0.25
 _MIN_MARGIN = {"cuda": 1 << 30, "cpu": 256 << 20}
 _CPU_AVAILABLE_FRACTION = 0.5  # of MemAvailable: the host runs other things
-_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 1 << 10, "MIB": 1 << 20,
-          "GIB": 1 << 30, "TIB": 1 << 40}
-
-
-def parse_memory(value: int | float | str | None) -> int | None:
-    """Bytes from ``12e9``, ``"12GB"``, ``"11.5GiB"`` or ``"800MB"``; ``None`` stays ``None``."""
-    if value is None or isinstance(value, (int, float)):
-        if value is not None and not value > 0:
-            raise ValueError(f"max_memory must be > 0, got {value}")
-        return None if value is None else int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT]?I?B?)\s*", value.upper())
-    if not match or not float(match.group(1)) > 0:
-        raise ValueError(f"max_memory {value!r}: give bytes or a size such as '12GB' or '11.5GiB'")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 def activation_bytes(config: object, rows: int, length: int, element_bytes: int) -> int:

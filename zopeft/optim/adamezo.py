@@ -9,9 +9,10 @@ from typing import Any
 import torch
 
 from .base import StepRecord
-from .hyperparameters import Setting
 from .mezo import MeZO
 from .points import Buffer
+from .settings import ADAMEZO as SETTINGS
+from .settings import BASE
 
 
 class AdaMeZO(MeZO):
@@ -44,24 +45,18 @@ class AdaMeZO(MeZO):
         **kwargs: ``weight_decay``, ``noise``, ``seed``, ``master_weights``.
     """
 
-    settings = {
-        "window": Setting("K, past steps in the rebuilt moments", ge=1),
-        "beta1": Setting("first-moment decay", ge=0, lt=1),
-        "beta2": Setting("second-moment decay", ge=0, lt=1),
-        "delta": Setting("δ in the denominator", gt=0),
-        "moment_scale": Setting("factor on m (100 in the reference code)", gt=0),
-    }
+    settings = SETTINGS
 
     def __init__(
         self,
         params: Any,
         lr: float = 1e-6,
-        eps: float = 1e-3,
-        window: int = 10,
-        beta1: float = 0.7,
-        beta2: float = 0.9,
-        delta: float = 1e-5,
-        moment_scale: float = 100.0,
+        eps: float = BASE["eps"].default,
+        window: int = SETTINGS["window"].default,
+        beta1: float = SETTINGS["beta1"].default,
+        beta2: float = SETTINGS["beta2"].default,
+        delta: float = SETTINGS["delta"].default,
+        moment_scale: float = SETTINGS["moment_scale"].default,
         **kwargs: Any,
     ) -> None:
         if window < 1:

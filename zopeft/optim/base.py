@@ -33,10 +33,9 @@ from torch import nn
 from ..bnb_cpu import require_exact_4bit_cpu_path
 from ..distributed import ZOComm
 from ..noise import NOISE_FORMAT
-from ..batched.memory import parse_memory
 from .evaluation_log import report_path
-from .hyperparameters import Setting
 from .points import Buffer, Point, Points
+from .settings import BASE
 
 __all__ = ["Evaluation", "StepRecord", "ZOOptimizer"]
 
@@ -94,16 +93,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     """
 
     default_parallel = "data"
-    settings = {
-        "eps": Setting("perturbation scale ε", gt=0),
-        "noise": Setting("perturbation noise", choices=("rademacher", "gaussian")),
-        "master_weights": Setting("fp32 master copies: bit-exact restores, no drift of fp16/bf16 adapters"),
-        "batched": Setting("evaluate a step's points as replicas of the batch in few forward passes"),
-        "perturbation_batch_size": Setting("replicas per batched forward pass (None: from free memory)", ge=1),
-        "max_memory": Setting("peak memory the automatic replica count keeps under, e.g. 12GB", check=parse_memory),
-        "parallel": Setting("under torchrun: how ranks share a step", choices=("auto", "perturbation", "data")),
-        "sync_check_steps": Setting("under torchrun: compare replica checksums every k steps (0: never)", ge=0),
-    }
+    settings = BASE
 
     def __init__(
         self,
@@ -112,14 +102,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         lr: float,
         eps: float,
         weight_decay: float = 0.0,
-        noise: str = "rademacher",
+        noise: str = BASE["noise"].default,
         seed: int = 0,
-        master_weights: bool = True,
-        batched: bool = False,
-        perturbation_batch_size: int | None = None,
-        max_memory: int | str | None = None,
-        parallel: str | ZOComm | None = "auto",
-        sync_check_steps: int = 100,
+        master_weights: bool = BASE["master_weights"].default,
+        batched: bool = BASE["batched"].default,
+        perturbation_batch_size: int | None = BASE["perturbation_batch_size"].default,
+        max_memory: int | str | None = BASE["max_memory"].default,
+        parallel: str | ZOComm | None = BASE["parallel"].default,
+        sync_check_steps: int = BASE["sync_check_steps"].default,
         **defaults: Any,
     ) -> None:
         if not (math.isfinite(lr) and lr >= 0):

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from .base import Evaluation, ZOOptimizer
-from .hyperparameters import Setting
+from .settings import BASE, FZOO as SETTINGS
 
 
 class FZOO(ZOOptimizer):
@@ -31,15 +31,15 @@ class FZOO(ZOOptimizer):
             ``perturbation_batch_size`` (replicas per batched forward; default automatic).
     """
 
-    settings = {"n_perturbations": Setting("perturbations per step (N)", ge=2)}
+    settings = SETTINGS
 
     def __init__(
         self,
         params: Any,
         lr: float = 1e-3,
-        eps: float = 1e-3,
-        n_perturbations: int = 8,
-        batched: bool = True,
+        eps: float = BASE["eps"].default,
+        n_perturbations: int = SETTINGS["n_perturbations"].default,
+        batched: bool = SETTINGS["batched"].default,
         **kwargs: Any,
     ) -> None:
         if n_perturbations < 2:

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 from .base import Evaluation, StepRecord, ZOOptimizer
-from .hyperparameters import Setting
 from .points import Buffer
+from .settings import BASE
+from .settings import HIZOO as SETTINGS
 
 
 class HiZOO(ZOOptimizer):
@@ -40,20 +41,16 @@ class HiZOO(ZOOptimizer):
         **kwargs: ``weight_decay``, ``seed``, ``master_weights``, ``parallel``, ...
     """
 
-    settings = {
-        "hessian_smooth": Setting("α: weight of each step's estimate in the moving average of Σ", ge=0, le=1),
-        "min_curvature": Setting("floor of the diagonal Hessian estimate Σ", gt=0),
-        "noise": Setting("perturbation noise (the diagonal estimate needs Gaussian z)", choices=("gaussian",)),
-    }
+    settings = SETTINGS
 
     def __init__(
         self,
         params: Any,
         lr: float = 1e-6,
-        eps: float = 1e-3,
-        hessian_smooth: float = 1e-8,
-        min_curvature: float = 1e-8,
-        noise: str = "gaussian",
+        eps: float = BASE["eps"].default,
+        hessian_smooth: float = SETTINGS["hessian_smooth"].default,
+        min_curvature: float = SETTINGS["min_curvature"].default,
+        noise: str = SETTINGS["noise"].default,
         **kwargs: Any,
     ) -> None:
         if noise != "gaussian":

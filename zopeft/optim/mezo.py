@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Evaluation, ZOOptimizer
+from .settings import BASE, MEZO
 
 
 class MeZO(ZOOptimizer):
@@ -20,7 +21,9 @@ class MeZO(ZOOptimizer):
         **kwargs: ``weight_decay``, ``noise``, ``seed``, ``master_weights``.
     """
 
-    def __init__(self, params: Any, lr: float = 1e-6, eps: float = 1e-3, **kwargs: Any) -> None:
+    settings = MEZO
+
+    def __init__(self, params: Any, lr: float = 1e-6, eps: float = BASE["eps"].default, **kwargs: Any) -> None:
         super().__init__(params, lr=lr, eps=eps, **kwargs)
 
     def evaluations(self) -> list[Evaluation]:

@@ -1,0 +1,46 @@
+"""report_to: TensorBoard and Weights & Biases (offline) receive the loss, lr, zo_* statistics and eval
+metrics against forward passes."""
+
+from __future__ import annotations
+
+import pytest
+from test_cli import invoke, write_recipe
+from test_user_errors import one_error_line
+
+from zopeft.trackers import scalars
+
+
+def test_scalar_names():
+    record = {"step": 3, "forward_passes": 12, "lr": 0.01, "loss": 2.5, "sigma": 0.1, "skipped": "non-finite loss",
+              "eval_accuracy": 0.5}
+    assert scalars(record) == {"train/global_step": 3, "train/learning_rate": 0.01, "train/loss": 2.5,
+                               "train/zo_sigma": 0.1, "eval/accuracy": 0.5}
+
+
+def test_report_to_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    path = write_recipe(tmp_path, max_steps=2, report_to="tensorboard,wandb")
+    assert "report_to:\n- tensorboard\n- wandb" in invoke("validate", path).output
+    result = invoke("train", path)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+
+    events = EventAccumulator(str(out / "runs"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/zo_sigma", "train/zo_skipped_steps", "eval/accuracy"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [4, 8]  # forward passes: N+1 = 4 per FZOO step
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [0, 8]
+
+    (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    logged = run_file.read_bytes()  # protobuf records: the metric names are stored as plain strings
+    for name in (b"forward_passes", b"train/loss", b"train/zo_sigma", b"eval/accuracy"):
+        assert name in logged
+
+
+@pytest.mark.parametrize("value,expected", [("tensorbord", "(did you mean 'tensorboard'?)"), ("[wandb, mlflow]", "report_to:")])
+def test_unknown_report_to_is_refused(tmp_path, value, expected):
+    one_error_line(invoke("validate", write_recipe(tmp_path), f"report_to={value}"), expected)

@@ -1,0 +1,57 @@
+"""Rebuild a ZO run from its seed log, without a forward pass (``zopeft replay``).
+
+A zeroth-order step is a pure function of the run seed, the step, its learning rates and its
+losses: the noise is regenerated from the seed.  ``zo_steps.jsonl`` keeps those few numbers for
+every step, so a run is its recipe plus that log: the adapter is initialised as training
+initialised it (same seed) and a fresh optimizer re-applies every logged step
+(:meth:`zopeft.ZOOptimizer.replay`).  Run it on the kind of device the run trained on
+(the noise is drawn on the tensors' device).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from .checkpoint import atomic_directory
+from .components import adapter_spec, make_optimizer, model_spec
+from .models import load_model
+from .recipe import RecipeError
+from .rundir import RECIPE_NAME, STEP_LOG_NAME, RunDir, check_output_target
+
+__all__ = ["replay_run"]
+
+
+def replay_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Rebuild the adapter of the run in ``run_dir`` from its recipe and step log; write it to ``out_dir``.
+
+    Returns ``{"steps", "out_dir", "compared", "identical"}``: ``compared`` is the run's own
+    adapter when the log covers the whole run (its tensors are compared bit for bit), else None.
+    """
+    run, out_dir = RunDir(run_dir), Path(out_dir)
+    recipe = run.recipe()
+    if not recipe.is_zeroth_order:
+        raise RecipeError([f"zo.optimizer: {run.path} was trained with {recipe.zo.optimizer} (first-order), which "
+                           "leaves no seed log; only fzoo, mezo or adamezo runs can be replayed"])
+    records = run.step_records()
+    if not records or [r["step"] for r in records] != list(range(len(records))):
+        raise RecipeError([f"{run.path / STEP_LOG_NAME}: missing or not one record per step from step 0 "
+                           "(written by zopeft train for ZO runs); this run cannot be replayed"])
+    check_output_target(out_dir, overwrite=overwrite, keep=[run.path])
+    torch.manual_seed(recipe.seed)  # the adapter's initialisation, as in training
+    model, tokenizer = load_model(model_spec(recipe), adapter_spec(recipe))
+    make_optimizer(recipe, model).replay(records)
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / RECIPE_NAME).write_text(recipe.to_yaml())
+    saved = run.path / "adapter_model.safetensors"
+    compared = saved if len(records) == recipe.max_steps and saved.exists() else None
+    identical = None
+    if compared is not None:
+        theirs, ours = load_file(str(saved)), load_file(str(out_dir / "adapter_model.safetensors"))
+        identical = theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    return {"steps": len(records), "out_dir": str(out_dir), "compared": compared, "identical": identical}

@@ -1,0 +1,361 @@
+"""The run directory (``output_dir``): lock, checkpoints, resume checks, logs, final adapter and plot.
+
+What a run leaves there::
+
+    recipe.yaml            the resolved recipe
+    trainer_log.jsonl      one JSON line per logged step and per evaluation
+    zo_steps.jsonl         every ZO step's record (step, lr per param group, losses): `zopeft replay` input
+    checkpoint-N/          adapter, optimizer / scheduler / RNG state, trainer_state.json, recipe.yaml
+    adapter_model.safetensors, adapter_config.json, tokenizer files: the final adapter (PEFT layout)
+    training_curves.png
+    .zopeft.lock           while a `zopeft train` runs in it (its pid)
+
+Every file is written atomically (a temporary and a rename); a killed process's temporaries are
+removed by the next run.  Nothing here builds a model: :mod:`zopeft.components` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import (
+    atomic_directory, atomic_files, check_safetensors, load_state, remove_stale_temporaries, save_state, write_text_atomic,
+)
+from .recipe import Recipe, RecipeError, load_recipe
+
+__all__ = [
+    "LOG_NAME", "RECIPE_NAME", "STEP_LOG_NAME", "JsonlLog", "RunDir", "checkpoint_problem", "check_output_target",
+    "read_jsonl",
+]
+
+logger = logging.getLogger("zopeft")
+LOG_NAME, STEP_LOG_NAME, RECIPE_NAME, STATE_NAME = "trainer_log.jsonl", "zo_steps.jsonl", "recipe.yaml", "trainer_state.json"
+LOCK_NAME, PLOT_NAME = ".zopeft.lock", "training_curves.png"
+# files that mark a directory as holding a run or an adapter (besides checkpoint-N directories)
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", LOG_NAME, STEP_LOG_NAME)
+STATE_FILES = ("optimizer", "scheduler", "rng")  # save_state names in a checkpoint
+# schedules whose learning rate at every step depends on max_steps
+STRETCHED_SCHEDULES = ("linear", "cosine", "polynomial")
+
+Echo = Callable[[str], None]
+
+
+def _step_of(path: Path) -> int | None:
+    """N of a ``checkpoint-N`` directory, None for any other name."""
+    prefix, _, step = path.name.partition("-")
+    return int(step) if prefix == "checkpoint" and step.isdigit() and path.is_dir() else None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file, without a last line a killed writer left unfinished."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
+
+
+class JsonlLog:
+    """An append-only JSON-lines log; opening it keeps only the records ``keep`` accepts from ``source``.
+
+    That is how a resumed run drops what the killed run logged after its checkpoint.
+    """
+
+    def __init__(self, path: Path, keep: Callable[[dict[str, Any]], bool], source: Path | None = None) -> None:
+        self.path = path
+        self.kept = [r for r in read_jsonl(source or path) if keep(r)]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What makes a ``checkpoint-N`` directory unusable for resuming (a missing or truncated file), or None."""
+    if not checkpoint.is_dir():
+        return f"{checkpoint} is not a directory"
+    for name in (STATE_NAME, RECIPE_NAME, *(f"{s}.json" for s in STATE_FILES)):
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        try:
+            if name.endswith(".json"):
+                json.loads(path.read_text())
+        except ValueError:
+            return f"{path} is not valid JSON (truncated?)"
+    weights = sorted(checkpoint.glob("*.safetensors"))
+    if not any(w.name.startswith(("adapter_model", "model")) for w in weights):
+        return f"{checkpoint} holds no adapter_model.safetensors"
+    return next((p for p in map(check_safetensors, weights) if p), None)
+
+
+def _holds_run(directory: Path) -> str | None:
+    """The first run file or checkpoint-N directory at any depth under ``directory``, or None."""
+    for root, dirs, files in os.walk(directory):
+        found = [f for f in files if f in RUN_FILES] + [d for d in dirs if _step_of(Path(root) / d) is not None]
+        if found:
+            return str(Path(root) / found[0])
+    return None
+
+
+def check_output_target(out: Path, *, overwrite: bool, keep: Iterable[Path] = (), option: str = "--out") -> None:
+    """Refuse (:class:`RecipeError`) to write ``out`` unless it is new, an empty directory, or ``overwrite``.
+
+    Never, flag or not: a directory that holds a run, an adapter or checkpoints (at any
+    depth), one of the ``keep`` paths (e.g. the adapter being merged) or the current directory.
+    """
+    target = out.resolve()
+    for path in (*keep, Path.cwd()):
+        inside = path.resolve()
+        if target == inside or target in inside.parents:
+            raise RecipeError([f"{option}: writing {out} would replace {path}; choose another directory"])
+    if not target.exists():
+        return
+    if target.is_dir():
+        run = _holds_run(target)
+        if run:
+            raise RecipeError([f"{option}: {out} holds a training run or adapter ({run}) and is never replaced; "
+                               "choose another directory"])
+        if not any(target.iterdir()):
+            return
+    if not overwrite:
+        what = "a non-empty directory" if target.is_dir() else "a file"
+        raise RecipeError([f"{option}: {out} exists ({what}); pass --overwrite to replace it, or choose another path"])
+
+
+class RunDir:
+    """One training run's ``output_dir``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # ----- what is there ---------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """The ``checkpoint-N`` directories, oldest first."""
+        return sorted((p for p in self.path.glob("checkpoint-*") if _step_of(p) is not None), key=_step_of)
+
+    def run_files(self) -> list[str]:
+        """Names of what a previous run left here (run files and checkpoints)."""
+        return [n for n in RUN_FILES if (self.path / n).exists()] + [p.name for p in self.checkpoints()]
+
+    def recipe(self) -> Recipe:
+        """The recipe the run saved (``recipe.yaml``)."""
+        if not (self.path / RECIPE_NAME).is_file():
+            raise RecipeError([f"{self.path}: no {RECIPE_NAME} there; pass a training output_dir"])
+        return load_recipe(self.path / RECIPE_NAME, check_files=False)
+
+    def step_records(self) -> list[dict[str, Any]]:
+        """The ZO step log (``zo_steps.jsonl``): one record per step, in order."""
+        return read_jsonl(self.path / STEP_LOG_NAME)
+
+    # ----- exclusive use ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self, echo: Echo) -> Iterator[None]:
+        """Hold ``.zopeft.lock`` (with this pid) for the duration; remove killed processes' temporaries.
+
+        A lock whose process is gone (the kernel releases it at exit) is taken over with a
+        message.  Directories this call created are removed again if the block leaves them empty.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise RecipeError([f"output_dir: {self.path} is a file; choose a directory"])
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = self.path / LOCK_NAME
+        fd = None
+        try:
+            fd = _acquire(lock, echo)
+            removed = remove_stale_temporaries(self.path)
+            if removed:
+                echo(f"output_dir: removed what killed runs left unfinished: {', '.join(removed)}")
+            yield
+        finally:
+            if fd is not None:
+                lock.unlink(missing_ok=True)
+                os.close(fd)
+            for path in created:  # deepest first
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+
+    # ----- before a run: what to resume, and whether it may start here -----------------------
+    def prepare(self, recipe: Recipe, world_size: int, echo: Echo) -> Path | None:
+        """The checkpoint to resume (or None) after every check that needs no model; writes nothing."""
+        others = [p.name for p in self.path.glob("checkpoint-*") if p.is_dir() and _step_of(p) is None]
+        if others:
+            echo(f"output_dir: leaving {', '.join(others)} alone (only checkpoint-<step> directories are resumed and rotated)")
+        checkpoint = self._resume_point(recipe, echo)
+        if checkpoint is not None:
+            self._check_resumable(recipe, checkpoint, world_size, echo)
+        previous = self.run_files()
+        if previous and not self._holds(checkpoint) and not recipe.overwrite_output_dir:
+            shown = ", ".join(previous[:4]) + (", …" if len(previous) > 4 else "")
+            resume = "" if recipe.resume_from_checkpoint == "auto" else "continue it with resume_from_checkpoint=auto, "
+            raise RecipeError([
+                f"output_dir: {self.path} already holds a run ({shown}); {resume}choose another output_dir, "
+                "or start over with --overwrite (overwrite_output_dir: true)"
+            ])
+        return checkpoint
+
+    def _holds(self, checkpoint: Path | None) -> bool:
+        """Whether ``checkpoint`` is one of this run's (a resume in place)."""
+        return checkpoint is not None and checkpoint.resolve().parent == self.path.resolve()
+
+    def _resume_point(self, recipe: Recipe, echo: Echo) -> Path | None:
+        value = recipe.resume_from_checkpoint
+        if value is None:
+            return None
+        if value != "auto":
+            problem = checkpoint_problem(Path(value))
+            if problem:
+                raise RecipeError([f"resume_from_checkpoint: {problem}; resume from an earlier checkpoint-N"])
+            return Path(value)
+        for checkpoint in reversed(self.checkpoints()):
+            problem = checkpoint_problem(checkpoint)
+            if problem is None:
+                return checkpoint
+            echo(f"resume_from_checkpoint: auto: skipping {checkpoint.name}: {problem}; trying the previous checkpoint")
+        echo(f"resume_from_checkpoint: auto found no complete checkpoint in {self.path}; starting from step 0")
+        return None
+
+    @staticmethod
+    def _check_resumable(recipe: Recipe, checkpoint: Path, world_size: int, echo: Echo) -> None:
+        state = json.loads((checkpoint / STATE_NAME).read_text())
+        saved_world, step = state.get("world_size", 1), state["global_step"]
+        if saved_world != world_size:
+            raise RecipeError([
+                f"resume_from_checkpoint: {checkpoint} was written by {saved_world} process(es), this run has "
+                f"{world_size}; resume with torchrun --nproc_per_node {saved_world}"
+            ])
+        saved = load_recipe(checkpoint / RECIPE_NAME, check_files=False)
+        changed = [k for k, v in recipe.essentials().items() if saved.essentials().get(k) != v]
+        if changed:
+            raise RecipeError([
+                f"resume_from_checkpoint: {checkpoint} was trained with different {', '.join(changed)}; "
+                "restore those keys or start a new output_dir"
+            ])
+        if step > recipe.max_steps:
+            raise RecipeError([
+                f"max_steps: {recipe.max_steps} is below the step of {checkpoint} ({step}); "
+                f"set max_steps to {step} or more, or resume an earlier checkpoint"
+            ])
+        if saved.max_steps != recipe.max_steps and recipe.lr_scheduler_type in STRETCHED_SCHEDULES:
+            echo(f"max_steps: {saved.max_steps} -> {recipe.max_steps} under lr_scheduler_type {recipe.lr_scheduler_type}: "
+                 f"from step {step} on the learning rate follows the {recipe.max_steps}-step schedule, so this run "
+                 f"matches neither the {saved.max_steps}-step run nor a {recipe.max_steps}-step run from scratch")
+
+    # ----- writing -----------------------------------------------------------------------------
+    def open_logs(self, recipe: Recipe, start: int, checkpoint: Path | None, echo: Echo) -> tuple[JsonlLog, JsonlLog | None]:
+        """Write recipe.yaml; open trainer_log.jsonl and (ZO) zo_steps.jsonl, each cut back to ``start``.
+
+        A run that starts over (``overwrite_output_dir``) first removes the previous run's
+        checkpoints and files.  A run resumed from another directory's checkpoint takes the
+        step log up to its step from there.
+        """
+        if recipe.overwrite_output_dir and not self._holds(checkpoint) and self.run_files():
+            removed = self.run_files()
+            for name in removed:
+                if (self.path / name).is_dir():
+                    shutil.rmtree(self.path / name)
+                else:
+                    (self.path / name).unlink()
+            echo(f"overwrite_output_dir: removed the previous run's {', '.join(removed)} from {self.path}")
+        write_text_atomic(self.path / RECIPE_NAME, recipe.to_yaml())
+        log = JsonlLog(self.path / LOG_NAME, lambda r: r.get("step", 0) <= start)
+        if not recipe.is_zeroth_order:
+            return log, None
+        source = checkpoint.parent / STEP_LOG_NAME if checkpoint is not None else None
+        steps = JsonlLog(self.path / STEP_LOG_NAME, lambda r: r["step"] < start, source)
+        if [r["step"] for r in steps.kept] != list(range(start)):
+            echo(f"{STEP_LOG_NAME}: no complete step log before step {start} (looked in {source}); "
+                 "`zopeft replay` will not be able to rebuild this run")
+        return log, steps
+
+    def save_checkpoint(self, step: int, recipe: Recipe, model: torch.nn.Module, opt: Any, sched: Any,
+                        state: dict[str, Any]) -> Path:
+        """Write ``checkpoint-<step>`` atomically, then keep only the newest ``save_total_limit``."""
+        path = self.path / f"checkpoint-{step}"
+        with atomic_directory(path) as tmp:
+            model.save_pretrained(tmp)
+            save_state(opt.state_dict(), tmp, "optimizer")
+            save_state(sched.state_dict(), tmp, "scheduler")
+            save_state({"torch": torch.get_rng_state()}, tmp, "rng")
+            (tmp / STATE_NAME).write_text(json.dumps({"global_step": step, **state}, indent=1))
+            (tmp / RECIPE_NAME).write_text(recipe.to_yaml())
+        if recipe.save_total_limit:
+            for old in self.checkpoints()[: -recipe.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    @staticmethod
+    def load_checkpoint(checkpoint: Path, model: torch.nn.Module, opt: Any, sched: Any) -> dict[str, Any]:
+        """Restore the weights, optimizer, scheduler and RNG state; return trainer_state.json."""
+        from peft import PeftModel, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if isinstance(model, PeftModel):
+            set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
+        else:
+            state = {}
+            for shard in sorted(checkpoint.glob("model*.safetensors")):
+                state.update(load_file(str(shard)))
+            model.load_state_dict(state, strict=False)
+        opt.load_state_dict(load_state(checkpoint, "optimizer"))
+        sched.load_state_dict(load_state(checkpoint, "scheduler"))
+        torch.set_rng_state(load_state(checkpoint, "rng")["torch"])
+        return json.loads((checkpoint / STATE_NAME).read_text())
+
+    def save_final(self, model: torch.nn.Module, tokenizer: Any) -> None:
+        """Write the trained adapter (PEFT layout) and tokenizer, each file renamed into place."""
+        with atomic_files(self.path) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+
+    def plot(self) -> Path | None:
+        """``training_curves.png`` from the log (None without matplotlib, the ``plot`` extra)."""
+        try:
+            from .plot import plot_log
+        except ImportError:
+            logger.info("matplotlib not installed: skipping the loss plot (pip install 'zopeft[plot]')")
+            return None
+        return plot_log(self.path / LOG_NAME, self.path / PLOT_NAME)
+
+
+def _read_pid(fd: int) -> int | None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 64).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _acquire(lock: Path, echo: Echo) -> int:
+    """An open, exclusively ``flock``-ed descriptor of ``lock`` holding this pid; RecipeError if another holds it."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise RecipeError([
+                f"output_dir: {lock.parent} is in use by another zopeft train (pid {holder}); "
+                "wait for it to finish or choose another output_dir"
+            ]) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break  # still the file at that path (not one its previous holder just removed)
+        os.close(fd)
+    previous = _read_pid(fd)
+    if previous is not None:
+        echo(f"output_dir: took over the lock of pid {previous}, which is no longer running")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
