@@ -116,3 +116,18 @@ def test_flat_objective_steps_are_skipped_and_counted():
     opt.step(zopeft.metric_closure(model, batch, "accuracy"))  # ε too small to flip a prediction
     assert opt.last_stats["skipped"].startswith("sigma=0") and opt.skipped_steps == 1
     assert all(torch.equal(a, p) for a, p in zip(before, (p for p in model.parameters() if p.requires_grad)))
+
+
+def test_cli_trains_on_an_objective_and_refuses_it_for_sft(tmp_path):
+    from test_cli import invoke, write_recipe
+
+    result = invoke("train", write_recipe(tmp_path), "zo.objective=margin", "max_steps=3")
+    assert result.exit_code == 0, result.output
+    assert "done" in result.output
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text('{"prompt": "2+2=", "completion": "4"}\n' * 4)
+    result = invoke("train", write_recipe(tmp_path, dataset=str(sft), task="sft", output_dir=str(tmp_path / "o2")),
+                    "zo.objective=accuracy")
+    assert result.exit_code == 2
+    assert "zo.objective: accuracy scores candidates" in result.output and "task sft" in result.output
+    assert not (tmp_path / "o2").exists()

@@ -15,13 +15,14 @@ import torch
 
 from .data import BUILTIN_DATASETS, load_records
 from .models import AdapterSpec, ModelSpec
+from .objectives import Objective, resolve_objective
 from .recipe import Recipe, RecipeError
 from .registry import get_optimizer
 from .tasks import Task, build_task
 
 __all__ = [
     "adapter_spec", "batch_indices", "build_task_for", "eval_data", "load_split", "make_optimizer", "model_spec",
-    "training_data",
+    "objective", "training_data",
 ]
 
 
@@ -106,6 +107,21 @@ def eval_data(recipe: Recipe, split: str = "dev") -> tuple[Task, list[dict]]:
     """The task format and the checked records of ``split``."""
     task = build_task_for(recipe)
     return task, _checked(recipe, task, split)
+
+
+def objective(recipe: Recipe, task: Task) -> Objective | None:
+    """The recipe's ``zo.objective`` as a function (``None``: the loss); refused for a task without candidates."""
+    if recipe.zo.objective == "loss":
+        return None
+    if not hasattr(task, "candidate_batch"):
+        raise RecipeError([
+            f"zo.objective: {recipe.zo.objective} scores candidates (label words, answer choices or classes); task "
+            f"{task.kind} has none and trains on the loss only: use zo.objective: loss"
+        ])
+    try:
+        return resolve_objective(recipe.zo.objective)
+    except ValueError as err:
+        raise RecipeError([f"zo.objective: {err}"]) from None
 
 
 @functools.lru_cache(maxsize=4)

@@ -28,13 +28,17 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .batched import loss_closure
-from .components import adapter_spec, batch_indices, eval_data, make_optimizer, model_spec, training_data
+from .batched import loss_closure, metric_closure
+from .components import (
+    adapter_spec, batch_indices, eval_data, make_optimizer, model_spec, objective, training_data,
+)
 from .distributed import barrier, distributed_session
 from .models import load_adapter_model, load_model, trainable_summary
+from .objectives import Objective
 from .optim.base import ZOOptimizer
 from .recipe import Recipe
 from .rundir import LOG_NAME, RunDir
+from .tasks import Task
 from .trackers import Trackers
 
 __all__ = ["RunResult", "evaluate", "train"]
@@ -86,19 +90,23 @@ def train(recipe: Recipe, *, echo: Callable[[str], None] = print, progress: bool
             return _train(recipe, run, rank, world_size, echo if main else (lambda _: None), progress)
 
 
-def _to_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _batch(task: Task, records: list[dict], tokenizer: Any, model: torch.nn.Module, scored: bool) -> Any:
+    """A training micro-batch on the model's device: the task's batch, or its candidate batch for an objective."""
     device = next(p.device for p in model.parameters())
-    return {k: v.to(device) for k, v in batch.items()}
+    if scored:
+        return task.candidate_batch(records, tokenizer).to(device)
+    return {k: v.to(device) for k, v in task.collate(records, tokenizer).items()}
 
 
 def _train_step(
-    opt: torch.optim.Optimizer, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
+    opt: torch.optim.Optimizer, model: torch.nn.Module, batches: list[Any], target: Objective | None
 ) -> dict[str, Any]:
     """One optimizer step over the micro-batches; returns the statistics to log."""
     if isinstance(opt, ZOOptimizer):
-        for batch in batches[:-1]:
-            opt.estimate(loss_closure(model, batch))
-        opt.step(loss_closure(model, batches[-1]))
+        closures = [loss_closure(model, b) if target is None else metric_closure(model, b, target) for b in batches]
+        for closure in closures[:-1]:
+            opt.estimate(closure)
+        opt.step(closures[-1])
         return dict(opt.last_stats)
     model.train()
     total = 0.0
@@ -119,6 +127,7 @@ def _train(
     # ----- setup: checks, then the parts ------------------------------------------------------
     checkpoint = run.prepare(recipe, world_size, echo)
     task, train_records, eval_records = training_data(recipe)
+    target = objective(recipe, task)
     barrier()  # every rank has read output_dir before rank 0 writes to it
     torch.manual_seed(recipe.seed)
     model, tokenizer = load_model(model_spec(recipe), adapter_spec(recipe))
@@ -166,12 +175,12 @@ def _train(
         began = time.perf_counter()
         for step in range(start, recipe.max_steps):
             batches = [
-                _to_device(task.collate([train_records[i] for i in batch_indices(recipe, step, j, n, shard, shards)],
-                                        tokenizer), model)
+                _batch(task, [train_records[i] for i in batch_indices(recipe, step, j, n, shard, shards)], tokenizer,
+                       model, target is not None)
                 for j in range(recipe.gradient_accumulation_steps)
             ]
             lr = opt.param_groups[0]["lr"]
-            stats = _train_step(opt, model, batches)
+            stats = _train_step(opt, model, batches, target)
             forward_passes = stats.get("forward_passes", forward_passes + len(batches))
             sched.step()
             done = step + 1
