@@ -129,22 +129,29 @@ class RunSpec:
     eval_slice: tuple[int, int]
     model: str
     batch_size: int
+    guard: bool = False  # wrap the ZO optimizer in zopeft.Guard (its defaults)
 
 
 # ----- optimizers behind one interface -----------------------------------------------------------
 class _ZOTrainer:
-    """A zopeft optimizer stepping on batched loss closures; counts its loss evaluations."""
+    """A zopeft optimizer (optionally guarded) stepping on batched loss closures; counts its loss evaluations."""
 
-    def __init__(self, name: str, model: torch.nn.Module, lr: float, seed: int) -> None:
+    def __init__(self, name: str, model: torch.nn.Module, lr: float, seed: int, guard: bool = False) -> None:
         import zopeft
 
         self.model = model
         self.opt = zopeft.get_optimizer(name, model, lr=lr, seed=seed, batched=True, **OPTIMIZERS[name].kwargs)
+        self.guard = zopeft.Guard(self.opt) if guard else None
+        self.stopped: str | None = None  # the guard's reason to stop
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         from zopeft.batched import loss_closure
+        from zopeft.guard import GuardStop
 
-        self.opt.step(loss_closure(self.model, batch))
+        try:
+            (self.guard or self.opt).step(loss_closure(self.model, batch))
+        except GuardStop as stop:
+            self.stopped = str(stop)
 
     @property
     def forward_equivalents(self) -> int:
@@ -221,7 +228,7 @@ class Race:
         (and at the end); ``start``: the shared step-0 evaluation, prepended to the curve."""
         model = self.fresh_model(spec.seed)
         trainer = (_AdamWTrainer(model, spec.lr) if spec.optimizer == "adamw"
-                   else _ZOTrainer(spec.optimizer, model, spec.lr, spec.seed))
+                   else _ZOTrainer(spec.optimizer, model, spec.lr, spec.seed, spec.guard))
         task, train = self.task(spec.task), self.records(spec.task, "train")
         curve = [_point(0, 0, 0.0, start)] if start else []
         steps, seconds, next_eval = 0, 0.0, spec.eval_every
@@ -229,7 +236,7 @@ class Race:
             batch = self.batch(task, train, spec.seed, steps, spec.batch_size)
             seconds += common.timed(lambda: trainer.step(batch), self.device)
             steps += 1
-            done = trainer.forward_equivalents >= spec.budget
+            done = trainer.forward_equivalents >= spec.budget or getattr(trainer, "stopped", None) is not None
             if trainer.forward_equivalents >= next_eval or done:
                 if spec.eval_set == "report" or done:
                     metrics = self.evaluate(model, spec.task, spec.eval_slice)
@@ -247,6 +254,8 @@ class Race:
             "best_accuracy": max(p["accuracy"] for p in curve),
             "curve": curve,
             "load_average": common.load_average(),
+            **({"guard_events": trainer.guard.events, "guard_stop": trainer.stopped} if getattr(trainer, "guard", None)
+               else {}),
         }
 
 
@@ -277,7 +286,10 @@ class RunLog:
 
     @staticmethod
     def key(spec: RunSpec) -> str:
-        return json.dumps(asdict(spec), sort_keys=True)
+        fields = asdict(spec)
+        if not fields["guard"]:  # runs recorded before the guard existed keep their keys
+            del fields["guard"]
+        return json.dumps(fields, sort_keys=True)
 
     def get(self, spec: RunSpec) -> dict[str, Any] | None:
         return self.done.get(self.key(spec))
@@ -434,6 +446,7 @@ class Plan:
     target_gain: float | None  # None: each task's default
     model: str
     batch_size: int | None  # None: each task's default
+    guard: bool = False
 
     def batch_for(self, task: str) -> int:
         return self.batch_size or TASKS[task].batch_size
@@ -486,7 +499,7 @@ class Experiment:
         for seed in plan.seeds:
             for name, lr in lrs.items():
                 spec = RunSpec(task, name, lr, seed, plan.budget, plan.eval_every, "report", report, plan.model,
-                               plan.batch_for(task))
+                               plan.batch_for(task), plan.guard and name != "adamw")
                 runs[name].append(self.run(spec, start))
         return runs
 
@@ -510,6 +523,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     parser.add_argument("--target-gain", type=float, default=None,
                         help="target = zero-shot report accuracy + this (default: the task's)")
     parser.add_argument("--resume", action="store_true", help="reuse runs recorded by an interrupted invocation")
+    parser.add_argument("--guard", action="store_true",
+                        help="wrap the ZO optimizers in zopeft.Guard (defaults) in the report runs (not the lr tuning)")
     args = parser.parse_args(argv)
     q = args.quick
     names = args.optimizers.split(",")
@@ -520,6 +535,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
         seeds=list(range(args.seeds or (1 if q else 3))), budget=budget, eval_every=eval_every,
         tune_budget=args.tune_budget or max(eval_every, budget // 3), report_size=args.report_size or (64 if q else None),
         tune_size=args.tune_size, target_gain=args.target_gain, model=args.model, batch_size=args.batch,
+        guard=args.guard,
     )
     return args, plan
 

@@ -20,6 +20,8 @@ _EXPORTS = {
     "BatchedLoss": ".batched",
     "CandidateBatch": ".objectives",
     "FZOO": ".optim.fzoo",
+    "Guard": ".guard",
+    "GuardStop": ".guard",
     "HiZOO": ".optim.hizoo",
     "MeZO": ".optim.mezo",
     "OBJECTIVES": ".objectives",

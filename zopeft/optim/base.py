@@ -22,6 +22,7 @@ is skipped with the weights untouched.  Every step is recorded as a compact
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -252,7 +253,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise RuntimeError("no loss estimate to apply: pass a closure to step() or call estimate(closure) first")
         losses = [x / self._pending_count for x in self._pending]
         micro_batches, self._pending, self._pending_count = self._pending_count, None, 0
-        record: StepRecord = {"step": self._step, "lr": [g["lr"] for g in self.param_groups], "losses": losses}
+        lrs = [g["lr"] * g.get("lr_scale", 1.0) for g in self.param_groups]  # the guard's backoff on top of a scheduler
+        record: StepRecord = {"step": self._step, "lr": lrs, "losses": losses}
         self._advance(record)
         if self.comm is not None:
             self.last_stats["comm_bytes"] = micro_batches * self.comm.payload_bytes(len(losses))
@@ -270,9 +272,18 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Re-apply logged steps (from :attr:`step_log`) without any forward pass.
 
         Replay continues this optimizer: the first record must be its next step (a fresh
-        optimizer over the run's starting weights replays a log from step 0).
+        optimizer over the run's starting weights replays a log from step 0).  A rollback
+        record (``{"step", "rollback_to", "lr_scale"}``, written by :class:`zopeft.Guard`)
+        returns the weights to the state after step ``rollback_to`` and sets the groups'
+        learning-rate scales, as the run did.
         """
+        records = list(records)
+        targets = {r["rollback_to"] for r in records if "rollback_to" in r}
+        kept = {self._step - 1: self.snapshot()} if self._step - 1 in targets else {}
         for record in records:
+            if "rollback_to" in record:
+                self.rollback(kept[record["rollback_to"]], record["lr_scale"], record)
+                continue
             if record["step"] != self._step:
                 raise ValueError(
                     f"replay: the log's step {record['step']} is not this optimizer's next step {self._step}; "
@@ -280,26 +291,32 @@ class ZOOptimizer(torch.optim.Optimizer):
                 )
             self._advance({k: v for k, v in record.items() if k != "skipped"})  # type: ignore[arg-type]
             self.last_stats["replayed"] = True
+            if record["step"] in targets:
+                kept[record["step"]] = self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The trainable values and the method state (e.g. AdaMeZO's window), for :meth:`rollback`."""
+        return {"values": self.points.snapshot(), "extra": copy.deepcopy(self.extra_state())}
+
+    @torch.no_grad()
+    def rollback(self, snapshot: dict[str, Any], lr_scale: list[float], record: dict[str, Any]) -> None:
+        """Return to ``snapshot``, scale each group's learning rate by ``lr_scale`` (on top of any
+        scheduler) and log ``record`` in :attr:`step_log` so that :meth:`replay` repeats it."""
+        self.points.load(snapshot["values"])
+        self.load_extra_state(copy.deepcopy(snapshot["extra"]))
+        for group, scale in zip(self.param_groups, lr_scale):
+            group["lr_scale"] = scale
+        self.step_log.append(record)  # type: ignore[arg-type]
 
     # ----- internals -------------------------------------------------------------------------
     def _advance(self, record: StepRecord) -> None:
         """Apply (or skip) the update of ``record``, log it and move to the next step."""
-        losses = record["losses"]
-        coefs = self.coefficients(losses) if all(map(math.isfinite, losses)) else "non-finite loss"
-        if isinstance(coefs, str):
-            record["skipped"] = coefs
-        else:
-            directions = [self.direction(record["step"], b, coefs) for b in self.points.buffers]
-            weight_decays = [g["weight_decay"] for g in self.param_groups]
-            if self.points.apply(directions, record["lr"], weight_decays):
-                self.on_applied(record, coefs)
-            else:
-                record["skipped"] = "non-finite update"
+        self._apply(record)
         if "skipped" in record:
             self.skipped_steps += 1
         self.step_log.append(record)
         self._step += 1
-        lrs = record["lr"]
+        lrs, losses = record["lr"], record["losses"]
         self.last_stats = {
             "step": record["step"],
             "loss": self.loss_at_theta(losses),
@@ -309,6 +326,26 @@ class ZOOptimizer(torch.optim.Optimizer):
             **({"skipped": record["skipped"]} if "skipped" in record else {}),
             **self.step_stats(losses),
         }
+
+    def _apply(self, record: StepRecord) -> None:
+        """The update of ``record`` (its step's noise, losses and learning rates); a skip reason goes into it."""
+        losses = record["losses"]
+        coefs = self.coefficients(losses) if all(map(math.isfinite, losses)) else "non-finite loss"
+        if isinstance(coefs, str):
+            record["skipped"] = coefs
+            return
+        directions = [self.direction(record["step"], b, coefs) for b in self.points.buffers]
+        weight_decays = [g["weight_decay"] for g in self.param_groups]
+        if self.points.apply(directions, record["lr"], weight_decays):
+            self.on_applied(record, coefs)
+        else:
+            record["skipped"] = "non-finite update"
+
+    @torch.no_grad()
+    def reapply(self, records: Iterable[StepRecord]) -> None:
+        """Apply logged steps' updates to the current weights, without moving the step counter or logging them."""
+        for record in records:
+            self._apply({k: v for k, v in record.items() if k != "skipped"})  # type: ignore[arg-type]
 
     def _evaluate(self, closure: Closure, evaluations: list[Evaluation]) -> tuple[list[float], int]:
         """The losses at ``evaluations`` (NaN after the first non-finite one) and how many were evaluated."""

@@ -260,6 +260,20 @@ class Points:
             if b.master is not None:
                 torch._foreach_copy_(b.master_views, [t.detach() for t in b.tensors])
 
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of θ₀ per buffer (flat fp32), for :meth:`load`."""
+        return [b.values().clone() for b in self.buffers]
+
+    @torch.no_grad()
+    def load(self, values: Sequence[torch.Tensor]) -> None:
+        """Set θ₀ from :meth:`snapshot` values and write it into the model (any mode)."""
+        if self.has_masters:
+            self.load_masters(values)
+            return
+        self._applied.clear()
+        for b, v in zip(self.buffers, values):
+            torch._foreach_copy_(b.tensors, b.views(v.to(b.device)))
+
     @torch.no_grad()
     def load_masters(self, masters: Sequence[torch.Tensor]) -> None:
         """Set θ₀ from saved flat masters (:meth:`masters`) and write it into the model."""

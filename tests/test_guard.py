@@ -1,0 +1,107 @@
+"""The loss-spike guard (zopeft.Guard): rollback, backoff, stop, state, replay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zopeft
+from zopeft.guard import GuardStop
+
+TARGET = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25])
+
+
+def run(steps: int, *, spike=range(0), guard: dict | None = None, name: str = "mezo", seed: int = 0,
+        state_at: int | None = None):
+    """MeZO/AdaMeZO on a quadratic whose loss jumps by 100 during the ``spike`` steps."""
+    w = torch.nn.Parameter(torch.zeros(6))
+    kw = {"mezo": dict(lr=0.02), "adamezo": dict(lr=2e-4, window=3)}[name]
+    opt = zopeft.get_optimizer(name, [w], seed=seed, **kw)
+    g = zopeft.Guard(opt, **guard) if guard is not None else None
+    saved = None
+    for _ in range(steps):
+        jump = 100.0 if opt.step_index in spike else 0.0
+        closure = lambda: ((w - TARGET) ** 2).sum() + jump  # noqa: E731
+        g.step(closure) if g else opt.step(closure)
+        if state_at is not None and opt.step_index == state_at:
+            saved = (w.detach().clone(), opt.state_dict(), g.state_dict())
+    return w, opt, g, saved
+
+
+def test_a_spike_triggers_one_rollback_to_the_best_weights_and_scales_the_lr():
+    w, opt, guard, _ = run(30, spike=range(10, 16), guard={})
+    (event,) = guard.events
+    assert event["step"] == 14 and event["rollback_to"] == 9  # 5 observations above best + 50%
+    assert event["new_lr"] == [event["old_lr"][0] * 0.5]
+    rollback = next(i for i, r in enumerate(opt.step_log) if "rollback_to" in r)
+    assert opt.step_log[rollback + 1]["lr"] == [0.01]  # the next step runs at half the learning rate
+    # the weights right after the rollback were the best copy, bit for bit: replaying up to it shows it
+    w_best, opt_best, _, _ = run(10)
+    fresh = torch.nn.Parameter(torch.zeros(6))
+    replayer = zopeft.MeZO([fresh], lr=0.02)
+    replayer.replay(opt.step_log[: rollback + 1])
+    assert torch.equal(fresh.detach(), w_best.detach())
+
+
+def test_without_a_spike_the_guard_changes_nothing():
+    plain, _, _, _ = run(40)
+    guarded, _, guard, _ = run(40, guard={})
+    assert guard.rollbacks == 0 and torch.equal(plain.detach(), guarded.detach())
+
+
+def test_rollbacks_without_progress_stop_cleanly_with_the_best_weights():
+    with pytest.raises(GuardStop, match="rolled back 2 times without a new best"):
+        run(100, spike=range(10, 100), guard={"max_rollbacks": 2})
+
+
+@pytest.mark.parametrize("name", ["mezo", "adamezo"])
+def test_state_round_trip_continues_bit_identically(name):
+    full, _, guard, saved = run(40, spike=range(10, 16), guard={}, name=name, state_at=12)
+    assert guard.rollbacks == 1
+    weights, opt_state, guard_state = saved
+    w = torch.nn.Parameter(weights.clone())
+    kw = {"mezo": dict(lr=0.02), "adamezo": dict(lr=2e-4, window=3)}[name]
+    opt = zopeft.get_optimizer(name, [w], seed=99, **kw)
+    opt.load_state_dict(opt_state)
+    g = zopeft.Guard(opt)
+    g.load_state_dict(guard_state)
+    for _ in range(40 - 12):
+        jump = 100.0 if opt.step_index in range(10, 16) else 0.0
+        g.step(lambda: ((w - TARGET) ** 2).sum() + jump)
+    assert g.rollbacks == 1 and torch.equal(w.detach(), full.detach())
+
+
+@pytest.mark.parametrize("max_copy_bytes", [1 << 30, 0])
+def test_replay_repeats_the_rollbacks_and_the_copy_can_live_on_disk(max_copy_bytes):
+    w, opt, guard, _ = run(40, spike=range(10, 16), guard={"max_copy_bytes": max_copy_bytes}, name="adamezo")
+    assert guard.rollbacks == 1 and guard.in_memory == bool(max_copy_bytes)
+    fresh = torch.nn.Parameter(torch.zeros(6))
+    replayer = zopeft.AdaMeZO([fresh], lr=2e-4, window=3)
+    replayer.replay(opt.step_log)
+    assert torch.equal(fresh.detach(), w.detach())
+    memory, _, _, _ = run(40, spike=range(10, 16), guard={}, name="adamezo")
+    assert torch.equal(memory.detach(), w.detach())  # the disk copy + replay rebuilds the same best state
+
+
+def test_watching_evaluations_rolls_back_to_the_best_evaluated_weights():
+    w = torch.nn.Parameter(torch.zeros(6))
+    opt = zopeft.MeZO([w], lr=0.02)
+    guard = zopeft.Guard(opt, watch="eval", patience=2, smoothing=0.0, margin=0.1)
+    accuracy = iter([0.5, 0.8, 0.6, 0.55, 0.9])
+    snapshots = {}
+    for step in range(5):
+        guard.step(lambda: ((w - TARGET) ** 2).sum())  # the loss is not watched
+        snapshots[step] = w.detach().clone()
+        guard.observe_eval(next(accuracy))
+        if step == 3:
+            break
+    (event,) = guard.events
+    assert event["rollback_to"] == 1 and torch.equal(w.detach(), snapshots[1])
+
+
+def test_guard_settings_are_validated():
+    opt = zopeft.MeZO([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match="backoff"):
+        zopeft.Guard(opt, backoff=1.5)
+    with pytest.raises(ValueError, match="watch"):
+        zopeft.Guard(opt, watch="accuracy")
