@@ -49,3 +49,47 @@ def test_zo_trainer_trains_logs_schedules_and_checkpoints(tmp_path):
     assert logs and {"zo_sigma", "zo_forward_passes"} <= set(logs[-1])
     saved = json.loads((tmp_path / "checkpoint-30" / "trainer_state.json").read_text())
     assert saved["global_step"] == 30 and (tmp_path / "checkpoint-15" / "adapter_model.safetensors").exists()
+
+
+def trainer_for(tmp_path, model, data, **extra):
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4, learning_rate=1e-2,
+        lr_scheduler_type="linear", logging_steps=4, save_steps=6, report_to=[], use_cpu=True, seed=0,
+    )
+    return zopeft.ZOTrainer(model=model, args=args, train_dataset=data, zo_optimizer="fzoo",
+                            zo_kwargs={"eps": 1e-3, "n_perturbations": 3}, **extra)
+
+
+def lora_model():
+    torch.manual_seed(0)
+    return get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear"))
+
+
+def test_zo_trainer_checkpoints_without_pickle_resume_bit_identically_and_log_no_grad_norm(tmp_path):
+    data = Rows(fixed_batch("llama", batch=8))
+    full = trainer_for(tmp_path / "full", lora_model(), data, zo_guard=True)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-6"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {"zo_optimizer.json", "zo_scheduler.json", "zo_guard.json"} <= names
+    assert not names & {"optimizer.pt", "scheduler.pt"}
+    assert not any("grad_norm" in h for h in full.state.log_history)
+    assert all("zo_rollbacks" in h for h in full.state.log_history if "loss" in h)
+    resumed = trainer_for(tmp_path / "full", lora_model(), data, zo_guard=True)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    a = {n: p for n, p in full.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_zo_trainer_trains_a_classifier_on_an_objective(tmp_path):
+    from peft import TaskType
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("bert"), LoraConfig(r=4, target_modules=["query", "value"],
+                                                          task_type=TaskType.SEQ_CLS))
+    data = Rows(fixed_batch("bert", batch=16))
+    trainer = trainer_for(tmp_path, model, data, zo_objective="margin")
+    trainer.train()
+    opt = trainer.zo_optimizer
+    assert opt.step_index == 12 and all(-1 <= r["losses"][0] <= 1 for r in opt.step_log)  # margins, not losses

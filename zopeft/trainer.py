@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
-from .batched import loss_closure
+from .batched import loss_closure, metric_closure
 from .bnb_cpu import require_exact_4bit_cpu_path
+from .checkpoint import load_state, save_state
+from .guard import Guard, GuardStop
+from .objectives import CandidateBatch, Objective, resolve_objective
 from .optim.base import ZOOptimizer
 from .registry import get_optimizer
 
 __all__ = ["ZOTrainer"]
+
+logger = logging.getLogger("zopeft")
+
 
 
 class ZOTrainer(Trainer):
@@ -24,21 +32,39 @@ class ZOTrainer(Trainer):
     so gradient accumulation, the LR scheduler, logging, evaluation and
     checkpointing work unchanged.  No backward pass is run.
 
+    Checkpoints hold the ZO optimizer, scheduler and guard state as JSON + safetensors
+    (``zo_optimizer.json`` ...) instead of the Trainer's pickled ``optimizer.pt`` /
+    ``scheduler.pt``; there is no gradient, so no ``grad_norm`` is logged.
+
     Args:
-        zo_optimizer: a registered name (``"fzoo"``, ``"mezo"``, ``"adamezo"``) or a
+        zo_optimizer: a registered name (``"fzoo"``, ``"mezo"``, ``"adamezo"``, ``"hizoo"``) or a
             ready :class:`ZOOptimizer`.
         zo_kwargs: extra constructor arguments (``eps``, ``n_perturbations``, ...).
             ``lr``, ``weight_decay`` and ``seed`` default to the TrainingArguments'.
+        zo_guard: ``True`` or :class:`~zopeft.Guard` keyword arguments: roll back loss spikes and
+            back off the learning rate; training stops (``should_training_stop``) after its
+            ``max_rollbacks`` rollbacks without progress.
+        zo_objective: train on ``"accuracy"``, ``"margin"``, ``"python:module:function"`` or a
+            callable instead of the loss (see :mod:`zopeft.objectives`): a sequence classifier's
+            classes, or a causal LM's single-token label words ``zo_candidate_tokens`` (each
+            batch row's one label token is its gold word).
         *args, **kwargs: as for :class:`transformers.Trainer`.
     """
 
     def __init__(
-        self, *args: Any, zo_optimizer: str | ZOOptimizer = "fzoo", zo_kwargs: dict[str, Any] | None = None, **kwargs: Any
+        self, *args: Any, zo_optimizer: str | ZOOptimizer = "fzoo", zo_kwargs: dict[str, Any] | None = None,
+        zo_guard: bool | dict[str, Any] = False, zo_objective: str | Objective | None = None,
+        zo_candidate_tokens: list[int] | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         require_exact_4bit_cpu_path(self.model)
         self.zo_optimizer = zo_optimizer
         self.zo_kwargs = dict(zo_kwargs or {})
+        self.zo_guard_settings = ({} if zo_guard is True else dict(zo_guard)) if zo_guard else None
+        self.zo_guard: Guard | None = None
+        self.zo_objective = resolve_objective(zo_objective) if zo_objective not in (None, "loss") else None
+        self.zo_candidate_tokens = zo_candidate_tokens
+        self.add_callback(_GuardCallback(self))
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -48,6 +74,8 @@ class ZOTrainer(Trainer):
                 kwargs = {"lr": self.args.learning_rate, "weight_decay": self.args.weight_decay, "seed": self.args.seed}
                 self.optimizer = get_optimizer(self.zo_optimizer, model or self.model, **{**kwargs, **self.zo_kwargs})
                 self.zo_optimizer = self.optimizer
+            if self.zo_guard_settings is not None:
+                self.zo_guard = Guard(self.optimizer, **self.zo_guard_settings)
         return self.optimizer
 
     def training_step(
@@ -59,14 +87,92 @@ class ZOTrainer(Trainer):
         return torch.tensor(loss / self.current_gradient_accumulation_steps, device=self.args.device)
 
     def _loss_closure(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Callable[[], Any]:
-        """The model's own loss (with batched evaluation) unless ``compute_loss`` is customised."""
+        """The objective, or the model's own loss (with batched evaluation) unless ``compute_loss`` is customised."""
+        if self.zo_objective is not None:
+            return metric_closure(model, self._candidates(model, inputs), self.zo_objective)
         if type(self).compute_loss is Trainer.compute_loss and self.label_smoother is None and "labels" in inputs:
             return loss_closure(model, inputs)
         return lambda: self.compute_loss(model, inputs)
+
+    def _candidates(self, model: torch.nn.Module, inputs: dict[str, Any]) -> CandidateBatch:
+        """The batch's candidates: a classifier's classes, or the label words ``zo_candidate_tokens``."""
+        labels = inputs["labels"]
+        if self.zo_candidate_tokens is None:
+            if labels.dim() != 1:
+                raise ValueError("zo_objective on a causal LM needs zo_candidate_tokens (the label words' token ids)")
+            return CandidateBatch(inputs, labels, int(model.config.num_labels))
+        tokens = torch.tensor(self.zo_candidate_tokens, device=labels.device)
+        labelled = labels != -100
+        if not bool((labelled.sum(1) == 1).all()):
+            raise ValueError("zo_objective with zo_candidate_tokens needs exactly one label token per row")
+        gold = (labels[labelled].unsqueeze(1) == tokens).float().argmax(1)
+        return CandidateBatch(inputs, gold, len(self.zo_candidate_tokens), candidate_tokens=tokens)
+
+    # ----- no gradient: nothing to clip or report ------------------------------------------------
+    def _clip_grad_norm(self, model: torch.nn.Module) -> None:
+        return None
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> None:
+        return None
+
+    # ----- checkpoints without pickle -------------------------------------------------------------
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not isinstance(self.zo_optimizer, ZOOptimizer):  # (self.optimizer is accelerate's wrapper of it)
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            save_state(self.zo_optimizer.state_dict(), output_dir, "zo_optimizer")
+            save_state(self.lr_scheduler.state_dict(), output_dir, "zo_scheduler")
+            if self.zo_guard is not None:
+                save_state(self.zo_guard.state_dict(), output_dir, "zo_guard")
+        return None
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, "zo_optimizer.json")):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        self.zo_optimizer.load_state_dict(load_state(checkpoint, "zo_optimizer"))
+        self.lr_scheduler.load_state_dict(load_state(checkpoint, "zo_scheduler"))
+        if self.zo_guard is not None and os.path.isfile(os.path.join(checkpoint, "zo_guard.json")):
+            self.zo_guard.load_state_dict(load_state(checkpoint, "zo_guard"))
+        return None
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the ZO statistics (forward passes, σ or projected gradient, skipped steps) to each log."""
         if "loss" in logs and isinstance(self.zo_optimizer, ZOOptimizer):
             stats = self.zo_optimizer.last_stats
             logs.update({f"zo_{k}": v for k, v in stats.items() if k in ("forward_passes", "skipped_steps", "sigma", "projected_grad")})
+            if self.zo_guard is not None:
+                logs["zo_rollbacks"] = self.zo_guard.rollbacks
         super().log(logs, *args, **kwargs)
+
+
+class _GuardCallback(TrainerCallback):
+    """Runs the trainer's guard after every optimizer step (and evaluation, with ``watch="eval"``)."""
+
+    def __init__(self, trainer: ZOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        return self._judge(control, lambda guard: guard.observe_step())
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any) -> Any:
+        metrics = metrics or {}
+        if "eval_accuracy" in metrics:
+            return self._judge(control, lambda guard: guard.observe_eval(metrics["eval_accuracy"]))
+        if "eval_loss" in metrics:
+            return self._judge(control, lambda guard: guard.observe_eval(metrics["eval_loss"], higher_is_better=False))
+        return control
+
+    def _judge(self, control: Any, observe: Callable[[Guard], None]) -> Any:
+        guard = self.trainer.zo_guard
+        if guard is None:
+            return control
+        events = len(guard.events)
+        try:
+            observe(guard)
+        except GuardStop as stop:
+            logger.warning("zopeft guard: %s", stop)
+            control.should_training_stop = True
+        for event in guard.events[events:]:
+            logger.warning("zopeft guard: rolled back to the weights after step %d (%s); learning rate x%g",
+                           event["rollback_to"], event["reason"], guard.backoff)
+        return control
