@@ -183,6 +183,45 @@ def validate(recipe: RecipeArg, overrides: Overrides = None, debug: Debug = Fals
     typer.secho("recipe is valid", fg="green", err=True)
 
 
+@app.command("lr-find")
+def lr_find(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    fraction: Annotated[float, typer.Option(help="each run's share of the recipe's steps")] = 0.1,
+    points: Annotated[int, typer.Option(help="learning rates in the grid")] = 7,
+    span: Annotated[float, typer.Option(help="the grid runs from lr/span to lr*span (log-spaced)")] = 30.0,
+    output: Annotated[Optional[Path], typer.Option(help="JSON file (default: output_dir/lr_find.json)")] = None,
+    write_recipe: Annotated[Optional[Path], typer.Option(help="write a copy of the recipe with the recommended lr")] = None,
+    debug: Debug = False,
+) -> None:
+    """Short runs over a log-spaced grid of learning rates around the recipe's; print and save the recommendation."""
+    with _user_errors(debug):
+        from zopeft.lr_find import lr_find as find
+
+        if not (0 < fraction <= 1 and points >= 2 and span > 1):
+            raise ValueError("--fraction must be in (0, 1], --points >= 2, --span > 1")
+        resolved = _resolve(recipe, overrides)
+        result = find(resolved, fraction=fraction, points=points, span=span, echo=typer.echo,
+                      progress=sys.stderr.isatty())
+    typer.echo(f"{'lr':>10} {'probe before':>13} {'probe after':>12} {'change':>9}  status")
+    for row in result.rows:
+        mark = " <- recommended" if row["lr"] == result.recommended else ""
+        typer.echo(f"{row['lr']:10.3g} {row['probe_before']:13.4f} {row['probe_after']:12.4f} {row['change']:+9.4f}  "
+                   f"{row['status']}{mark}")
+    target = output or Path(resolved.output_dir) / "lr_find.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({**result.to_dict(), "recipe_lr": resolved.learning_rate}, indent=1))
+    if result.recommended is None:
+        typer.echo(f"no learning rate improved the probe loss in {result.steps} steps: try a larger --fraction or --span")
+    else:
+        typer.echo(f"recommended learning_rate: {result.recommended:.3g} ({result.rule})")
+        if write_recipe is not None:  # the resolved recipe (overrides included) with the recommended lr
+            tuned = resolved.model_copy(update={"learning_rate": float(f"{result.recommended:.3g}")})
+            write_recipe.write_text(tuned.to_yaml())
+            typer.echo(f"written: {write_recipe}")
+    typer.echo(f"written: {target}")
+
+
 @recipes_app.callback(invoke_without_command=True)
 def list_recipes(ctx: typer.Context) -> None:
     """List the bundled recipes with their one-line descriptions."""

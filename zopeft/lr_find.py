@@ -1,0 +1,131 @@
+"""``zopeft lr-find``: short runs over a log-spaced grid of learning rates, from the same start.
+
+ZO training is sensitive to the learning rate, and a short run can mislead: in the convergence
+race MeZO's best short-run learning rate (1e-3) reached the target first and then diverged in every
+seed, while the next one down (3e-4) did not.  So the finder runs every learning rate of the grid
+for a small budget (``fraction`` of the recipe's forward passes) from the same initial adapter, on
+the same batches, and measures the loss (or the recipe's objective) on a fixed probe set of
+training examples before and after.  A run *diverged* if its probe value is non-finite or rose by
+more than ``DIVERGED`` (relative), or its smoothed step loss rose by more than ``SPIKE`` above its
+start, or an update was refused as non-finite; it *stalled* if more than half its steps were
+skipped (the loss no longer responds to the perturbations: σ or the difference is 0).  The
+recommendation is one grid step below the largest learning rate that improved the probe value
+with neither - a margin against the late divergence a short run cannot see.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .batched import loss_closure, metric_closure
+from .components import adapter_spec, batch_indices, make_optimizer, model_spec, objective, training_data
+from .models import load_model
+from .recipe import Recipe
+
+__all__ = ["DIVERGED", "SPIKE", "LRFindResult", "lr_find"]
+
+DIVERGED = 0.2  # probe value up by more than 20%: diverged
+SPIKE = 0.5  # smoothed step loss 50% above its start: diverged
+_SMOOTHING = 0.8
+
+
+@dataclass
+class LRFindResult:
+    """The grid's runs and the recommended learning rate (``None`` if no learning rate improved)."""
+
+    rows: list[dict[str, Any]]
+    recommended: float | None
+    steps: int
+    forward_passes_per_run: int
+    probe_examples: int
+    rule: str = field(default=(
+        "one grid step below the largest learning rate whose probe value improved without diverging (a non-finite "
+        f"step, probe up > {DIVERGED:.0%} or smoothed step loss > {SPIKE:.0%} above its start) or stalling (over "
+        "half its steps skipped)"
+    ))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def grid(center: float, points: int, span: float) -> list[float]:
+    """``points`` log-spaced learning rates from ``center / span`` to ``center * span``."""
+    if points < 2 or span <= 1:
+        return [center]
+    return [center * span ** (2 * i / (points - 1) - 1) for i in range(points)]
+
+
+def lr_find(
+    recipe: Recipe, *, fraction: float = 0.1, points: int = 7, span: float = 30.0,
+    echo: Callable[[str], None] = print, progress: bool = True,
+) -> LRFindResult:
+    """Run the recipe briefly at each learning rate of :func:`grid` around its own; see the module docstring."""
+    if not recipe.is_zeroth_order:
+        raise ValueError(f"zo.optimizer: lr-find runs ZO optimizers; {recipe.zo.optimizer} is the first-order baseline")
+    task, train_records, _ = training_data(recipe)
+    target = objective(recipe, task)
+    torch.manual_seed(recipe.seed)
+    model, tokenizer = load_model(model_spec(recipe), adapter_spec(recipe))
+    model.eval()
+    device = next(p.device for p in model.parameters())
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def closure(records: list[dict]) -> Any:
+        if target is None:
+            return loss_closure(model, {k: v.to(device) for k, v in task.collate(records, tokenizer).items()})
+        return metric_closure(model, task.candidate_batch(records, tokenizer).to(device), target)
+
+    n = len(train_records)
+    steps = max(1, round(fraction * recipe.max_steps))
+    # four batches from beyond the short runs: training examples the runs (mostly) do not see
+    probe = [train_records[i] for s in range(steps, steps + 4) for i in batch_indices(recipe, s, 0, n)]
+
+    @torch.no_grad()
+    def probe_value() -> float:
+        size = recipe.per_device_train_batch_size
+        values = [float(closure(probe[i : i + size])()) for i in range(0, len(probe), size)]
+        return sum(values) / len(values)
+
+    evals = len(make_optimizer(recipe, model).evaluations())
+    rates = grid(recipe.learning_rate, points, span)
+    echo(f"lr-find: {len(rates)} learning rates x {steps} steps ({steps * evals} forward passes each, "
+         f"{fraction:.0%} of the recipe's {recipe.max_steps} steps); probe: {len(probe)} training examples")
+    bar = tqdm(total=len(rates) * steps, disable=not progress, unit="step", dynamic_ncols=True)
+    rows = []
+    for lr in rates:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in start:
+                    p.copy_(start[name])
+        opt = make_optimizer(recipe.model_copy(update={"learning_rate": lr}), model)
+        before = probe_value()
+        smoothed, peak = None, -math.inf
+        for step in range(steps):
+            records = [train_records[i] for i in batch_indices(recipe, step, 0, n)]
+            loss = opt.step(closure(records))
+            smoothed = loss if smoothed is None else _SMOOTHING * smoothed + (1 - _SMOOTHING) * loss
+            peak = max(peak, smoothed) if math.isfinite(smoothed) else math.inf
+            bar.update(1)
+        after = probe_value()
+        first = opt.step_log[0]["losses"][0] if opt.step_log else before
+        refused = sum(r.get("skipped", "").startswith("non-finite") for r in opt.step_log)
+        diverged = (refused > 0 or not math.isfinite(after) or after > before + DIVERGED * abs(before)
+                    or peak > first + SPIKE * abs(first))
+        stalled = not diverged and opt.skipped_steps > steps / 2  # the loss stopped responding to perturbations
+        rows.append({"lr": lr, "probe_before": before, "probe_after": after, "change": after - before,
+                     "status": "diverged" if diverged else "stalled" if stalled else "ok",
+                     "skipped_steps": opt.skipped_steps})
+    bar.close()
+    with torch.no_grad():  # leave the model as it was loaded
+        for name, p in model.named_parameters():
+            if name in start:
+                p.copy_(start[name])
+    improving = [i for i, r in enumerate(rows) if r["status"] == "ok" and r["change"] < 0]
+    recommended = rows[max(improving[-1] - 1, 0)]["lr"] if improving else None
+    return LRFindResult(rows, recommended, steps, steps * evals, len(probe))
