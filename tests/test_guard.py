@@ -105,3 +105,25 @@ def test_guard_settings_are_validated():
         zopeft.Guard(opt, backoff=1.5)
     with pytest.raises(ValueError, match="watch"):
         zopeft.Guard(opt, watch="accuracy")
+
+
+def test_cli_guard_rolls_back_a_diverging_run_stops_it_and_replay_repeats_it(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+    from test_cli import invoke, write_recipe
+
+    recipe = write_recipe(tmp_path, finetuning_type="full", learning_rate=0.5, max_steps=30, logging_steps=1,
+                          zo={"optimizer": "mezo", "eps": 1e-2, "guard": {"patience": 2, "max_rollbacks": 2}})
+    result = invoke("train", str(recipe))
+    assert result.exit_code == 0, result.output
+    assert "guard: rolled back to the weights after" in result.output and "stopping with the best" in result.output
+    out = tmp_path / "out"
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["guard"] for r in log if "guard" in r] == ["rollback", "rollback", "stop"]
+    rollbacks = [json.loads(line) for line in (out / "zo_steps.jsonl").read_text().splitlines() if "rollback_to" in line]
+    assert len(rollbacks) == 2 and rollbacks[1]["lr_scale"] == [0.25]
+    replayed = invoke("replay", str(out), "--out", str(tmp_path / "replayed"))
+    assert replayed.exit_code == 0, replayed.output
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "replayed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(__import__("torch").equal(a[k], b[k]) for k in a)

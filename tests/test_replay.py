@@ -31,7 +31,7 @@ def test_replay_refuses_first_order_runs_and_incomplete_logs(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "zo": {"optimizer": "adamw"}}))
-    one_error_line(invoke("replay", run, "--out", tmp_path / "x"), "zo.optimizer:", "first-order", "fzoo, mezo or adamezo")
+    one_error_line(invoke("replay", run, "--out", tmp_path / "x"), "zo.optimizer:", "first-order", "only ZO runs can be replayed")
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     (run / "zo_steps.jsonl").write_text('{"step": 0, "lr": [0.01], "losses": [1.0, 1.1]}\n'
                                         '{"step": 2, "lr": [0.01], "losses": [1.0, 1.1]}\n')

@@ -149,7 +149,7 @@ def make_optimizer(recipe: Recipe, model: torch.nn.Module, world_size: int = 1) 
     if world_size > 1:
         raise RecipeError([
             f"zo.optimizer: {recipe.zo.optimizer} (the first-order baseline) runs in one process; "
-            "launch it without torchrun or choose fzoo, mezo or adamezo"
+            "launch it without torchrun or choose a ZO optimizer (fzoo, mezo, adamezo, hizoo)"
         ])
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)

@@ -100,7 +100,7 @@ class Guard:
         """Judge the optimizer's last step (its loss, or a refused non-finite update)."""
         stats = self.optimizer.last_stats
         if stats.get("skipped") in _NON_FINITE:
-            self._rollback(f"{stats['skipped']} at step {stats['step']}")
+            self._rollback(f"{stats['skipped']} at step {stats['step'] + 1}")
         elif self.watch == "loss":
             self._observe(float(stats["loss"]), stats["step"])
 
@@ -111,7 +111,7 @@ class Guard:
 
     def _observe(self, value: float, step: int) -> None:
         if not math.isfinite(value):
-            self._rollback(f"non-finite value {value} at step {step}")
+            self._rollback(f"non-finite value {value} at step {step + 1}")
             return
         self.average = value if self.average is None else self.smoothing * self.average + (1 - self.smoothing) * value
         if self.average < self.best:
@@ -122,8 +122,8 @@ class Guard:
         threshold = self.best + max(self.margin * abs(self.best), self.tolerance)
         self.above = self.above + 1 if self.average > threshold else 0
         if self.above >= self.patience:
-            self._rollback(f"smoothed value {self.average:.4g} above {threshold:.4g} (best {self.best:.4g} after step "
-                           f"{self.best_step}) for {self.above} observations")
+            self._rollback(f"smoothed value {self.average:.4g} above {threshold:.4g} (best {self.best:.4g}, after "
+                           f"{self.best_step + 1} steps) for {self.above} observations")
 
     # ----- acting ------------------------------------------------------------------------------
     def _rollback(self, reason: str) -> None:
@@ -131,7 +131,8 @@ class Guard:
         if self.stalled >= self.max_rollbacks:
             raise GuardStop(
                 f"the guard rolled back {self.stalled} times without a new best ({reason}); stopping with the best "
-                f"weights (after step {self.best_step}, smoothed value {self.best:.4g}) in place: lower the learning rate"
+                f"weights (after {self.best_step + 1} steps, smoothed value {self.best:.4g}) in place: lower the "
+                "learning rate"
             )
         old = [g["lr"] * g.get("lr_scale", 1.0) for g in opt.param_groups]
         scales = [g.get("lr_scale", 1.0) * self.backoff for g in opt.param_groups]

@@ -57,6 +57,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+class GuardSettings(_Strict):
+    """``zo.guard``: the loss-spike guard (:class:`zopeft.Guard`); ``zo.guard: false`` turns it off."""
+
+    enabled: bool = True
+    smoothing: float = Field(0.9, ge=0, lt=1, description="β of the moving average of the step losses")
+    margin: float = Field(0.5, ge=0, le=100, description="a spike: the average above best + margin·|best| ...")
+    tolerance: float = Field(0.0, ge=0, le=1e6, description="... or above best + tolerance, whichever is larger")
+    patience: int = Field(5, ge=1, le=10**6, description="... for this many consecutive steps")
+    backoff: float = Field(0.5, gt=0, lt=1, description="factor on the learning rate at each rollback")
+    max_rollbacks: int = Field(3, ge=1, le=1000, description="rollbacks without a new best before the run stops")
+    watch: Literal["loss", "eval"] = Field("loss", description="judge the step losses or the evaluations (eval_steps)")
+    max_copy_bytes: int = Field(1 << 30, ge=0, description="largest in-memory copy of the trainable tensors; "
+                                "beyond it the best state is rebuilt by replaying the seed log")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    def kwargs(self) -> dict[str, Any]:
+        """:class:`zopeft.Guard` keyword arguments."""
+        return self.model_dump(exclude={"enabled"})
+
+
 class ZOSettings(_Strict):
     """The ``zo:`` block: the optimizer, the objective, and the optimizer's own settings.
 
@@ -70,6 +94,7 @@ class ZOSettings(_Strict):
                            "(the first-order baseline)")
     objective: str = Field("loss", description="what ZO minimises: loss, accuracy, margin or python:MODULE:FUNCTION "
                            "(see zopeft.objectives)")
+    guard: GuardSettings = Field(default_factory=GuardSettings)
 
     @field_validator("objective")
     @classmethod

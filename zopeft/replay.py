@@ -35,9 +35,10 @@ def replay_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
     recipe = run.recipe()
     if not recipe.is_zeroth_order:
         raise RecipeError([f"zo.optimizer: {run.path} was trained with {recipe.zo.optimizer} (first-order), which "
-                           "leaves no seed log; only fzoo, mezo or adamezo runs can be replayed"])
+                           "leaves no seed log; only ZO runs can be replayed"])
     records = run.step_records()
-    if not records or [r["step"] for r in records] != list(range(len(records))):
+    steps = [r["step"] for r in records if "rollback_to" not in r]  # a guard's rollbacks are records too
+    if not steps or steps != list(range(len(steps))):
         raise RecipeError([f"{run.path / STEP_LOG_NAME}: missing or not one record per step from step 0 "
                            "(written by zopeft train for ZO runs); this run cannot be replayed"])
     check_output_target(out_dir, overwrite=overwrite, keep=[run.path])
@@ -48,10 +49,17 @@ def replay_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_NAME).write_text(recipe.to_yaml())
-    saved = run.path / "adapter_model.safetensors"
-    compared = saved if len(records) == recipe.max_steps and saved.exists() else None
+    saved = sorted(run.path.glob("adapter_model.safetensors")) or sorted(run.path.glob("model*.safetensors"))
+    compared = saved[0].parent if saved else None  # the run's final weights (written when it finished)
     identical = None
     if compared is not None:
-        theirs, ours = load_file(str(saved)), load_file(str(out_dir / "adapter_model.safetensors"))
+        theirs, ours = _weights(saved), _weights([out_dir / f.name for f in saved])
         identical = theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
-    return {"steps": len(records), "out_dir": str(out_dir), "compared": compared, "identical": identical}
+    return {"steps": len(steps), "out_dir": str(out_dir), "compared": compared, "identical": identical}
+
+
+def _weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors

@@ -281,13 +281,15 @@ class RunDir:
         return log, steps
 
     def save_checkpoint(self, step: int, recipe: Recipe, model: torch.nn.Module, opt: Any, sched: Any,
-                        state: dict[str, Any]) -> Path:
+                        state: dict[str, Any], guard: Any = None) -> Path:
         """Write ``checkpoint-<step>`` atomically, then keep only the newest ``save_total_limit``."""
         path = self.path / f"checkpoint-{step}"
         with atomic_directory(path) as tmp:
             model.save_pretrained(tmp)
             save_state(opt.state_dict(), tmp, "optimizer")
             save_state(sched.state_dict(), tmp, "scheduler")
+            if guard is not None:
+                save_state(guard.state_dict(), tmp, "guard")
             save_state({"torch": torch.get_rng_state()}, tmp, "rng")
             (tmp / STATE_NAME).write_text(json.dumps({"global_step": step, **state}, indent=1))
             (tmp / RECIPE_NAME).write_text(recipe.to_yaml())
@@ -297,8 +299,8 @@ class RunDir:
         return path
 
     @staticmethod
-    def load_checkpoint(checkpoint: Path, model: torch.nn.Module, opt: Any, sched: Any) -> dict[str, Any]:
-        """Restore the weights, optimizer, scheduler and RNG state; return trainer_state.json."""
+    def load_checkpoint(checkpoint: Path, model: torch.nn.Module, opt: Any, sched: Any, guard: Any = None) -> dict[str, Any]:
+        """Restore the weights, optimizer, scheduler, guard and RNG state; return trainer_state.json."""
         from peft import PeftModel, set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -311,6 +313,8 @@ class RunDir:
             model.load_state_dict(state, strict=False)
         opt.load_state_dict(load_state(checkpoint, "optimizer"))
         sched.load_state_dict(load_state(checkpoint, "scheduler"))
+        if guard is not None and (checkpoint / "guard.json").exists():
+            guard.load_state_dict(load_state(checkpoint, "guard"))
         torch.set_rng_state(load_state(checkpoint, "rng")["torch"])
         return json.loads((checkpoint / STATE_NAME).read_text())
 

@@ -33,6 +33,7 @@ from .components import (
     adapter_spec, batch_indices, eval_data, make_optimizer, model_spec, objective, training_data,
 )
 from .distributed import barrier, distributed_session
+from .guard import Guard, GuardStop
 from .models import load_adapter_model, load_model, trainable_summary
 from .objectives import Objective
 from .optim.base import ZOOptimizer
@@ -120,6 +121,14 @@ def _train_step(
     return {"loss": total}
 
 
+def _observe_eval(guard: Guard, metrics: dict[str, float]) -> None:
+    """An evaluation for a guard with ``watch: eval``: accuracy where there is one, else the loss."""
+    if "accuracy" in metrics:
+        guard.observe_eval(metrics["accuracy"])
+    elif "loss" in metrics:
+        guard.observe_eval(metrics["loss"], higher_is_better=False)
+
+
 def _train(
     recipe: Recipe, run: RunDir, rank: int, world_size: int, echo: Callable[[str], None], progress: bool | None
 ) -> RunResult:
@@ -135,6 +144,7 @@ def _train(
     echo(f"model: {recipe.model_name_or_path} | {recipe.finetuning_type} | {trainable_summary(model)}")
     n = len(train_records)
     opt = make_optimizer(recipe, model, world_size)
+    guard = Guard(opt, **recipe.zo.guard.kwargs()) if recipe.is_zeroth_order and recipe.zo.guard.enabled else None
     comm = getattr(opt, "comm", None)
     shard, shards = comm.data_shard if comm is not None else (0, 1)
     if comm is not None:
@@ -145,7 +155,7 @@ def _train(
     )
     start = forward_passes = 0
     if checkpoint is not None:
-        state = run.load_checkpoint(checkpoint, model, opt, sched)
+        state = run.load_checkpoint(checkpoint, model, opt, sched, guard)
         start, forward_passes = state["global_step"], state["forward_passes"]
         echo(f"*** RESUMING from {checkpoint} at step {start} (forward passes so far: {forward_passes}) ***")
     log = step_log = trackers = None
@@ -167,45 +177,72 @@ def _train(
         barrier()
         return metrics
 
+    def judged(observe: Callable[[Guard], None], step: int) -> bool:
+        """Let the guard judge; log its rollbacks; False once it stops the run (the best weights in place)."""
+        if guard is None:
+            return True
+        seen = len(guard.events)
+        try:
+            observe(guard)
+        except GuardStop as stop:
+            echo(f"guard: {stop}")
+            if main:
+                write({"step": step, "forward_passes": forward_passes, "guard": "stop", "reason": str(stop)})
+            return False
+        for event in guard.events[seen:]:
+            echo(f"guard: rolled back to the weights after {event['rollback_to'] + 1} steps ({event['reason']}); "
+                 f"learning rate {event['old_lr'][0]:.3g} -> {event['new_lr'][0]:.3g}")
+            if main:
+                write({"step": step, "forward_passes": forward_passes, "guard": "rollback",
+                       **{k: v for k, v in event.items() if k != "step"}})
+        return True
+
     # ----- train ---------------------------------------------------------------------------------
     try:
         eval_before = run_eval(0) if start == 0 else {}
         show_bar = main and (sys.stderr.isatty() if progress is None else progress)
         bar = tqdm(total=recipe.max_steps, initial=start, disable=not show_bar, unit="step", dynamic_ncols=True)
         began = time.perf_counter()
+        last = start  # the last step done (the guard may stop the run early)
         for step in range(start, recipe.max_steps):
             batches = [
                 _batch(task, [train_records[i] for i in batch_indices(recipe, step, j, n, shard, shards)], tokenizer,
                        model, target is not None)
                 for j in range(recipe.gradient_accumulation_steps)
             ]
-            lr = opt.param_groups[0]["lr"]
+            lr = opt.param_groups[0]["lr"] * opt.param_groups[0].get("lr_scale", 1.0)
+            logged = len(getattr(opt, "step_log", ()))
             stats = _train_step(opt, model, batches, target)
             forward_passes = stats.get("forward_passes", forward_passes + len(batches))
             sched.step()
-            done = step + 1
+            done = last = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", fwd=forward_passes)
+            going = judged(lambda g: g.observe_step(), done)
             if step_log is not None:  # before the checkpoint: the step log never lags behind it
-                step_log.write(opt.step_log[-1])
+                for record in opt.step_log[logged:]:  # the step's record, and a rollback's
+                    step_log.write(record)
             if main and (done % recipe.logging_steps == 0 or done == recipe.max_steps):
                 write({"step": done, "forward_passes": forward_passes, "lr": lr,
                        **{k: v for k, v in stats.items() if k not in ("step", "lr", "forward_passes")}})
                 if not show_bar:
                     echo(f"step {done}/{recipe.max_steps} loss={stats['loss']:.4f} fwd={forward_passes} lr={lr:.3g}")
-            if recipe.eval_steps and done % recipe.eval_steps == 0 and done != recipe.max_steps:
-                run_eval(done)
+            if going and recipe.eval_steps and done % recipe.eval_steps == 0 and done != recipe.max_steps:
+                metrics = run_eval(done)
+                going = judged(lambda g: _observe_eval(g, metrics), done)
             if main and recipe.save_steps and done % recipe.save_steps == 0:
                 position = done * recipe.gradient_accumulation_steps * recipe.per_device_train_batch_size * shards
                 run.save_checkpoint(done, recipe, model, opt, sched, {
                     "forward_passes": forward_passes, "epoch": position // n, "example_position": position % n,
                     "world_size": world_size,
-                })
+                }, guard)
+            if not going:
+                break
         bar.close()
         seconds = time.perf_counter() - began
         if isinstance(opt, ZOOptimizer):
             opt.check_replicas()
-        eval_after = run_eval(recipe.max_steps)
+        eval_after = run_eval(last)
     finally:
         if trackers is not None:
             trackers.close()
@@ -215,4 +252,4 @@ def _train(
         plot = run.plot()
         echo(f"adapter: {run.path} | log: {run.path / LOG_NAME}" + (f" | plot: {plot}" if plot else ""))
     barrier()
-    return RunResult(run.path, recipe.max_steps, forward_passes, seconds, eval_before, eval_after, checkpoint)
+    return RunResult(run.path, last, forward_passes, seconds, eval_before, eval_after, checkpoint)
