@@ -51,6 +51,7 @@ COLUMNS: list[common.Column] = [
     ("path", "path", ""), ("evals/step", "evaluations_per_step", "d"), ("fwd s", "forward_s", ".4f"),
     ("plain fwd s", "plain_forward_s", ".4f"),
     ("step s", "step_s", ".4f"), ("ratio", "ratio", ".2f"), ("overhead s", "overhead_s", ".4f"),
+    ("peak GiB", "peak_gib", ".2f"),
 ]
 
 
@@ -88,12 +89,18 @@ def measure(
     actions: dict[str, Callable[[], Any]] = {"forward": forward, "plain": plain}
     actions.update({name: (lambda o=opt: o.step(loss_closure(model, batch))) for name, opt in opts.items()})
     times: dict[str, list[float]] = {name: [] for name in actions}
+    peaks: dict[str, int] = {}
+    memory = common.PeakMemory(device)
     for i in range(repeats + 1):  # round 0 warms up
         for name, action in actions.items():
+            if device.type == "cuda":
+                memory.reset()
             for _ in range(FORWARDS_PER_ROUND if name in ("forward", "plain") else 1):
                 dt = common.timed(action, device)
                 if i:
                     times[name].append(dt)
+            if device.type == "cuda":
+                peaks[name] = max(peaks.get(name, 0), memory.peak())
     t_fwd, t_plain = common.median(times["forward"]), common.median(times["plain"])
     rows = []
     for name, opt in opts.items():
@@ -110,6 +117,8 @@ def measure(
             "step_s": t_step,
             "ratio": t_step / (evals * t_fwd),
             "overhead_s": t_step - evals * t_fwd,
+            "peak_gib": peaks[name] / 2**30 if name in peaks else None,
+            "forward_peak_gib": peaks["forward"] / 2**30 if peaks else None,
             "times": times[name],
         })
     return rows
@@ -123,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quant", default="none,nf4", help="comma-separated: none, nf4, fp4")
     parser.add_argument("--batch", type=int, default=None, help="rows (default 4 with --quick, else 16)")
     parser.add_argument("--length", type=int, default=48, help="tokens per row")
+    parser.add_argument("--dtype", default="fp32", choices=tuple(common.DTYPES), help="compute dtype of the base")
     parser.add_argument("--labels", default="answer", choices=("answer", "all"), help="answer: label on the last token")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed rounds after one warm-up (default 2 quick, 4 full)")
@@ -152,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if adapter == "full" and quant:
             skipped.append({"adapter": adapter, "quant": quant, "reason": FULL_4BIT})
             continue
-        model = common.with_adapter(common.load_base(common.model_path(model_size), device, quant=quant), adapter)
+        base = common.load_base(common.model_path(model_size), device, dtype=args.dtype, quant=quant)
+        model = common.with_adapter(base, adapter)
         batch = common.token_batch(rows, length, common.vocab_size(model), device, labels=args.labels)
         tensors = len(common.trainable(model))
         for row in measure(model, batch, repeats, device):

@@ -57,6 +57,11 @@ LLAMA_SIZES: dict[str, dict[str, int]] = {
     # launch-bound regime of a GPU, where per-tensor optimizer work costs as much as the forward)
     "deep-narrow": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=24,
                         num_attention_heads=4, num_key_value_heads=2),
+    # the GPU shapes of the issue that set the GPU targets (built on the device, never on this CPU)
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8),
 }
 QUIET_LOGGERS = ("transformers", "bitsandbytes", "peft", "accelerate")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short name -> ModelSpec.compute_dtype
@@ -143,7 +148,7 @@ _saved_llamas: dict[tuple[str, int | None], str] = {}
 def model_path(name: str, vocab_size: int | None = None) -> str:
     """A ``model_name_or_path`` for :mod:`zopeft.models`: ``smollm2`` (real weights) or a random Llama size.
 
-    A random Llama (``tiny``/``quick``/``full``, :data:`LLAMA_SIZES`; ``vocab_size`` overrides the
+    A random Llama (``tiny``/``quick``/``full``/..., :data:`LLAMA_SIZES`; ``vocab_size`` overrides the
     size's, e.g. to match a real tokenizer) is built from its config with seed 0 and saved once per
     process into a temporary folder; pass the returned path to a subprocess to load the same weights.
     """
@@ -157,8 +162,15 @@ def model_path(name: str, vocab_size: int | None = None) -> str:
 
         torch.manual_seed(0)
         sizes = {**LLAMA_SIZES[name], **({"vocab_size": vocab_size} if vocab_size else {})}
-        path = tempfile.mkdtemp(prefix=f"zopeft-bench-llama-{name}-")
-        AutoModelForCausalLM.from_config(LlamaConfig(max_position_embeddings=512, **sizes)).save_pretrained(path)
+        # GPU-sized shapes: built in bf16 on the GPU and saved to shared memory where there is one
+        large = sizes["hidden_size"] >= 2048
+        where = "/dev/shm" if large and os.path.isdir("/dev/shm") else None
+        path = tempfile.mkdtemp(prefix=f"zopeft-bench-llama-{name}-", dir=where)
+        with torch.device("cuda" if large and torch.cuda.is_available() else "cpu"):
+            config = LlamaConfig(max_position_embeddings=512, **sizes)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if large else torch.float32)
+        model.save_pretrained(path)
+        del model
         _saved_llamas[key] = path
     return _saved_llamas[key]
 
