@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,15 @@ class Guard:
         if self.above >= self.patience:
             self._rollback(f"smoothed value {self.average:.4g} above {threshold:.4g} (best {self.best:.4g}, after "
                            f"{self.best_step + 1} steps) for {self.above} observations")
+
+    def judge(self, observe: Callable[[Guard], None]) -> tuple[list[dict[str, Any]], GuardStop | None]:
+        """Run ``observe(self)``; return the rollbacks it made and the :class:`GuardStop` it raised, if any."""
+        seen = len(self.events)
+        try:
+            observe(self)
+        except GuardStop as stop:
+            return self.events[seen:], stop
+        return self.events[seen:], None
 
     # ----- acting ------------------------------------------------------------------------------
     def _rollback(self, reason: str) -> None:

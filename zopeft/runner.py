@@ -33,7 +33,7 @@ from .components import (
     adapter_spec, batch_indices, eval_data, make_optimizer, model_spec, objective, training_data,
 )
 from .distributed import barrier, distributed_session
-from .guard import Guard, GuardStop
+from .guard import Guard
 from .models import load_adapter_model, load_model, trainable_summary
 from .objectives import Objective
 from .optim.base import ZOOptimizer
@@ -181,21 +181,18 @@ def _train(
         """Let the guard judge; log its rollbacks; False once it stops the run (the best weights in place)."""
         if guard is None:
             return True
-        seen = len(guard.events)
-        try:
-            observe(guard)
-        except GuardStop as stop:
-            echo(f"guard: {stop}")
-            if main:
-                write({"step": step, "forward_passes": forward_passes, "guard": "stop", "reason": str(stop)})
-            return False
-        for event in guard.events[seen:]:
+        events, stop = guard.judge(observe)
+        for event in events:
             echo(f"guard: rolled back to the weights after {event['rollback_to'] + 1} steps ({event['reason']}); "
                  f"learning rate {event['old_lr'][0]:.3g} -> {event['new_lr'][0]:.3g}")
             if main:
                 write({"step": step, "forward_passes": forward_passes, "guard": "rollback",
                        **{k: v for k, v in event.items() if k != "step"}})
-        return True
+        if stop is not None:
+            echo(f"guard: {stop}")
+            if main:
+                write({"step": step, "forward_passes": forward_passes, "guard": "stop", "reason": str(stop)})
+        return stop is None
 
     # ----- train ---------------------------------------------------------------------------------
     try:

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainerCallback
 from .batched import loss_closure, metric_closure
 from .bnb_cpu import require_exact_4bit_cpu_path
 from .checkpoint import load_state, save_state
-from .guard import Guard, GuardStop
+from .guard import Guard
 from .objectives import CandidateBatch, Objective, resolve_objective
 from .optim.base import ZOOptimizer
 from .registry import get_optimizer
@@ -166,13 +166,11 @@ class _GuardCallback(TrainerCallback):
         guard = self.trainer.zo_guard
         if guard is None:
             return control
-        events = len(guard.events)
-        try:
-            observe(guard)
-        except GuardStop as stop:
+        events, stop = guard.judge(observe)
+        for event in events:
+            logger.warning("zopeft guard: rolled back to the weights after %d steps (%s); learning rate x%g",
+                           event["rollback_to"] + 1, event["reason"], guard.backoff)
+        if stop is not None:
             logger.warning("zopeft guard: %s", stop)
             control.should_training_stop = True
-        for event in guard.events[events:]:
-            logger.warning("zopeft guard: rolled back to the weights after step %d (%s); learning rate x%g",
-                           event["rollback_to"], event["reason"], guard.backoff)
         return control

@@ -8,6 +8,8 @@ The batch is replicated R times along dim 0 (replica-major: rows ``[rÂ·b, (r+1)Â
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,7 @@ from torch import nn
 
 __all__ = [
     "AdapterKind", "ModelContext", "Patch", "Unsupported", "applied", "bind", "embedding_forward", "linear_forward",
-    "module_patch", "plain_linear_or_embedding", "split_replicas",
+    "module_patch", "peft_linear_types", "plain_linear_or_embedding", "split_replicas",
 ]
 
 
@@ -130,6 +132,19 @@ def embedding_forward(
     offsets = torch.arange(replicas, device=idx.device, dtype=idx.dtype).mul_(rows).unsqueeze(1)
     out = F.embedding(ir + offsets, weight.reshape(replicas * rows, -1))
     return out.reshape(*idx.shape, weight.shape[-1])
+
+
+@functools.cache
+def peft_linear_types(tuner: str) -> tuple[type, ...]:
+    """PEFT's linear layer classes of ``tuner`` (``"lora"``, ``"ia3"``): plain, and 8/4-bit where bitsandbytes is."""
+    layer = importlib.import_module(f"peft.tuners.{tuner}.layer")
+    types: list[type] = [layer.Linear]
+    try:
+        bnb = importlib.import_module(f"peft.tuners.{tuner}.bnb")
+        types += [getattr(bnb, n) for n in ("Linear8bitLt", "Linear4bit") if hasattr(bnb, n)]
+    except ImportError:  # bitsandbytes missing
+        pass
+    return tuple(types)
 
 
 def plain_linear_or_embedding(module: nn.Module) -> str | None:

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import register
-from .base import AdapterKind, ModelContext, Patch, Unsupported, split_replicas
-
-
-@functools.cache
-def _ia3_layer_types() -> tuple[type, ...]:
-    from peft.tuners.ia3 import layer
-
-    types: list[type] = [layer.Linear]
-    try:
-        from peft.tuners.ia3 import bnb as ia3_bnb
-
-        types += [getattr(ia3_bnb, n) for n in ("Linear8bitLt", "Linear4bit") if hasattr(ia3_bnb, n)]
-    except ImportError:  # bitsandbytes missing
-        pass
-    return tuple(types)
+from .base import AdapterKind, ModelContext, Patch, Unsupported, peft_linear_types, split_replicas
 
 
 @register
@@ -38,7 +23,7 @@ class IA3(AdapterKind):
         if not isinstance(module, nn.ParameterDict) or parts[-1] != "ia3_l":
             return False
         layer = ctx.modules.get(".".join(parts[:-1]))
-        if not isinstance(layer, _ia3_layer_types()):
+        if not isinstance(layer, peft_linear_types("ia3")):
             raise Unsupported(f"IA3 layer type {type(layer).__name__} ({name}) is not batched")
         if getattr(layer, "merged", False) or len(layer.active_adapters) != 1:
             raise Unsupported(f"IA3 layer {name} is merged or has several active adapters")

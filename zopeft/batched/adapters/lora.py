@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from . import register
-from .base import AdapterKind, ModelContext, Patch, Unsupported, module_patch
-
-
-@functools.cache
-def _lora_layer_types() -> tuple[type, ...]:
-    from peft.tuners.lora import layer
-
-    types: list[type] = [layer.Linear]
-    try:
-        from peft.tuners.lora import bnb as lora_bnb
-
-        types += [getattr(lora_bnb, n) for n in ("Linear8bitLt", "Linear4bit") if hasattr(lora_bnb, n)]
-    except ImportError:  # bitsandbytes missing
-        pass
-    return tuple(types)
+from .base import AdapterKind, ModelContext, Patch, Unsupported, module_patch, peft_linear_types
 
 
 @register
@@ -41,7 +25,7 @@ class LoRA(AdapterKind):
             return False
         layer = ctx.modules.get(".".join(parts[:-2]))
         adapter = parts[-1]
-        if not isinstance(layer, _lora_layer_types()):
+        if not isinstance(layer, peft_linear_types("lora")):
             raise Unsupported(f"LoRA layer type {type(layer).__name__} ({name}) is not batched")
         if getattr(layer, "merged", False):
             raise Unsupported(f"the LoRA weights of {name} are merged into the base layer")
