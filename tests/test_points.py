@@ -176,3 +176,21 @@ def test_max_memory_bounds_the_replicas_per_forward_pass():
         hook.remove()
     assert len(passes) == 5 and opt.forward_passes == 5  # one replica per pass
     assert not math.isnan(opt.last_stats["loss"])
+
+
+def test_replicas_respect_the_cuda_memory_fraction(monkeypatch):
+    """On a GPU the budget is the smaller of free memory and set_per_process_memory_fraction's cap (mocked here)."""
+    from zopeft.batched import memory
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (70 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: 6 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 7 * gib)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    fraction = {"value": 1.0}
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: fraction["value"])
+    cuda = torch.device("cuda", 0)
+    assert memory._free_bytes(cuda, None) == 71 * gib  # free + the allocator's cached blocks
+    fraction["value"] = 12 / 80  # a user on a 12 GB card
+    assert memory._free_bytes(cuda, None) == 6 * gib
+    assert memory._free_bytes(cuda, 8 * gib) == 2 * gib  # max_memory below the cap wins

@@ -10,7 +10,7 @@ from test_cli import invoke, write_recipe
 from test_user_errors import one_error_line
 
 
-@pytest.mark.parametrize("optimizer", ["mezo", "fzoo", "adamezo"])
+@pytest.mark.parametrize("optimizer", ["mezo", "fzoo", "adamezo", "hizoo"])
 def test_replay_rebuilds_the_adapter_bit_for_bit(tmp_path, optimizer):
     # gradient accumulation, a decaying schedule and weight decay: every number of a step record matters
     path = write_recipe(tmp_path, max_steps=3, gradient_accumulation_steps=2, lr_scheduler_type="linear",
