@@ -99,16 +99,20 @@ class BatchedLoss:
 
     def __call__(self) -> torch.Tensor:
         """The loss at the model's current weights (a 0-dim tensor)."""
+        plan = self._sequential_plan()
+        if isinstance(plan, str) or plan.kind != "causal" or plan.head == "full":
+            return self.model(**self.batch).loss  # nothing to save: the model computes the same
+        loss = plan.losses(self.model, self._replicate(plan, 1), self.batch["labels"], 1)[0]
+        return torch.tensor(loss)
+
+    def _sequential_plan(self) -> LossPlan | str:
+        """How one point's loss is computed (worked out once per closure); a string: why it cannot be."""
         if self._loss_plan is None:
             try:
                 self._loss_plan = plan_loss(self.model, self.batch)
             except Unsupported as exc:
                 self._loss_plan = str(exc)
-        plan = self._loss_plan
-        if isinstance(plan, str) or plan.kind != "causal" or plan.head == "full":
-            return self.model(**self.batch).loss  # nothing to save: the model computes the same
-        loss = plan.losses(self.model, self._replicate(plan, 1), self.batch["labels"], 1)[0]
-        return torch.tensor(loss)
+        return self._loss_plan
 
     def criterion(self, plan: LossPlan) -> Criterion | None:
         """What each replica's value is computed from (``None``: the model's own loss)."""
@@ -212,10 +216,9 @@ class MetricClosure(BatchedLoss):
 
     def __call__(self) -> torch.Tensor:
         """The objective at the model's current weights (a 0-dim tensor)."""
-        try:
-            plan = plan_loss(self.model, self.batch)
-        except Unsupported as exc:
-            raise ValueError(f"a metric objective needs a causal LM or a sequence classifier batch: {exc}") from None
+        plan = self._sequential_plan()
+        if isinstance(plan, str):
+            raise ValueError(f"a metric objective needs a causal LM or a sequence classifier batch: {plan}")
         value = plan.losses(self.model, self._replicate(plan, 1), self.batch["labels"], 1, self.criterion(plan))[0]
         return torch.tensor(value)
 
