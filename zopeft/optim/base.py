@@ -36,7 +36,7 @@ from ..distributed import ZOComm
 from ..noise import NOISE_FORMAT
 from .evaluation_log import report_path
 from .points import Buffer, Point, Points
-from .settings import BASE
+from .settings import BASE, parse_memory
 
 __all__ = ["Evaluation", "StepRecord", "ZOOptimizer"]
 
@@ -134,6 +134,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.sync_check_steps = int(sync_check_steps)
         self.batched = bool(batched)
         self.perturbation_batch_size = perturbation_batch_size
+        parse_memory(max_memory)  # a bad size is refused here, not at the first batched step
         self.max_memory = max_memory
         self._step = 0
         self.forward_passes = 0
