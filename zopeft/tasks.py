@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .objectives import CandidateBatch
+from .records import choice_texts, fill, label_index, label_keys, prompt_text, require_text_fields
 
 __all__ = ["ALPACA_TEMPLATE", "TASK_KINDS", "Task", "build_task", "candidate_batch"]
 
@@ -57,68 +58,6 @@ class Task(Protocol):
 
 
 # ----- shared helpers ----------------------------------------------------------------------------
-def _canon_label(value: Any) -> Any:
-    """Booleans and integer strings become ints, ``"true"``/``"false"`` 1/0; other values are kept."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lower() in ("true", "false"):
-            return int(text.lower() == "true")
-        try:
-            return int(text)
-        except ValueError:
-            return text
-    return value
-
-
-def _label_keys(label_words: dict | list | None) -> list[Any] | None:
-    if label_words is None:
-        return None
-    keys = range(len(label_words)) if isinstance(label_words, (list, tuple)) else label_words.keys()
-    return [_canon_label(k) for k in keys]
-
-
-def _label_index(record: dict, label_field: str, keys: list[Any] | None) -> int:
-    """Index of the record's label: its position among ``keys``, or the label itself as an int."""
-    if label_field not in record:
-        raise KeyError(f"record has no label field {label_field!r} (fields: {', '.join(record)}); "
-                       "set label_field to the field that holds the label")
-    label = _canon_label(record[label_field])
-    if keys is None:
-        if not isinstance(label, int):
-            raise ValueError(f"label {record[label_field]!r} is not an integer; give label_words to map labels")
-        return label
-    if label not in keys:
-        raise ValueError(f"label {record[label_field]!r} is not one of the label words' labels {keys}")
-    return keys.index(label)
-
-
-def _fill(template: str, record: dict) -> str:
-    try:
-        return template.format_map(record)
-    except KeyError as err:
-        raise KeyError(f"template field {err.args[0]!r} is not in the record (fields: {', '.join(record)}); "
-                       "use these fields in the template") from None
-
-
-def _require_text_fields(record: dict, names: list[str]) -> None:
-    missing = [n for n in names if n not in record]
-    if missing:
-        raise KeyError(f"text field {missing[0]!r} is not in the record (fields: {', '.join(record)}); fix text_fields")
-
-
-def _prompt_text(record: dict, template: str | None, text_fields: list[str] | None, kind: str) -> str:
-    if template is not None:
-        return _fill(template, record)
-    if text_fields:
-        _require_text_fields(record, text_fields)
-        return "\n".join(str(record[f]) for f in text_fields)
-    raise ValueError(f"{kind}: give a template (e.g. 'Review: {{sentence}}\\nSentiment:') or text_fields")
-
-
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -356,19 +295,19 @@ class ClassificationTask(_CandidateTask):
     def __post_init__(self) -> None:
         if not self.label_words:
             raise ValueError("classification needs label_words, e.g. {0: ' negative', 1: ' positive'}")
-        self.keys = _label_keys(self.label_words)
+        self.keys = label_keys(self.label_words)
         self.words = list(self.label_words.values() if isinstance(self.label_words, dict) else self.label_words)
 
     def check(self, record: dict) -> None:
-        _prompt_text(record, self.template, self.text_fields, self.kind)
-        _label_index(record, self.label_field, self.keys)
+        prompt_text(record, self.template, self.text_fields, self.kind)
+        label_index(record, self.label_field, self.keys)
 
     def examples(self, records: list[dict], tokenizer: Any) -> list[_Example]:
         prefix, words = _special_prefix(tokenizer), [_encode(tokenizer, w) for w in self.words]
         return [
             _example(
-                prefix, _encode(tokenizer, _prompt_text(r, self.template, self.text_fields, self.kind)), words,
-                _label_index(r, self.label_field, self.keys), self.cutoff_len,
+                prefix, _encode(tokenizer, prompt_text(r, self.template, self.text_fields, self.kind)), words,
+                label_index(r, self.label_field, self.keys), self.cutoff_len,
             )
             for r in records
         ]
@@ -388,28 +327,19 @@ class MultipleChoiceTask(_CandidateTask):
     length_normalised = True
 
     def choices(self, record: dict) -> list[str]:
-        if self.choices_field in record:
-            return [str(c) for c in record[self.choices_field]]
-        choices, i = [], 1
-        while f"choice{i}" in record:
-            choices.append(str(record[f"choice{i}"]))
-            i += 1
-        if len(choices) < 2:
-            raise KeyError(f"record has neither {self.choices_field!r} nor choice1, choice2, ... (fields: {', '.join(record)}); "
-                           "set choices_field to the field that lists the choices")
-        return choices
+        return choice_texts(record, self.choices_field)
 
     def prompt(self, record: dict) -> str:
         if self.template is None and not self.text_fields:
             for name in ("prompt", "premise"):
                 if name in record:
                     return str(record[name])
-        return _prompt_text(record, self.template, self.text_fields, self.kind)
+        return prompt_text(record, self.template, self.text_fields, self.kind)
 
     def read(self, record: dict) -> tuple[str, list[str], int]:
         """``(prompt, choices, gold index)`` of a record."""
         prompt, choices = self.prompt(record), self.choices(record)
-        gold = _label_index(record, self.label_field, None)
+        gold = label_index(record, self.label_field, None)
         if not 0 <= gold < len(choices):
             raise ValueError(f"label {gold} is not an index into the {len(choices)} choices")
         return prompt, choices, gold
@@ -446,7 +376,7 @@ class SFTTask:
         if completion_key is None:
             raise KeyError(f"sft record needs prompt/completion or instruction/input/output (fields: {', '.join(record)})")
         if self.template is not None:
-            prompt = _fill(self.template, record)
+            prompt = fill(self.template, record)
         elif "prompt" in record:
             prompt = str(record["prompt"])
         elif "instruction" in record:
@@ -466,9 +396,9 @@ class SFTTask:
         prefix, eos = _special_prefix(tokenizer), tokenizer.eos_token_id
         seqs, targets = [], []
         for r in records:
-            prompt_text, completion_text = self.split(r)
-            prompt = _encode(tokenizer, prompt_text)
-            completion = _encode(tokenizer, completion_text) + ([eos] if eos is not None else [])
+            prompt_str, completion_str = self.split(r)
+            prompt = _encode(tokenizer, prompt_str)
+            completion = _encode(tokenizer, completion_str) + ([eos] if eos is not None else [])
             room = self.cutoff_len - len(prefix)
             keep = min(len(prompt), max(room - len(completion), room // 2))
             context = prefix + (prompt[-keep:] if keep else [])
@@ -518,12 +448,12 @@ class SequenceClassificationTask:
         raise KeyError(f"give text_fields: none of the default text fields is in the record (fields: {', '.join(record)})")
 
     def check(self, record: dict) -> None:
-        _require_text_fields(record, self.fields(record))
-        _label_index(record, self.label_field, _label_keys(self.label_words))
+        require_text_fields(record, self.fields(record))
+        label_index(record, self.label_field, label_keys(self.label_words))
 
     def collate(self, records: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         _check_records(records)
-        names, keys = self.fields(records[0]), _label_keys(self.label_words)
+        names, keys = self.fields(records[0]), label_keys(self.label_words)
         if len(names) > 2:
             raise ValueError(f"sequence_classification takes one or two text fields, got {names}")
         texts = [[str(r[n]) for r in records] for n in names]
@@ -533,13 +463,13 @@ class SequenceClassificationTask:
         for name, pad in (("input_ids", _pad_id(tokenizer)), ("attention_mask", 0), ("token_type_ids", 0)):
             if name in enc:
                 batch[name] = torch.tensor([list(v) + [pad] * (length - len(v)) for v in enc[name]])
-        batch["labels"] = torch.tensor([_label_index(r, self.label_field, keys) for r in records])
+        batch["labels"] = torch.tensor([label_index(r, self.label_field, keys) for r in records])
         return batch
 
     def candidate_batch(self, records: list[dict], tokenizer: Any) -> CandidateBatch:
         """The batch with its classes as the candidates, for an objective (:func:`zopeft.metric_closure`)."""
         batch = self.collate(records, tokenizer)
-        keys = _label_keys(self.label_words)
+        keys = label_keys(self.label_words)
         classes = len(keys) if keys is not None else int(batch["labels"].max()) + 1
         return CandidateBatch(batch, batch["labels"], classes)
 
