@@ -36,6 +36,8 @@ RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file (see `zopeft r
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="dotted overrides: max_steps=200 zo.eps=1e-3")]
 Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks and the libraries' warnings")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace what is there (never a run or an adapter)")]
+Threads = Annotated[Optional[int], typer.Option(
+    "--threads", help="torch CPU threads (the recipe's threads key; default: what torch chooses)")]
 
 
 def _quiet_libraries() -> None:
@@ -77,9 +79,22 @@ def _resolve(recipe: Path, overrides: list[str] | None):
     if not recipe.exists() and (bundled_recipes_dir() / recipe.name).exists():
         recipe = bundled_recipes_dir() / recipe.name
     resolved = load_recipe(recipe, overrides or [])
-    for note in resolved.zo.notes():
+    for note in resolved.notes():
         typer.secho(f"note: {note}", fg="yellow", err=True)
     return resolved
+
+
+def _threads(threads: int | None) -> list[str]:
+    """``--threads N`` as the override ``threads=N`` (validated with the recipe)."""
+    return [] if threads is None else [f"threads={threads}"]
+
+
+def _cost(result) -> str:
+    """The forward-pass equivalents of a run, labelled (a backward pass counts as two forwards)."""
+    if result.forward_equivalents == result.forward_passes:
+        return f"{result.forward_passes} forward passes (= forward-pass equivalents: no backward pass)"
+    return (f"{result.forward_passes} forward + {result.forward_passes} backward passes = "
+            f"{result.forward_equivalents} forward-pass equivalents (a backward ≈ 2 forwards)")
 
 
 @app.command()
@@ -88,19 +103,22 @@ def train(
     overrides: Overrides = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="start over in an output_dir that holds a previous run (overwrite_output_dir=true)")] = False,
+    threads: Threads = None,
     debug: Debug = False,
 ) -> None:
     """Train an adapter as the recipe says (overrides: key=value, dotted for nested keys)."""
     with _user_errors(debug):
+        from zopeft.metrics import compare_line
         from zopeft.runner import train as run
 
-        resolved = _resolve(recipe, [*(overrides or []), *(["overwrite_output_dir=true"] if overwrite else [])])
-        result = run(resolved, echo=typer.echo)
-    before, after = result.eval_before, result.eval_after
-    metric = "accuracy" if "accuracy" in after else "loss"
-    if before:
-        typer.echo(f"dev {metric}: {before[metric]:.4f} -> {after[metric]:.4f}")
-    typer.echo(f"done: {result.steps} steps, {result.forward_passes} forward passes, {result.seconds:.1f}s -> {result.output_dir}")
+        flags = [*(["overwrite_output_dir=true"] if overwrite else []), *_threads(threads)]
+        result = run(_resolve(recipe, [*(overrides or []), *flags]), echo=typer.echo)
+    if result.eval_after:
+        typer.echo(f"eval on {result.evaluated_on}: {compare_line(result.eval_before, result.eval_after)}")
+    typer.echo(f"done: {result.steps} steps, {_cost(result)} -> {result.output_dir}")
+    rest = result.wall_seconds - result.train_seconds - result.eval_seconds
+    typer.echo(f"time: {result.wall_seconds:.1f}s wall = {result.train_seconds:.1f}s training + "
+               f"{result.eval_seconds:.1f}s evaluation + {rest:.1f}s loading, checks and saving")
 
 
 @app.command("eval")
@@ -108,20 +126,28 @@ def evaluate(
     recipe: RecipeArg,
     overrides: Overrides = None,
     adapter: Annotated[Optional[Path], typer.Option(help="trained adapter directory (default: the untrained model)")] = None,
-    split: Annotated[str, typer.Option(help="split of a bundled dataset (dev or train)")] = "dev",
+    split: Annotated[str, typer.Option(help="dev: the evaluation records (eval_dataset, what val_size holds out, or a "
+                                       "bundled dataset's dev split); train: the records trained on")] = "dev",
     output: Annotated[Optional[Path], typer.Option(help="JSON file for the metrics")] = None,
+    threads: Threads = None,
     debug: Debug = False,
 ) -> None:
-    """Evaluate (accuracy / loss) on a split; print the metrics and write them as JSON."""
+    """Evaluate on a split: accuracy, macro-F1, loss, per-class precision / recall and the confusion matrix."""
     with _user_errors(debug):
+        from zopeft.metrics import collapse_warning, report_lines
         from zopeft.runner import evaluate as run
 
-        resolved = _resolve(recipe, overrides)
+        resolved = _resolve(recipe, [*(overrides or []), *_threads(threads)])
         metrics = run(resolved, adapter=adapter, split=split)
     target = output or (adapter or Path(resolved.output_dir)) / f"eval_{split}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(metrics, indent=1))
-    typer.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    typer.echo(f"eval on {metrics['evaluated_on']}")
+    for line in report_lines(metrics):
+        typer.echo(line)
+    warning = collapse_warning(metrics)
+    if warning:
+        typer.secho(f"warning: {warning}", fg="yellow", err=True)
     typer.echo(f"written: {target}")
 
 
@@ -170,9 +196,12 @@ def replay(
 
 @app.command()
 def validate(recipe: RecipeArg, overrides: Overrides = None, debug: Debug = False) -> None:
-    """Resolve the recipe with its overrides and print it in full, or print its errors (exit code 2)."""
+    """Print the resolved recipe and what a run will use (task, prompt, label-word tokens, data), or its errors."""
     with _user_errors(debug):
+        from zopeft.resolved import effective_lines
+
         resolved = _resolve(recipe, overrides)
+        effective = effective_lines(resolved)
     typer.echo(resolved.to_yaml().rstrip())
     if resolved.is_zeroth_order:
         from zopeft.registry import hyperparameters
@@ -180,6 +209,9 @@ def validate(recipe: RecipeArg, overrides: Overrides = None, debug: Debug = Fals
         typer.echo(f"# settings of {resolved.zo.optimizer} (zo.<key>):")
         for name, setting in hyperparameters(resolved.zo.optimizer).items():
             typer.echo(f"#   {setting.describe(name)}")
+    typer.echo("# effective values (what train and eval will use):")
+    for line in effective:
+        typer.echo(f"#   {line}")
     typer.secho("recipe is valid", fg="green", err=True)
 
 

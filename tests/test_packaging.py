@@ -75,4 +75,4 @@ def test_library_noise_is_hidden_unless_debug(tmp_path):
     assert done.returncode == 0, done.stderr
     for noise in ("kernels-community", "FutureWarning", "Loading weights"):
         assert noise not in done.stderr, done.stderr
-    assert "accuracy=" in done.stdout
+    assert "\naccuracy " in done.stdout

@@ -309,3 +309,49 @@ def test_classification_errors(smol: object) -> None:
         task.collate([{"sentence": "x", "label": 7}], smol)
     with pytest.raises(KeyError, match="'sentence' is not in the record"):
         task.collate([{"text": "x", "label": 1}], smol)
+
+
+# ----- label-word scoring --------------------------------------------------------------------
+@pytest.mark.parametrize("scoring", ["sum", "mean", "first"])
+def test_label_word_scoring_in_eval_and_in_the_objective_batch(smol: object, tiny_lm: torch.nn.Module, scoring: str) -> None:
+    """sum / mean of the tokens' log-probs, or the first token's: eval, its loss and the objectives' scores agree."""
+    import zopeft
+
+    words = {0: " supercalifragilistic", 1: " ok", 2: " not entailment"}
+    records = [{**r, "label": i % 3} for i, r in enumerate(load_records("sst2", "dev")[:7])]
+    task = build_task("classification", template="Review: {sentence}\nSentiment:", label_words=words,
+                      label_word_scoring=scoring)
+    got = task.evaluate(tiny_lm, smol, records, batch_size=3)
+    scored = [_ids(smol, w)[:1] if scoring == "first" else _ids(smol, w) for w in words.values()]
+    want, loss = [], 0.0
+    for r in records:
+        pairs = [_logprob(tiny_lm, _ids(smol, f"Review: {r['sentence']}\nSentiment:"), tokens) for tokens in scored]
+        want.append([s / n if scoring == "mean" else s for s, n in pairs])
+        loss -= pairs[r["label"]][0] / pairs[r["label"]][1]
+    predicted = [row.index(max(row)) for row in want]
+    assert got["accuracy"] == pytest.approx(sum(p == r["label"] for p, r in zip(predicted, records)) / 7)
+    assert [got["per_class"][str(k)]["predicted"] for k in words] == [predicted.count(k) for k in words]
+    assert got["loss"] == pytest.approx(loss / 7, abs=1e-4)
+    seen: list[torch.Tensor] = []
+    zopeft.metric_closure(tiny_lm, task.candidate_batch(records, smol), lambda s, g: seen.append(s) or 0.0)()
+    assert torch.allclose(seen[0], torch.tensor(want), atol=1e-4)  # what an objective (zo.objective) ranks
+
+
+def test_first_token_scoring_refuses_label_words_that_share_one(smol: object) -> None:
+    task = build_task("classification", template="{s}", label_words=[" not entailment", " not sure"],
+                      label_word_scoring="first")
+    with pytest.raises(ValueError, match="label words ' not entailment' and ' not sure' both start with the token ' not'"):
+        task.collate([{"s": "x", "label": 0}], smol)
+
+
+def test_per_class_metrics_of_each_candidate_task(smol: object, minilm: object, tiny_lm: torch.nn.Module) -> None:
+    records = load_records("sst2", "dev")[:9]
+    got = _task("sst2").evaluate(tiny_lm, smol, records, batch_size=4)
+    assert list(got["per_class"]) == ["0", "1"] and got["per_class"]["1"]["word"] == " positive"
+    assert [row["support"] for row in got["per_class"].values()] == [sum(r["label"] == k for r in records) for k in (0, 1)]
+    assert sum(map(sum, got["confusion"])) == 9 and "macro_f1" in got
+    mc = build_task("multiple_choice").evaluate(tiny_lm, smol, COPA, batch_size=2)
+    assert list(mc["per_class"]) == ["0", "1", "2"]  # the gold choice's position: a position bias shows
+    task = build_task("sequence_classification", text_fields=["sentence"], num_labels=2)
+    with pytest.raises(ValueError, match="label 5 is not a class of a 2-class head; set num_labels"):
+        task.check({"sentence": "x", "label": 5})

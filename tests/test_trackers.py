@@ -1,20 +1,31 @@
 """report_to: TensorBoard and Weights & Biases (offline) receive the loss, lr, zo_* statistics and eval
-metrics against forward passes."""
+metrics against forward-pass equivalents."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from test_cli import invoke, write_recipe
 from test_user_errors import one_error_line
 
-from zopeft.trackers import scalars
+from zopeft.trackers import Trackers, scalars
 
 
 def test_scalar_names():
-    record = {"step": 3, "forward_passes": 12, "lr": 0.01, "loss": 2.5, "sigma": 0.1, "skipped": "non-finite loss",
-              "eval_accuracy": 0.5}
+    record = {"step": 3, "forward_passes": 12, "forward_equivalents": 36, "lr": 0.01, "loss": 2.5, "loss_ema": 2.7,
+              "sigma": 0.1, "skipped": "non-finite loss", "eval_accuracy": 0.5, "eval_predicted": {"0": 3, "1": 1}}
     assert scalars(record) == {"train/global_step": 3, "train/learning_rate": 0.01, "train/loss": 2.5,
-                               "train/zo_sigma": 0.1, "eval/accuracy": 0.5}
+                               "train/loss_ema": 2.7, "train/zo_sigma": 0.1, "eval/accuracy": 0.5}
+
+
+def test_the_x_axis_is_forward_pass_equivalents():
+    logged = []
+    trackers = Trackers([], Path("."), {})
+    trackers.backends = [type("Fake", (), {"log": lambda self, metrics, x: logged.append(x)})()]
+    trackers.log({"step": 1, "forward_passes": 1, "forward_equivalents": 3, "loss": 1.0})  # AdamW: + a backward
+    trackers.log({"step": 1, "forward_passes": 4, "loss": 1.0})  # a log written before the count existed
+    assert logged == [3, 4]
 
 
 def test_report_to_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
@@ -37,7 +48,7 @@ def test_report_to_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
 
     (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
     logged = run_file.read_bytes()  # protobuf records: the metric names are stored as plain strings
-    for name in (b"forward_passes", b"train/loss", b"train/zo_sigma", b"eval/accuracy"):
+    for name in (b"forward_equivalents", b"train/loss", b"train/zo_sigma", b"eval/accuracy"):
         assert name in logged
 
 

@@ -4,42 +4,37 @@ The first stage of a run (setup → train → save), shared by :mod:`zopeft.runn
 :mod:`zopeft.merge` and :mod:`zopeft.replay`.  Nothing here loads a model or touches
 the output directory; :func:`training_data` and :func:`eval_data` check the records
 against the task format, so a data or template mistake is reported before a model loads.
+Which records are trained and evaluated on is :mod:`zopeft.splits`' business.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any
+from collections.abc import Iterator
 
 import torch
 
-from .data import BUILTIN_DATASETS, load_records
 from .models import AdapterSpec, ModelSpec
 from .objectives import Objective, resolve_objective
 from .recipe import Recipe, RecipeError
 from .registry import get_optimizer
+from .resolved import task_settings
+from .splits import DataSplits, Split
 from .tasks import Task, build_task
 
 __all__ = [
-    "adapter_spec", "batch_indices", "build_task_for", "eval_data", "load_split", "make_optimizer", "model_spec",
-    "objective", "training_data",
+    "adapter_spec", "batch_indices", "build_task_for", "eval_data", "forward_equivalents",
+    "make_optimizer", "model_spec", "objective", "torch_threads", "training_data",
 ]
 
-
-def _dataset_defaults(recipe: Recipe) -> dict[str, Any]:
-    return dict(BUILTIN_DATASETS.get(recipe.dataset, {}).get("task", {}))
-
-
-def _task_kind(recipe: Recipe) -> str:
-    kind = recipe.task or _dataset_defaults(recipe).get("kind")
-    if kind is None:
-        raise RecipeError([f"task: required for dataset {recipe.dataset!r} (classification, multiple_choice, sft or sequence_classification)"])
-    return kind
+BACKWARD_COST = 2  # a backward pass costs about two forward passes
 
 
 def model_spec(recipe: Recipe) -> ModelSpec:
     """The :class:`ModelSpec` a recipe describes."""
-    task_type = recipe.task_type or ("sequence_classification" if _task_kind(recipe) == "sequence_classification" else "causal_lm")
+    kind = task_settings(recipe)["kind"]
+    task_type = recipe.task_type or ("sequence_classification" if kind == "sequence_classification" else "causal_lm")
     return ModelSpec(
         model_name_or_path=recipe.model_name_or_path, task_type=task_type, num_labels=recipe.num_labels,
         quantization_bit=recipe.quantization_bit, quantization_type=recipe.quantization_type,
@@ -59,54 +54,36 @@ def adapter_spec(recipe: Recipe) -> AdapterSpec:
 
 def build_task_for(recipe: Recipe) -> Task:
     """The task format of the recipe (bundled datasets fill in template, label words and text fields)."""
-    settings = _dataset_defaults(recipe)
-    settings.pop("kind", None)
-    kind = _task_kind(recipe)
-    for key in ("template", "label_words", "text_fields"):
-        if getattr(recipe, key) is not None:
-            settings[key] = getattr(recipe, key)
-    if kind == "multiple_choice":
-        settings["choices_field"] = recipe.choices_field
-    return build_task(kind, cutoff_len=recipe.cutoff_len, label_field=recipe.label_field, **settings)
+    return build_task(**task_settings(recipe))
 
 
-def load_split(recipe: Recipe, split: str) -> list[dict]:
-    """Records of the train or eval split, capped by max_train_samples / max_eval_samples."""
-    if split == "train":
-        records, cap = load_records(recipe.dataset, "train"), recipe.max_train_samples
-    else:
-        source = recipe.eval_dataset or recipe.dataset
-        records = load_records(source, split if source in BUILTIN_DATASETS else None)
-        cap = recipe.max_eval_samples
-    return records[:cap] if cap else records
-
-
-def _checked(recipe: Recipe, task: Task, split: str) -> list[dict]:
-    """The split's records, each checked against the task format; a mismatch is one RecipeError line."""
-    key = "dataset" if split == "train" or recipe.eval_dataset is None else "eval_dataset"
-    source = getattr(recipe, key)
-    records = load_split(recipe, split)
-    if not records:
-        raise RecipeError([f"{key}: {source!r} has no records in its {split} split"])
-    for i, record in enumerate(records):
-        try:
-            task.check(record)
-        except (KeyError, ValueError) as err:
-            where = f"{source!r} ({split} split)" if source in BUILTIN_DATASETS else repr(source)
-            raise RecipeError([f"{key}: record {i} of {where} does not fit task {task.kind}: {err.args[0]}"]) from None
-    return records
-
-
-def training_data(recipe: Recipe) -> tuple[Task, list[dict], list[dict]]:
-    """The task format and the checked train and eval (dev) records."""
+def training_data(recipe: Recipe) -> tuple[Task, DataSplits]:
+    """The task format and the data splits, every record read and checked against it."""
     task = build_task_for(recipe)
-    return task, _checked(recipe, task, "train"), _checked(recipe, task, "dev")
+    return task, DataSplits(recipe, task).load()
 
 
-def eval_data(recipe: Recipe, split: str = "dev") -> tuple[Task, list[dict]]:
-    """The task format and the checked records of ``split``."""
+def eval_data(recipe: Recipe, split: str = "dev") -> tuple[Task, Split]:
+    """The task format and the checked records of ``split`` (``dev``: the evaluation records; ``train``)."""
     task = build_task_for(recipe)
-    return task, _checked(recipe, task, split)
+    return task, DataSplits(recipe, task).split(split)
+
+
+def forward_equivalents(recipe: Recipe, forward_passes: int) -> int:
+    """Forward passes plus backward passes at :data:`BACKWARD_COST` forwards each (the AdamW baseline's)."""
+    return forward_passes * (1 if recipe.is_zeroth_order else 1 + BACKWARD_COST)
+
+
+@contextlib.contextmanager
+def torch_threads(recipe: Recipe) -> Iterator[int]:
+    """torch's CPU threads set to the recipe's ``threads`` (if given) for the duration; yields the number in use."""
+    before = torch.get_num_threads()
+    if recipe.threads is not None:
+        torch.set_num_threads(recipe.threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def objective(recipe: Recipe, task: Task) -> Objective | None:

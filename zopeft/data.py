@@ -52,11 +52,12 @@ BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
 _INT = re.compile(r"-?\d+")
 
 
-def load_records(source: str | Path, split: str | None = None) -> list[dict]:
+def load_records(source: str | Path, split: str | None = None, column_names: list[str] | None = None) -> list[dict]:
     """Records of a bundled dataset's ``split`` (``train``/``dev``), or of a local data file or directory.
 
     Files: ``.jsonl`` (one object a line), ``.json`` (a list of objects or ``{"data": [...]}``),
-    ``.csv`` and ``.tsv`` (header row).  A TSV row is one line (``csv.QUOTE_NONE``: bare quotes are
+    ``.csv`` and ``.tsv`` (a header row names the columns; without one, ``column_names`` names
+    them, as in HF ``datasets``' CSV loader).  A TSV row is one line (``csv.QUOTE_NONE``: bare quotes are
     text); a cell that is wholly CSV-quoted (``"a ""b"" c"``, as in the RTE files) is unquoted.
     CSV/TSV columns whose every cell is an integer become ``int``.  A directory is read with the optional ``datasets`` library
     (``load_from_disk`` output or anything ``load_dataset`` reads offline; ``split`` defaults to train).
@@ -64,8 +65,10 @@ def load_records(source: str | Path, split: str | None = None) -> list[dict]:
     if isinstance(source, str) and source in BUILTIN_DATASETS:
         return _load_builtin(source, split)
     path = Path(source).expanduser()
+    if column_names is not None and path.suffix.lower() not in (".csv", ".tsv"):
+        raise ValueError(f"column_names: names the columns of a .csv/.tsv file without a header row; {path.name} is not one")
     if path.is_file():
-        return _load_file(path)
+        return _load_file(path, column_names)
     if path.is_dir():
         return _load_with_datasets(path, split)
     text = str(source)
@@ -91,7 +94,7 @@ def _load_builtin(name: str, split: str | None) -> list[dict]:
     return _load_file(BUNDLED_DIR / files[split])
 
 
-def _load_file(path: Path) -> list[dict]:
+def _load_file(path: Path, column_names: list[str] | None = None) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records = _read_jsonl(path)
@@ -101,7 +104,7 @@ def _load_file(path: Path) -> list[dict]:
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of objects or {{\"data\": [...]}}")
     elif suffix in (".csv", ".tsv"):
-        records = _read_table(path, tab=suffix == ".tsv")
+        records = _read_table(path, tab=suffix == ".tsv", names=column_names)
     else:
         raise ValueError(f"{path}: unsupported data format {suffix!r} (supported: {', '.join(DATA_FORMATS)})")
     for i, record in enumerate(records):
@@ -129,14 +132,16 @@ def _unquote(cell: str) -> str:
     return cell
 
 
-def _read_table(path: Path, tab: bool) -> list[dict]:
+def _read_table(path: Path, tab: bool, names: list[str] | None = None) -> list[dict]:
+    """The rows of a CSV/TSV file; ``names``: the columns of a file without a header row."""
     options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tab else {}
     with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, **options)
+        reader = csv.DictReader(f, fieldnames=names, **options)
         records = []
         for record in reader:
             if None in record or None in record.values():
-                raise ValueError(f"{path}:{reader.line_num}: expected {len(reader.fieldnames)} fields")
+                named = f" (column_names: {', '.join(names)})" if names else ""
+                raise ValueError(f"{path}:{reader.line_num}: expected {len(reader.fieldnames)} fields{named}")
             records.append({k: _unquote(v) for k, v in record.items()} if tab else record)
     for column in reader.fieldnames or []:
         if records and all(_INT.fullmatch(r[column]) for r in records):

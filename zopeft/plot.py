@@ -1,4 +1,9 @@
-"""Training curves against forward passes (needs the ``plot`` extra: matplotlib)."""
+"""Training curves against forward-pass equivalents (needs the ``plot`` extra: matplotlib).
+
+Left: the training loss of each logged step (one mini-batch, noisy), its moving average
+(``loss_ema``) and the eval loss.  Right: eval accuracy and macro-F1 (sft: perplexity).  The
+x-axis counts forward passes plus two per backward pass, so ZO and AdamW runs compare per cost.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +14,44 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
-__all__ = ["plot_log"]
+__all__ = ["curves", "plot_log"]
+
+X_LABEL = "forward-pass equivalents (a backward = 2 forwards)"
+NAMES = {"eval_accuracy": "accuracy", "eval_macro_f1": "macro-F1", "eval_perplexity": "perplexity"}
+
+
+def _x(record: dict) -> int:
+    return record.get("forward_equivalents", record["forward_passes"])  # logs written before the count existed
+
+
+def curves(records: list[dict]) -> Figure:
+    """The figure of a training log's records: losses (left) and eval metrics (right)."""
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if any(k.startswith("eval_") for k in r)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot([_x(r) for r in train], [r["loss"] for r in train], color="tab:blue", alpha=0.35, lw=1, label="train (batch)")
+    smooth = [r for r in train if r.get("loss_ema") is not None]
+    left.plot([_x(r) for r in smooth], [r["loss_ema"] for r in smooth], color="tab:blue", lw=2, label="train (EMA)")
+    points = [r for r in evals if "eval_loss" in r]
+    left.plot([_x(r) for r in points], [r["eval_loss"] for r in points], "o-", color="tab:red", label="eval")
+    left.set(xlabel=X_LABEL, ylabel="loss", title="loss")
+    metrics = [m for m in ("eval_accuracy", "eval_macro_f1") if any(m in r for r in evals)] or ["eval_perplexity"]
+    for metric, color in zip(metrics, ("tab:green", "tab:purple")):
+        points = [r for r in evals if metric in r]
+        right.plot([_x(r) for r in points], [r[metric] for r in points], "o-", color=color, label=NAMES[metric])
+    right.set(xlabel=X_LABEL, title="eval")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
 
 
 def plot_log(log_path: str | Path, png_path: str | Path) -> Path:
-    """Plot training loss and the eval metric (accuracy, else loss) against forward passes."""
-    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if any(k.startswith("eval_") for k in r)]
-    metric = "eval_accuracy" if any("eval_accuracy" in r for r in evals) else "eval_loss"
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot([r["forward_passes"] for r in train], [r["loss"] for r in train], marker=".")
-    left.set(xlabel="forward passes", ylabel="training loss", title="loss")
-    points = [r for r in evals if metric in r]
-    right.plot([r["forward_passes"] for r in points], [r[metric] for r in points], marker="o", color="tab:green")
-    right.set(xlabel="forward passes", ylabel=metric, title=metric.replace("_", " "))
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
+    """Write :func:`curves` of a ``trainer_log.jsonl`` to ``png_path``."""
+    fig = curves([json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()])
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return Path(png_path)

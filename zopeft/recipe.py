@@ -37,11 +37,14 @@ ESSENTIAL_KEYS = (
     "model_name_or_path", "quantization_bit", "quantization_type", "double_quantization", "compute_dtype",
     "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "num_virtual_tokens",
     "modules_to_save", "dataset", "task", "template", "label_words", "text_fields", "label_field", "choices_field",
-    "cutoff_len", "max_train_samples", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
-    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "zo",
+    "column_names", "label_word_scoring", "val_size", "cutoff_len", "max_train_samples", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "zo",
 )
 # zo keys that change how a step is computed, not what it computes: free to change on resume.
 OPERATIONAL_ZO_KEYS = ("batched", "perturbation_batch_size", "max_memory", "sync_check_steps")
+# text keys whose command-line overrides interpret the escapes \n, \t and \\ (prompt text, not paths)
+ESCAPED_KEYS = ("template",)
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 
 
 class RecipeError(ValueError):
@@ -187,7 +190,8 @@ class Recipe(_Strict):
     # model
     model_name_or_path: str
     task_type: Literal["causal_lm", "sequence_classification"] | None = None
-    num_labels: int = Field(2, ge=2, le=100_000)
+    num_labels: int = Field(2, ge=2, le=100_000, description="classes of a sequence_classification head; default: "
+                            "the number of label_words, else 2")
     quantization_bit: Literal[4, 8] | None = None
     quantization_type: Literal["nf4", "fp4"] = "nf4"
     double_quantization: bool = False
@@ -205,7 +209,11 @@ class Recipe(_Strict):
     modules_to_save: list[str] | None = Field(None, description="as a list or comma-separated")
     # data
     dataset: str
-    eval_dataset: str | None = Field(None, description="default: the dataset's dev split")
+    eval_dataset: str | None = Field(None, description="default: a bundled dataset's dev split, else the records "
+                                     "val_size holds out of dataset")
+    val_size: int | float | None = Field(
+        None, description="records held out of dataset for evaluation, never trained on: a fraction (0.1) or a count "
+        "(200), drawn with seed; 0: none. Default: 10% for a local dataset without eval_dataset")
     task: Literal["classification", "multiple_choice", "sft", "sequence_classification"] | None = None
     template: str | None = None
     label_words: dict[int | str, str] | list[str] | None = None
@@ -217,9 +225,16 @@ class Recipe(_Strict):
                              "multiple_choice: the gold choice's index, sequence_classification)")
     choices_field: str = Field("choices", min_length=1, description="multiple_choice: the list of candidate "
                                "continuations (else choice1, choice2, ...)")
+    column_names: list[str] | None = Field(None, min_length=1, description="the columns of CSV/TSV files without a "
+                                           "header row (as a list or comma-separated)")
+    label_word_scoring: Literal["sum", "mean", "first"] = Field(
+        "sum", description="classification: rank label words by the sum of their tokens' log-probs, their mean, or "
+        "the first token's (LM-BFF/MeZO)")
     cutoff_len: int = Field(256, ge=8, le=1 << 20)
-    max_train_samples: int | None = Field(None, ge=1)
-    max_eval_samples: int | None = Field(None, ge=1)
+    max_train_samples: int | None = Field(None, ge=1, description="a random subset of the training records "
+                                          "(fixed: the same for every run, seed and resume)")
+    max_eval_samples: int | None = Field(None, ge=1, description="a random subset of the evaluation records "
+                                         "(fixed: the same for every run, seed and resume)")
     # training
     learning_rate: float = Field(1e-3, ge=0, le=1)
     max_steps: int = Field(100, ge=1, le=STEPS)
@@ -237,6 +252,8 @@ class Recipe(_Strict):
     overwrite_output_dir: bool = Field(False, description="start over in an output_dir that holds a previous run "
                                        "(its checkpoints are removed); the CLI's --overwrite")
     seed: int = Field(42, ge=0, le=2**32 - 1)
+    threads: int | None = Field(None, ge=1, le=4096, description="torch CPU threads (torch.set_num_threads); default: "
+                                "what torch chooses (one per core)")
     resume_from_checkpoint: str | None = Field(None, description="auto | a checkpoint directory")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="none | tensorboard | wandb or a list (trainer_log.jsonl is always written)"
@@ -247,6 +264,41 @@ class Recipe(_Strict):
     @classmethod
     def _zo(cls, value: Any) -> ZOSettings:
         return _zo_block(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_num_labels(cls, data: Any) -> Any:
+        """``num_labels`` is the number of label words (the recipe's, else the bundled dataset's) unless given."""
+        if not isinstance(data, dict):
+            return data
+        from .data import BUILTIN_DATASETS
+
+        dataset = data.get("dataset")
+        bundled = BUILTIN_DATASETS.get(dataset, {}) if isinstance(dataset, str) else {}
+        words = data.get("label_words") or bundled.get("task", {}).get("label_words")
+        if not isinstance(words, (dict, list)) or len(words) < 2:
+            return data
+        given = data.get("num_labels")
+        if given is None:
+            return {**data, "num_labels": len(words)}
+        if isinstance(given, int) and given != len(words):
+            raise ValueError(f"num_labels: {given}, but label_words name {len(words)} labels; drop num_labels "
+                             "(it follows label_words)")
+        return data
+
+    @field_validator("val_size", mode="before")
+    @classmethod
+    def _val_size(cls, value: Any) -> Any:
+        """A fraction in [0, 1) or a count (LLaMA-Factory's val_size); one error line for anything else."""
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and (0 <= value < 1 or (value >= 1 and isinstance(value, int)))):
+            raise ValueError(f"a fraction below 1 (e.g. 0.1) or a count of records (e.g. 200), got {value!r}")
+        return value
+
+    @field_validator("column_names", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return [n.strip() for n in value.split(",")] if isinstance(value, str) else value
 
     @field_validator("lora_target", "modules_to_save", mode="before")
     @classmethod
@@ -295,11 +347,25 @@ class Recipe(_Strict):
                              "use a ZO optimizer for the objective, or zo.objective: loss")
         if self.task == "sequence_classification" and self.text_fields and len(self.text_fields) > 2:
             raise ValueError(f"text_fields: sequence_classification reads one or two texts, got {self.text_fields}")
+        if self.val_size is not None and self.eval_dataset is not None:
+            raise ValueError("val_size: holds records out of dataset for evaluation, but eval_dataset is given; "
+                             "drop one of them")
+        if self.task not in (None, "classification") and self.label_word_scoring != "sum":
+            raise ValueError(f"label_word_scoring: ranks the label words of task classification; {self.task} has none "
+                             "(multiple_choice ranks its choices by their mean log-prob per token); drop it")
         return self
 
     @property
     def is_zeroth_order(self) -> bool:
         return self.zo.optimizer not in FIRST_ORDER_OPTIMIZERS
+
+    def notes(self) -> list[str]:
+        """One line per setting that is valid but probably not what was meant."""
+        notes = self.zo.notes()
+        if self.template is not None and re.search(r"\\[nt]", self.template):
+            notes.append("template: holds a backslash + n or t as two characters, not a newline or tab; in YAML "
+                         'write the template in double quotes ("Q: {q}\\nA:"); on the command line \\n is a newline')
+        return notes
 
     def essentials(self) -> dict[str, Any]:
         """The keys that must match for a checkpoint to be resumed."""
@@ -328,7 +394,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
     A key whose value is text (``template``, ``output_dir``, ...) takes the text as written
     (``template={sentence}`` is not a YAML mapping) unless it is quoted (``output_dir=''``);
-    ``key=`` with nothing after it is null.
+    in ``template`` the escapes ``\\n``, ``\\t`` and ``\\\\`` are a newline, a tab and a backslash
+    (paths keep their backslashes).  ``key=`` with nothing after it is null.
     """
     out: dict[str, Any] = {}
     for item in overrides:
@@ -341,6 +408,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
         text = key.strip() in _text_keys() and not quoted
+        if text and key.strip() in ESCAPED_KEYS:
+            value = re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m[1]], value)
         node[leaf] = None if not value.strip() else value if text else _scalar(value)
     return out
 

@@ -3,7 +3,8 @@
 What a run leaves there::
 
     recipe.yaml            the resolved recipe
-    trainer_log.jsonl      one JSON line per logged step and per evaluation
+    trainer_log.jsonl      one JSON line per logged step (loss, loss_ema, lr, ...) and per evaluation (eval_*,
+                           eval_predicted), each with forward_passes and forward_equivalents
     zo_steps.jsonl         every ZO step's record (step, lr per param group, losses): `zopeft replay` input
     checkpoint-N/          adapter, optimizer / scheduler / RNG state, trainer_state.json, recipe.yaml
     adapter_model.safetensors, adapter_config.json, tokenizer files: the final adapter (PEFT layout)

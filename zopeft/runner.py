@@ -30,10 +30,12 @@ from transformers import get_scheduler
 
 from .batched import loss_closure, metric_closure
 from .components import (
-    adapter_spec, batch_indices, eval_data, make_optimizer, model_spec, objective, training_data,
+    adapter_spec, batch_indices, eval_data, forward_equivalents, make_optimizer, model_spec, objective, torch_threads,
+    training_data,
 )
 from .distributed import barrier, distributed_session
 from .guard import Guard
+from .metrics import EMA, collapse_warning, predicted_counts
 from .models import load_adapter_model, load_model, trainable_summary
 from .objectives import Objective
 from .optim.base import ZOOptimizer
@@ -47,32 +49,46 @@ __all__ = ["RunResult", "evaluate", "train"]
 
 @dataclass
 class RunResult:
-    """What a finished training run reports."""
+    """What a finished training run reports (times in seconds, of this process: a resumed run's since the resume)."""
 
     output_dir: Path
     steps: int
     forward_passes: int
-    seconds: float
-    eval_before: dict[str, float] = field(default_factory=dict)
-    eval_after: dict[str, float] = field(default_factory=dict)
+    forward_equivalents: int  # forward passes + 2 per backward pass (the AdamW baseline's)
+    train_seconds: float  # the steps, with logging and checkpoints, without the evaluations
+    eval_seconds: float
+    wall_seconds: float  # all of it: checks, loading, training, evaluation, saving
+    evaluated_on: str | None = None  # the eval records in words; None: nothing evaluated
+    eval_before: dict[str, Any] = field(default_factory=dict)
+    eval_after: dict[str, Any] = field(default_factory=dict)
     resumed_from: Path | None = None
+
+
+def _logged(metrics: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation as the training log keeps it: the numbers and the predicted-label distribution."""
+    logged = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion")}
+    return {**logged, "predicted": predicted_counts(metrics)} if "per_class" in metrics else logged
 
 
 def evaluate(
     recipe: Recipe, *, adapter: str | Path | None = None, split: str = "dev", model: Any = None, tokenizer: Any = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Evaluate on a split: the given model, the adapter in ``adapter``, or the recipe's untrained model.
 
-    The records are checked against the task format before any model is loaded.
+    ``split``: ``dev`` (the evaluation records: :mod:`zopeft.splits`) or ``train`` (the records
+    trained on).  Returns ``evaluated_on`` (those records in words), ``split`` and the task's
+    metrics.  The records are checked against the task format before any model is loaded.
     """
-    task, records = eval_data(recipe, split)
-    if model is None:
-        if adapter is not None:
-            model, tokenizer = load_adapter_model(model_spec(recipe), adapter)
-        else:
-            torch.manual_seed(recipe.seed)
-            model, tokenizer = load_model(model_spec(recipe), adapter_spec(recipe))
-    return task.evaluate(model, tokenizer, records, batch_size=recipe.per_device_eval_batch_size)
+    task, data = eval_data(recipe, split)
+    with torch_threads(recipe):
+        if model is None:
+            if adapter is not None:
+                model, tokenizer = load_adapter_model(model_spec(recipe), adapter)
+            else:
+                torch.manual_seed(recipe.seed)
+                model, tokenizer = load_model(model_spec(recipe), adapter_spec(recipe))
+        metrics = task.evaluate(model, tokenizer, data.records, batch_size=recipe.per_device_eval_batch_size)
+    return {"evaluated_on": data.description, "split": split, **metrics}
 
 
 def train(recipe: Recipe, *, echo: Callable[[str], None] = print, progress: bool | None = None) -> RunResult:
@@ -84,7 +100,7 @@ def train(recipe: Recipe, *, echo: Callable[[str], None] = print, progress: bool
     run in the way, the records against the task format) runs before the model loads, and
     a run that fails before training leaves ``output_dir`` as it found it.
     """
-    with distributed_session() as (rank, world_size):
+    with distributed_session() as (rank, world_size), torch_threads(recipe):
         run = RunDir(recipe.output_dir)
         main = rank == 0
         with run.locked(echo) if main else contextlib.nullcontext():
@@ -132,16 +148,22 @@ def _observe_eval(guard: Guard, metrics: dict[str, float]) -> None:
 def _train(
     recipe: Recipe, run: RunDir, rank: int, world_size: int, echo: Callable[[str], None], progress: bool | None
 ) -> RunResult:
-    main = rank == 0
+    main, began = rank == 0, time.perf_counter()
     # ----- setup: checks, then the parts ------------------------------------------------------
     checkpoint = run.prepare(recipe, world_size, echo)
-    task, train_records, eval_records = training_data(recipe)
+    task, data = training_data(recipe)
+    train_records, evaluated = data.train.records, data.eval
     target = objective(recipe, task)
     barrier()  # every rank has read output_dir before rank 0 writes to it
+    for note in data.notes():
+        echo(f"note: {note}")
     torch.manual_seed(recipe.seed)
     model, tokenizer = load_model(model_spec(recipe), adapter_spec(recipe))
     model.eval()
-    echo(f"model: {recipe.model_name_or_path} | {recipe.finetuning_type} | {trainable_summary(model)}")
+    echo(f"model: {recipe.model_name_or_path} | {recipe.finetuning_type} | {trainable_summary(model)} | "
+         f"torch threads: {torch.get_num_threads()}")
+    echo(f"train on {data.train.description}")
+    echo(f"eval on {evaluated.description}" if evaluated else "eval: none")
     n = len(train_records)
     opt = make_optimizer(recipe, model, world_size)
     guard = Guard(opt, **recipe.zo.guard.kwargs()) if recipe.is_zeroth_order and recipe.zo.guard.enabled else None
@@ -154,26 +176,39 @@ def _train(
         recipe.lr_scheduler_type, opt, num_warmup_steps=recipe.warmup_steps, num_training_steps=recipe.max_steps
     )
     start = forward_passes = 0
+    ema = EMA()  # of the training loss
     if checkpoint is not None:
         state = run.load_checkpoint(checkpoint, model, opt, sched, guard)
-        start, forward_passes = state["global_step"], state["forward_passes"]
+        start, forward_passes, ema.value = state["global_step"], state["forward_passes"], state.get("loss_ema")
         echo(f"*** RESUMING from {checkpoint} at step {start} (forward passes so far: {forward_passes}) ***")
     log = step_log = trackers = None
     if main:
         log, step_log = run.open_logs(recipe, start, checkpoint, echo)
-        trackers = Trackers(recipe.report_to, run.path, recipe.model_dump(), forward_passes)
+        trackers = Trackers(recipe.report_to, run.path, recipe.model_dump(), forward_equivalents(recipe, forward_passes))
 
-    def write(record: dict[str, Any]) -> None:
+    eval_seconds = 0.0
+
+    def write(step: int, record: dict[str, Any]) -> None:
+        record = {"step": step, "forward_passes": forward_passes,
+                  "forward_equivalents": forward_equivalents(recipe, forward_passes), **record}
         log.write(record)
         trackers.log(record)
 
-    def run_eval(step: int) -> dict[str, float]:
+    def run_eval(step: int) -> dict[str, Any]:
         """Rank 0 evaluates while the other ranks wait."""
-        metrics: dict[str, float] = {}
-        if main:
-            metrics = task.evaluate(model, tokenizer, eval_records, batch_size=recipe.per_device_eval_batch_size)
-            write({"step": step, "forward_passes": forward_passes, **{f"eval_{k}": v for k, v in metrics.items()}})
-            echo(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        nonlocal eval_seconds
+        metrics: dict[str, Any] = {}
+        if main and evaluated is not None:
+            clock = time.perf_counter()
+            metrics = task.evaluate(model, tokenizer, evaluated.records, batch_size=recipe.per_device_eval_batch_size)
+            eval_seconds += time.perf_counter() - clock
+            logged = _logged(metrics)
+            write(step, {f"eval_{k}": v for k, v in logged.items()})
+            echo(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in logged.items()))
+            warning = collapse_warning(metrics)
+            if warning:
+                echo(f"warning: {warning}")
         barrier()
         return metrics
 
@@ -186,12 +221,11 @@ def _train(
             echo(f"guard: rolled back to the weights after {event['rollback_to'] + 1} steps ({event['reason']}); "
                  f"learning rate {event['old_lr'][0]:.3g} -> {event['new_lr'][0]:.3g}")
             if main:
-                write({"step": step, "forward_passes": forward_passes, "guard": "rollback",
-                       **{k: v for k, v in event.items() if k != "step"}})
+                write(step, {"guard": "rollback", **{k: v for k, v in event.items() if k != "step"}})
         if stop is not None:
             echo(f"guard: {stop}")
             if main:
-                write({"step": step, "forward_passes": forward_passes, "guard": "stop", "reason": str(stop)})
+                write(step, {"guard": "stop", "reason": str(stop)})
         return stop is None
 
     # ----- train ---------------------------------------------------------------------------------
@@ -199,7 +233,7 @@ def _train(
         eval_before = run_eval(0) if start == 0 else {}
         show_bar = main and (sys.stderr.isatty() if progress is None else progress)
         bar = tqdm(total=recipe.max_steps, initial=start, disable=not show_bar, unit="step", dynamic_ncols=True)
-        began = time.perf_counter()
+        loop_began, eval_before_loop = time.perf_counter(), eval_seconds
         last = start  # the last step done (the guard may stop the run early)
         for step in range(start, recipe.max_steps):
             batches = [
@@ -211,6 +245,7 @@ def _train(
             logged = len(getattr(opt, "step_log", ()))
             stats = _train_step(opt, model, batches, target)
             forward_passes = stats.get("forward_passes", forward_passes + len(batches))
+            ema.update(stats["loss"])
             sched.step()
             done = last = step + 1
             bar.update(1)
@@ -220,10 +255,11 @@ def _train(
                 for record in opt.step_log[logged:]:  # the step's record, and a rollback's
                     step_log.write(record)
             if main and (done % recipe.logging_steps == 0 or done == recipe.max_steps):
-                write({"step": done, "forward_passes": forward_passes, "lr": lr,
-                       **{k: v for k, v in stats.items() if k not in ("step", "lr", "forward_passes")}})
+                write(done, {"lr": lr, **{k: v for k, v in stats.items() if k not in ("step", "lr", "forward_passes")},
+                             "loss_ema": ema.value})
                 if not show_bar:
-                    echo(f"step {done}/{recipe.max_steps} loss={stats['loss']:.4f} fwd={forward_passes} lr={lr:.3g}")
+                    smoothed = f" (ema {ema.value:.4f})" if ema.value is not None else ""
+                    echo(f"step {done}/{recipe.max_steps} loss={stats['loss']:.4f}{smoothed} fwd={forward_passes} lr={lr:.3g}")
             if going and recipe.eval_steps and done % recipe.eval_steps == 0 and done != recipe.max_steps:
                 metrics = run_eval(done)
                 going = judged(lambda g: _observe_eval(g, metrics), done)
@@ -231,12 +267,12 @@ def _train(
                 position = done * recipe.gradient_accumulation_steps * recipe.per_device_train_batch_size * shards
                 run.save_checkpoint(done, recipe, model, opt, sched, {
                     "forward_passes": forward_passes, "epoch": position // n, "example_position": position % n,
-                    "world_size": world_size,
+                    "world_size": world_size, "loss_ema": ema.value,
                 }, guard)
             if not going:
                 break
         bar.close()
-        seconds = time.perf_counter() - began
+        train_seconds = time.perf_counter() - loop_began - (eval_seconds - eval_before_loop)
         if isinstance(opt, ZOOptimizer):
             opt.check_replicas()
         eval_after = run_eval(last)
@@ -249,4 +285,10 @@ def _train(
         plot = run.plot()
         echo(f"adapter: {run.path} | log: {run.path / LOG_NAME}" + (f" | plot: {plot}" if plot else ""))
     barrier()
-    return RunResult(run.path, last, forward_passes, seconds, eval_before, eval_after, checkpoint)
+    return RunResult(
+        output_dir=run.path, steps=last, forward_passes=forward_passes,
+        forward_equivalents=forward_equivalents(recipe, forward_passes), train_seconds=train_seconds,
+        eval_seconds=eval_seconds, wall_seconds=time.perf_counter() - began,
+        evaluated_on=evaluated.description if evaluated else None, eval_before=eval_before, eval_after=eval_after,
+        resumed_from=checkpoint,
+    )

@@ -24,9 +24,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from .metrics import class_metrics
 from .objectives import CandidateBatch
+from .records import choice_texts, fill, label_index, label_keys, prompt_text, require_text_fields
 
-__all__ = ["ALPACA_TEMPLATE", "TASK_KINDS", "Task", "build_task", "candidate_batch"]
+__all__ = ["ALPACA_TEMPLATE", "LABEL_WORD_SCORINGS", "TASK_KINDS", "Task", "build_task", "candidate_batch"]
 
 IGNORE = -100
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -47,8 +49,9 @@ class Task(Protocol):
         """A training batch; the model's own loss on it is the training loss."""
         ...
 
-    def evaluate(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 16) -> dict[str, float]:
-        """``{"accuracy", "loss", "n"}`` (accuracy only where defined; sft gives ``perplexity``)."""
+    def evaluate(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 16) -> dict[str, Any]:
+        """``accuracy``, ``macro_f1``, ``loss``, ``n``, ``per_class`` and ``confusion`` (see
+        :func:`zopeft.metrics.class_metrics`); sft gives ``loss``, ``perplexity`` and ``n``."""
         ...
 
     def check(self, record: dict) -> None:
@@ -57,68 +60,6 @@ class Task(Protocol):
 
 
 # ----- shared helpers ----------------------------------------------------------------------------
-def _canon_label(value: Any) -> Any:
-    """Booleans and integer strings become ints, ``"true"``/``"false"`` 1/0; other values are kept."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lower() in ("true", "false"):
-            return int(text.lower() == "true")
-        try:
-            return int(text)
-        except ValueError:
-            return text
-    return value
-
-
-def _label_keys(label_words: dict | list | None) -> list[Any] | None:
-    if label_words is None:
-        return None
-    keys = range(len(label_words)) if isinstance(label_words, (list, tuple)) else label_words.keys()
-    return [_canon_label(k) for k in keys]
-
-
-def _label_index(record: dict, label_field: str, keys: list[Any] | None) -> int:
-    """Index of the record's label: its position among ``keys``, or the label itself as an int."""
-    if label_field not in record:
-        raise KeyError(f"record has no label field {label_field!r} (fields: {', '.join(record)}); "
-                       "set label_field to the field that holds the label")
-    label = _canon_label(record[label_field])
-    if keys is None:
-        if not isinstance(label, int):
-            raise ValueError(f"label {record[label_field]!r} is not an integer; give label_words to map labels")
-        return label
-    if label not in keys:
-        raise ValueError(f"label {record[label_field]!r} is not one of the label words' labels {keys}")
-    return keys.index(label)
-
-
-def _fill(template: str, record: dict) -> str:
-    try:
-        return template.format_map(record)
-    except KeyError as err:
-        raise KeyError(f"template field {err.args[0]!r} is not in the record (fields: {', '.join(record)}); "
-                       "use these fields in the template") from None
-
-
-def _require_text_fields(record: dict, names: list[str]) -> None:
-    missing = [n for n in names if n not in record]
-    if missing:
-        raise KeyError(f"text field {missing[0]!r} is not in the record (fields: {', '.join(record)}); fix text_fields")
-
-
-def _prompt_text(record: dict, template: str | None, text_fields: list[str] | None, kind: str) -> str:
-    if template is not None:
-        return _fill(template, record)
-    if text_fields:
-        _require_text_fields(record, text_fields)
-        return "\n".join(str(record[f]) for f in text_fields)
-    raise ValueError(f"{kind}: give a template (e.g. 'Review: {{sentence}}\\nSentiment:') or text_fields")
-
-
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -328,47 +269,80 @@ class _CandidateTask:
         examples = self.examples(records, tokenizer)
         return _candidate_batch(examples, _pad_id(tokenizer), self.length_normalised, self.shared_candidates)
 
-    def evaluate(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 16) -> dict[str, float]:
+    def classes(self, examples: list[_Example]) -> tuple[list[str], list[str] | None]:
+        """The class names of the per-class metrics (here the gold choice's position) and their words (none)."""
+        return [str(i) for i in range(max(len(ex.candidates) for ex in examples))], None
+
+    def evaluate(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 16) -> dict[str, Any]:
         _check_records(records)
         examples = self.examples(records, tokenizer)
         with _evaluating(model):
             scores = _score(model, examples, _pad_id(tokenizer), batch_size)
-        correct, loss = 0, 0.0
+        pred, loss = [], 0.0
         for ex, cand in zip(examples, scores):
             values = [s / n if self.length_normalised else s for s, n in cand]
-            correct += max(range(len(values)), key=values.__getitem__) == ex.gold
+            pred.append(max(range(len(values)), key=values.__getitem__))
             loss += -cand[ex.gold][0] / cand[ex.gold][1]
-        return {"accuracy": correct / len(examples), "loss": loss / len(examples), "n": len(examples)}
+        metrics = class_metrics([ex.gold for ex in examples], pred, *self.classes(examples))
+        return {"accuracy": metrics.pop("accuracy"), "macro_f1": metrics.pop("macro_f1"), "loss": loss / len(examples),
+                "n": len(examples), **metrics}
+
+
+LABEL_WORD_SCORINGS = ("sum", "mean", "first")
 
 
 @dataclass
 class ClassificationTask(_CandidateTask):
-    """Prompt + label words on a causal LM; eval picks the label word with the highest summed log-prob.
+    """Prompt + label words on a causal LM; eval picks the label word with the highest score.
 
     ``label_words``: ``{label: word}`` or a list (label = index); words are appended to the prompt
-    verbatim, so they usually start with a space (``" positive"``).
+    verbatim, so they usually start with a space (``" positive"``).  ``label_word_scoring``: a
+    word's score is the sum of its tokens' log-probs (``sum``, its probability as a string; it
+    favours short words), their mean (``mean``), or the first token's alone (``first``, as in
+    LM-BFF and MeZO: the word is cut to its first token for training and evaluation alike, so
+    two words may not share one).  Objectives (:meth:`candidate_batch`) rank by the same scores.
     """
 
     label_words: dict | list = field(default_factory=dict)
+    label_word_scoring: str = "sum"
     kind = "classification"
     shared_candidates = True
 
     def __post_init__(self) -> None:
         if not self.label_words:
             raise ValueError("classification needs label_words, e.g. {0: ' negative', 1: ' positive'}")
-        self.keys = _label_keys(self.label_words)
+        if self.label_word_scoring not in LABEL_WORD_SCORINGS:
+            raise ValueError(f"label_word_scoring: {self.label_word_scoring!r} is not one of {', '.join(LABEL_WORD_SCORINGS)}")
+        self.keys = label_keys(self.label_words)
         self.words = list(self.label_words.values() if isinstance(self.label_words, dict) else self.label_words)
+        self.length_normalised = self.label_word_scoring == "mean"
+
+    def classes(self, examples: list[_Example]) -> tuple[list[str], list[str] | None]:
+        return [str(k) for k in self.keys], self.words
+
+    def word_tokens(self, tokenizer: Any) -> list[list[int]]:
+        """Each label word's tokens as scored: all of them, or (``first``) the first alone."""
+        words = [_encode(tokenizer, w) for w in self.words]
+        if self.label_word_scoring != "first":
+            return words
+        seen: dict[int, str] = {}
+        for word, tokens in zip(self.words, words):
+            if tokens and tokens[0] in seen:
+                raise ValueError(f"label_word_scoring: first: label words {seen[tokens[0]]!r} and {word!r} both start "
+                                 f"with the token {tokenizer.decode(tokens[:1])!r}; use sum or mean, or other words")
+            seen.update({tokens[0]: word} if tokens else {})
+        return [tokens[:1] for tokens in words]
 
     def check(self, record: dict) -> None:
-        _prompt_text(record, self.template, self.text_fields, self.kind)
-        _label_index(record, self.label_field, self.keys)
+        prompt_text(record, self.template, self.text_fields, self.kind)
+        label_index(record, self.label_field, self.keys)
 
     def examples(self, records: list[dict], tokenizer: Any) -> list[_Example]:
-        prefix, words = _special_prefix(tokenizer), [_encode(tokenizer, w) for w in self.words]
+        prefix, words = _special_prefix(tokenizer), self.word_tokens(tokenizer)
         return [
             _example(
-                prefix, _encode(tokenizer, _prompt_text(r, self.template, self.text_fields, self.kind)), words,
-                _label_index(r, self.label_field, self.keys), self.cutoff_len,
+                prefix, _encode(tokenizer, prompt_text(r, self.template, self.text_fields, self.kind)), words,
+                label_index(r, self.label_field, self.keys), self.cutoff_len,
             )
             for r in records
         ]
@@ -388,28 +362,19 @@ class MultipleChoiceTask(_CandidateTask):
     length_normalised = True
 
     def choices(self, record: dict) -> list[str]:
-        if self.choices_field in record:
-            return [str(c) for c in record[self.choices_field]]
-        choices, i = [], 1
-        while f"choice{i}" in record:
-            choices.append(str(record[f"choice{i}"]))
-            i += 1
-        if len(choices) < 2:
-            raise KeyError(f"record has neither {self.choices_field!r} nor choice1, choice2, ... (fields: {', '.join(record)}); "
-                           "set choices_field to the field that lists the choices")
-        return choices
+        return choice_texts(record, self.choices_field)
 
     def prompt(self, record: dict) -> str:
         if self.template is None and not self.text_fields:
             for name in ("prompt", "premise"):
                 if name in record:
                     return str(record[name])
-        return _prompt_text(record, self.template, self.text_fields, self.kind)
+        return prompt_text(record, self.template, self.text_fields, self.kind)
 
     def read(self, record: dict) -> tuple[str, list[str], int]:
         """``(prompt, choices, gold index)`` of a record."""
         prompt, choices = self.prompt(record), self.choices(record)
-        gold = _label_index(record, self.label_field, None)
+        gold = label_index(record, self.label_field, None)
         if not 0 <= gold < len(choices):
             raise ValueError(f"label {gold} is not an index into the {len(choices)} choices")
         return prompt, choices, gold
@@ -446,7 +411,7 @@ class SFTTask:
         if completion_key is None:
             raise KeyError(f"sft record needs prompt/completion or instruction/input/output (fields: {', '.join(record)})")
         if self.template is not None:
-            prompt = _fill(self.template, record)
+            prompt = fill(self.template, record)
         elif "prompt" in record:
             prompt = str(record["prompt"])
         elif "instruction" in record:
@@ -466,9 +431,9 @@ class SFTTask:
         prefix, eos = _special_prefix(tokenizer), tokenizer.eos_token_id
         seqs, targets = [], []
         for r in records:
-            prompt_text, completion_text = self.split(r)
-            prompt = _encode(tokenizer, prompt_text)
-            completion = _encode(tokenizer, completion_text) + ([eos] if eos is not None else [])
+            prompt_str, completion_str = self.split(r)
+            prompt = _encode(tokenizer, prompt_str)
+            completion = _encode(tokenizer, completion_str) + ([eos] if eos is not None else [])
             room = self.cutoff_len - len(prefix)
             keep = min(len(prompt), max(room - len(completion), room // 2))
             context = prefix + (prompt[-keep:] if keep else [])
@@ -507,6 +472,7 @@ class SequenceClassificationTask:
     label_words: dict | list | None = None
     label_field: str = "label"
     cutoff_len: int = 256
+    num_labels: int | None = None  # the head's classes: integer labels must be below it
     kind = "sequence_classification"
 
     def fields(self, record: dict) -> list[str]:
@@ -518,12 +484,15 @@ class SequenceClassificationTask:
         raise KeyError(f"give text_fields: none of the default text fields is in the record (fields: {', '.join(record)})")
 
     def check(self, record: dict) -> None:
-        _require_text_fields(record, self.fields(record))
-        _label_index(record, self.label_field, _label_keys(self.label_words))
+        require_text_fields(record, self.fields(record))
+        index = label_index(record, self.label_field, label_keys(self.label_words))
+        if self.num_labels is not None and not 0 <= index < self.num_labels:
+            raise ValueError(f"label {index} is not a class of a {self.num_labels}-class head; set num_labels "
+                             "(or label_words)")
 
     def collate(self, records: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         _check_records(records)
-        names, keys = self.fields(records[0]), _label_keys(self.label_words)
+        names, keys = self.fields(records[0]), label_keys(self.label_words)
         if len(names) > 2:
             raise ValueError(f"sequence_classification takes one or two text fields, got {names}")
         texts = [[str(r[n]) for r in records] for n in names]
@@ -533,28 +502,32 @@ class SequenceClassificationTask:
         for name, pad in (("input_ids", _pad_id(tokenizer)), ("attention_mask", 0), ("token_type_ids", 0)):
             if name in enc:
                 batch[name] = torch.tensor([list(v) + [pad] * (length - len(v)) for v in enc[name]])
-        batch["labels"] = torch.tensor([_label_index(r, self.label_field, keys) for r in records])
+        batch["labels"] = torch.tensor([label_index(r, self.label_field, keys) for r in records])
         return batch
 
     def candidate_batch(self, records: list[dict], tokenizer: Any) -> CandidateBatch:
         """The batch with its classes as the candidates, for an objective (:func:`zopeft.metric_closure`)."""
         batch = self.collate(records, tokenizer)
-        keys = _label_keys(self.label_words)
+        keys = label_keys(self.label_words)
         classes = len(keys) if keys is not None else int(batch["labels"].max()) + 1
         return CandidateBatch(batch, batch["labels"], classes)
 
-    def evaluate(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 16) -> dict[str, float]:
+    def evaluate(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 16) -> dict[str, Any]:
         _check_records(records)
-        correct, loss = 0, 0.0
+        gold, pred, loss = [], [], 0.0
         device = _device(model)
         with _evaluating(model):
             for start in range(0, len(records), batch_size):
                 batch = {k: v.to(device) for k, v in self.collate(records[start : start + batch_size], tokenizer).items()}
                 labels = batch.pop("labels")
                 logits = model(**batch).logits.float()
-                correct += int((logits.argmax(-1) == labels).sum())
+                gold += labels.tolist()
+                pred += logits.argmax(-1).tolist()
                 loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        return {"accuracy": correct / len(records), "loss": loss / len(records), "n": len(records)}
+        keys = label_keys(self.label_words)
+        metrics = class_metrics(gold, pred, [str(k) for k in keys] if keys else [str(i) for i in range(logits.shape[-1])])
+        return {"accuracy": metrics.pop("accuracy"), "macro_f1": metrics.pop("macro_f1"), "loss": loss / len(records),
+                "n": len(records), **metrics}
 
 
 # ----- factory ---------------------------------------------------------------------------------
@@ -569,24 +542,28 @@ def build_task(
     text_fields: list[str] | tuple[str, ...] | None = None,
     label_field: str = "label",
     cutoff_len: int = 256,
+    label_word_scoring: str = "sum",
+    num_labels: int | None = None,
     **kw: Any,
 ) -> Task:
     """The task format ``kind`` (one of :data:`TASK_KINDS`).
 
     Each kind uses the arguments that apply to it and ignores the others, so a bundled dataset's
-    defaults work with any kind: classification uses all; multiple_choice ignores ``label_words``
-    (extra option ``choices_field``); sft uses ``template`` and ``cutoff_len``;
-    sequence_classification ignores ``template``.
+    defaults work with any kind: classification uses all but ``num_labels``; multiple_choice
+    ignores ``label_words`` and ``label_word_scoring`` (extra option ``choices_field``); sft uses
+    ``template`` and ``cutoff_len``; sequence_classification ignores ``template`` and
+    ``label_word_scoring``.
     """
     fields = list(text_fields) if text_fields else None
     if kind == "classification":
-        return ClassificationTask(template, fields, label_field, cutoff_len, label_words=label_words or {}, **kw)
+        return ClassificationTask(template, fields, label_field, cutoff_len, label_words=label_words or {},
+                                  label_word_scoring=label_word_scoring, **kw)
     if kind == "multiple_choice":
         return MultipleChoiceTask(template, fields, label_field, cutoff_len, **kw)
     if kind == "sft":
         return SFTTask(template, cutoff_len, **kw)
     if kind == "sequence_classification":
-        return SequenceClassificationTask(fields, label_words, label_field, cutoff_len, **kw)
+        return SequenceClassificationTask(fields, label_words, label_field, cutoff_len, num_labels, **kw)
     hint = difflib.get_close_matches(str(kind), TASK_KINDS, n=1)
     raise ValueError(
         f"unknown task kind {kind!r}: valid kinds are {', '.join(TASK_KINDS)}"

@@ -1,9 +1,10 @@
 """``report_to``: a run's metrics in TensorBoard and/or Weights & Biases, against forward passes.
 
 Every record the runner writes to ``trainer_log.jsonl`` is passed on as ``train/loss``,
-``train/learning_rate``, ``train/global_step``, ``train/zo_<statistic>`` (``sigma``,
-``projected_grad``, ``skipped_steps``, ...) and ``eval/<metric>``, with the forward passes
-so far as the x-axis (TensorBoard's step; wandb's ``forward_passes`` step metric).
+``train/loss_ema``, ``train/learning_rate``, ``train/global_step``, ``train/zo_<statistic>``
+(``sigma``, ``projected_grad``, ``skipped_steps``, ...) and ``eval/<metric>``, with the
+forward-pass equivalents so far as the x-axis (forward passes + 2 per backward pass, so that ZO
+and AdamW runs compare per cost: TensorBoard's step; wandb's ``forward_equivalents`` step metric).
 TensorBoard writes ``output_dir/runs/``, wandb ``output_dir/wandb/`` (``WANDB_MODE=offline``
 needs no network; ``WANDB_PROJECT`` names the project, default ``zopeft``).
 """
@@ -16,20 +17,22 @@ from typing import Any, Protocol
 
 __all__ = ["Trackers", "scalars"]
 
+AXES = ("forward_passes", "forward_equivalents")  # x-axis counts, not metrics
+
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The numeric entries of a log record under the names the trackers show."""
-    names = {"loss": "train/loss", "lr": "train/learning_rate", "step": "train/global_step"}
+    names = {"loss": "train/loss", "loss_ema": "train/loss_ema", "lr": "train/learning_rate", "step": "train/global_step"}
     out = {}
     for key, value in record.items():
-        if key == "forward_passes" or isinstance(value, bool) or not isinstance(value, (int, float)):
+        if key in AXES or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         out[f"eval/{key[5:]}" if key.startswith("eval_") else names.get(key, f"train/zo_{key}")] = value
     return out
 
 
 class _Tracker(Protocol):
-    def log(self, metrics: dict[str, float], forward_passes: int) -> None: ...
+    def log(self, metrics: dict[str, float], x: int) -> None: ...
 
     def close(self) -> None: ...
 
@@ -41,9 +44,9 @@ class _TensorBoard:
         # purge_step: a resumed run drops what the killed run logged after its checkpoint
         self.writer = SummaryWriter(log_dir=str(output_dir / "runs"), purge_step=resumed_at + 1 if resumed_at else None)
 
-    def log(self, metrics: dict[str, float], forward_passes: int) -> None:
+    def log(self, metrics: dict[str, float], x: int) -> None:
         for name, value in metrics.items():
-            self.writer.add_scalar(name, value, global_step=forward_passes)
+            self.writer.add_scalar(name, value, global_step=x)
         self.writer.flush()
 
     def close(self) -> None:
@@ -56,11 +59,11 @@ class _WandB:
 
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "zopeft"), name=output_dir.name,
                               dir=str(output_dir), config=config)
-        self.run.define_metric("forward_passes")
-        self.run.define_metric("*", step_metric="forward_passes")
+        self.run.define_metric("forward_equivalents")
+        self.run.define_metric("*", step_metric="forward_equivalents")
 
-    def log(self, metrics: dict[str, float], forward_passes: int) -> None:
-        self.run.log({**metrics, "forward_passes": forward_passes})
+    def log(self, metrics: dict[str, float], x: int) -> None:
+        self.run.log({**metrics, "forward_equivalents": x})
 
     def close(self) -> None:
         self.run.finish()
@@ -72,7 +75,7 @@ _BACKENDS: dict[str, type[_Tracker]] = {"tensorboard": _TensorBoard, "wandb": _W
 class Trackers:
     """The recipe's ``report_to`` backends; :meth:`log` takes the runner's log records.
 
-    ``resumed_at``: the forward passes at the checkpoint a run resumes from (0 for a new run).
+    ``resumed_at``: the forward-pass equivalents at the checkpoint a run resumes from (0 for a new run).
     """
 
     def __init__(self, names: list[str], output_dir: Path, config: dict[str, Any], resumed_at: int = 0) -> None:
@@ -81,7 +84,7 @@ class Trackers:
     def log(self, record: dict[str, Any]) -> None:
         metrics = scalars(record)
         for backend in self.backends:
-            backend.log(metrics, record["forward_passes"])
+            backend.log(metrics, record.get("forward_equivalents", record["forward_passes"]))
 
     def close(self) -> None:
         for backend in self.backends:

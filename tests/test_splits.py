@@ -1,0 +1,128 @@
+"""Which records a recipe trains and evaluates on: val_size, default held-out slices, seeded subsets, CSV columns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zopeft.data import load_records
+from zopeft.recipe import Recipe, RecipeError, load_recipe, parse_overrides
+from zopeft.splits import DataSplits
+
+CLASSES = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+
+
+def sorted_jsonl(path: Path, per_class: int = 10) -> Path:
+    """A file sorted by label, as many real files are: the first N rows hold one or two classes."""
+    rows = [{"q": f"question {c} {i}", "coarse_label": c} for c in CLASSES for i in range(per_class)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def recipe(dataset: Path | str, **keys) -> Recipe:
+    return Recipe(model_name_or_path="m", dataset=str(dataset), task="classification", template="{q}",
+                  label_field="coarse_label", label_words={c: f" {c.lower()}" for c in CLASSES}, **keys)
+
+
+def keys_of(records: list[dict]) -> set[str]:
+    return {r["q"] for r in records}
+
+
+def test_a_local_file_holds_out_a_default_slice_that_is_never_trained_on(tmp_path):
+    data = DataSplits(recipe(sorted_jsonl(tmp_path / "train.jsonl")))
+    train, evaluated = data.train, data.eval
+    assert len(evaluated.records) == 6 and len(train.records) == 54  # ceil(10% of 60)
+    assert not keys_of(train.records) & keys_of(evaluated.records)
+    assert evaluated.description == "train.jsonl, held out by val_size 0.1 with seed 42 (6 records)"
+    assert train.description == "train.jsonl (54 records; 6 more held out for evaluation)"
+    (note,) = data.notes()
+    assert note.startswith("val_size: train.jsonl has no dev split and no eval_dataset is given: 6 of its 60 records")
+    assert "never trained on" in note and "set val_size (0: none) or eval_dataset" in note
+
+
+@pytest.mark.parametrize("val_size,held", [(0.25, 15), (7, 7)])
+def test_val_size_is_a_fraction_or_a_count_drawn_with_the_seed(tmp_path, val_size, held):
+    path = sorted_jsonl(tmp_path / "train.jsonl")
+    first, again = (DataSplits(recipe(path, val_size=val_size)) for _ in range(2))
+    assert first.held_out == again.held_out and len(first.held_out) == held
+    assert first.held_out != DataSplits(recipe(path, val_size=val_size, seed=1)).held_out
+    assert not keys_of(first.train.records) & keys_of(first.eval.records)
+    assert first.notes() == []  # chosen, not a default
+
+
+def test_val_size_zero_trains_on_everything_and_evaluates_nothing(tmp_path):
+    data = DataSplits(recipe(sorted_jsonl(tmp_path / "train.jsonl"), val_size=0))
+    assert data.eval is None and len(data.train.records) == 60
+    assert any("nothing is evaluated" in note for note in data.notes())
+    with pytest.raises(RecipeError, match="split dev: train.jsonl has no evaluation records"):
+        data.split("dev")
+    with pytest.raises(RecipeError, match="split: 'test' is not one of dev, train"):
+        data.split("test")
+
+
+def test_holding_out_everything_is_refused(tmp_path):
+    with pytest.raises(RecipeError, match="val_size: holding out 60 of the 60 records of train.jsonl leaves none"):
+        _ = DataSplits(recipe(sorted_jsonl(tmp_path / "train.jsonl"), val_size=60)).train
+
+
+def test_a_bundled_dataset_evaluates_its_dev_split_and_an_eval_file_is_named(tmp_path):
+    data = DataSplits(Recipe(model_name_or_path="m", dataset="sst2", max_eval_samples=64))
+    assert data.eval.description == "sst2 dev split (64 of 872 records: max_eval_samples, a fixed random subset)"
+    assert data.train.description == "sst2 train split (2000 records)" and data.notes() == []
+    path = sorted_jsonl(tmp_path / "my_test.jsonl")
+    named = DataSplits(recipe(sorted_jsonl(tmp_path / "train.jsonl"), eval_dataset=str(path)))
+    assert named.eval.description == "my_test.jsonl (60 records)" and named.held_out == []
+    same = DataSplits(recipe(path, eval_dataset=str(path)))
+    assert same.notes() == ["eval_dataset: my_test.jsonl is also the training file: its scores are on records the "
+                            "model is trained on"]
+
+
+def test_max_eval_samples_is_a_fixed_random_subset_not_the_first_rows(tmp_path):
+    path = sorted_jsonl(tmp_path / "test.jsonl")
+    subsets = [DataSplits(recipe(path, eval_dataset=str(path), max_eval_samples=cap, seed=seed)).eval.records
+               for cap, seed in ((12, 42), (12, 7), (24, 42))]
+    assert subsets[0] == subsets[1]  # the same records whatever the run's seed (and so on resume)
+    assert keys_of(subsets[0]) < keys_of(subsets[2])  # a larger cap keeps the smaller one's records
+    assert len({r["coarse_label"] for r in subsets[0]}) >= 4  # the first 12 rows hold two classes
+    assert subsets[0] == sorted(subsets[0], key=load_records(path).index)  # file order
+
+
+def test_headerless_csv_with_column_names(tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text('"What is AI, really?",DESC\nWho wrote it?,HUM\n')
+    assert load_records(path, column_names=["q", "coarse_label"]) == [
+        {"q": "What is AI, really?", "coarse_label": "DESC"}, {"q": "Who wrote it?", "coarse_label": "HUM"}]
+    with pytest.raises(ValueError, match=r"mine.csv:1: expected 3 fields \(column_names: q, coarse_label, extra\)"):
+        load_records(path, column_names=["q", "coarse_label", "extra"])
+    with pytest.raises(ValueError, match="column_names: names the columns of a .csv/.tsv file"):
+        load_records(sorted_jsonl(tmp_path / "a.jsonl"), column_names=["q"])
+    assert load_recipe(None, ["model_name_or_path=m", "dataset=x.csv", "column_names=q, coarse_label"],
+                       check_files=False).column_names == ["q", "coarse_label"]
+
+
+@pytest.mark.parametrize("overrides,error", [
+    (["val_size=0.1", "eval_dataset=sst2"], "val_size: holds records out of dataset for evaluation, but eval_dataset"),
+    (["val_size=1.5"], "val_size: a fraction below 1 (e.g. 0.1) or a count of records (e.g. 200), got 1.5"),
+    (["num_labels=2", "label_words=[' a', ' b', ' c']"], "num_labels: 2, but label_words name 3 labels"),
+    (["task=sft", "label_word_scoring=mean"], "label_word_scoring: ranks the label words of task classification"),
+])
+def test_recipe_errors(overrides, error):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, ["model_name_or_path=m", "dataset=sst2", *overrides], check_files=False)
+    assert err.value.errors == [next(e for e in err.value.errors if e.startswith(error))]
+
+
+def test_num_labels_follows_the_label_words():
+    six = load_recipe(None, ["model_name_or_path=m", "dataset=x.csv", f"label_words={CLASSES}"], check_files=False)
+    assert six.num_labels == 6
+    assert load_recipe(None, ["model_name_or_path=m", "dataset=rte"], check_files=False).num_labels == 2
+
+
+def test_template_overrides_read_escapes_and_a_literal_backslash_n_is_noted():
+    assert parse_overrides([r"template=Question: {q}\nAnswer:\t\\n", r"output_dir=C:\new"]) == {
+        "template": "Question: {q}\nAnswer:\t\\n", "output_dir": "C:\\new"}  # paths keep their backslashes
+    literal = Recipe(model_name_or_path="m", dataset="sst2", template=r"Q: {sentence}\nA:")
+    assert any(n.startswith("template: holds a backslash + n or t as two characters") for n in literal.notes())
+    assert Recipe(model_name_or_path="m", dataset="sst2", template="Q: {sentence}\nA:").notes() == []

@@ -1,0 +1,120 @@
+"""What an evaluation reports beyond accuracy, and the smoothed training loss.
+
+* :func:`class_metrics`: per-class precision / recall / F1 / support, macro-F1 and the confusion
+  matrix of predicted against gold classes;
+* :func:`collapse_warning`: one line when a single label takes most of the predictions (a
+  collapse that a plain accuracy hides);
+* :func:`report_lines`: the table ``zopeft eval`` prints;
+* :class:`EMA`: the exponential moving average of the training loss logged beside the raw one.
+
+Torch-free, so that the CLI can format results without importing torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["COLLAPSE_SHARE", "EMA", "class_metrics", "collapse_warning", "compare_line", "predicted_counts", "report_lines"]
+
+COLLAPSE_SHARE = 0.8  # a label with this share of the predictions (and 10 points above its gold share) is warned about
+HEADLINE = {"accuracy": "accuracy", "macro_f1": "macro-F1", "loss": "loss", "perplexity": "perplexity"}
+
+
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else 0.0
+
+
+def class_metrics(gold: Sequence[int], pred: Sequence[int], labels: Sequence[str],
+                  words: Sequence[str] | None = None) -> dict[str, Any]:
+    """``accuracy``, ``macro_f1``, ``per_class`` and ``confusion`` of predicted against gold class indices.
+
+    ``per_class[label]``: ``precision``, ``recall``, ``f1``, ``support`` (gold count) and
+    ``predicted`` (prediction count), plus ``word`` when ``words`` are given.  ``confusion[i][j]``
+    counts examples of class ``i`` predicted as ``j`` (rows gold, columns predicted, in ``labels``
+    order).  A never-predicted class has precision 0; macro-F1 averages F1 over the classes that
+    occur among the gold labels or the predictions (scikit-learn's macro average).
+    """
+    confusion = [[0] * len(labels) for _ in labels]
+    for g, p in zip(gold, pred):
+        confusion[g][p] += 1
+    per_class, f1s = {}, []
+    for i, label in enumerate(labels):
+        hits, support, predicted = confusion[i][i], sum(confusion[i]), sum(row[i] for row in confusion)
+        precision, recall = _ratio(hits, predicted), _ratio(hits, support)
+        f1 = _ratio(2 * hits, support + predicted)  # = 2PR / (P + R)
+        per_class[label] = {**({"word": words[i]} if words else {}), "precision": precision, "recall": recall,
+                            "f1": f1, "support": support, "predicted": predicted}
+        if support or predicted:
+            f1s.append(f1)
+    correct = sum(confusion[i][i] for i in range(len(labels)))
+    return {"accuracy": _ratio(correct, len(gold)), "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
+            "per_class": per_class, "confusion": confusion}
+
+
+def predicted_counts(metrics: dict[str, Any]) -> dict[str, int]:
+    """How many predictions each label got (the predicted-label distribution)."""
+    return {label: row["predicted"] for label, row in metrics.get("per_class", {}).items()}
+
+
+def _named(label: str, row: dict[str, Any]) -> str:
+    return f"{label} ({row['word']!r})" if "word" in row else label
+
+
+def collapse_warning(metrics: dict[str, Any]) -> str | None:
+    """A line when one label takes ≥ 80% of the predictions and ≥ 10 points more than its share of the gold labels."""
+    n = metrics.get("n", 0)
+    for label, row in metrics.get("per_class", {}).items():
+        share, gold_share = _ratio(row["predicted"], n), _ratio(row["support"], n)
+        if len(metrics["per_class"]) > 1 and share >= COLLAPSE_SHARE and share - gold_share >= 0.1:
+            return (f"label {_named(label, row)} takes {row['predicted']} of {n} predictions ({100 * share:.1f}%; "
+                    f"{100 * gold_share:.1f}% of the gold labels): the predictions have collapsed onto one label")
+    return None
+
+
+def report_lines(metrics: dict[str, Any]) -> list[str]:
+    """Headline metrics, then (for a classification) the per-class table and the confusion matrix."""
+    head = [f"{name} {metrics[key]:.4f}" for key, name in HEADLINE.items() if key in metrics]
+    lines = ["  ".join([*head, f"n {metrics['n']}"])]
+    per_class = metrics.get("per_class")
+    if not per_class:
+        return lines
+    names = [_named(label, row) for label, row in per_class.items()]
+    width = max(len("label"), *map(len, names))
+    lines.append(f"{'label':<{width}}  precision  recall      f1  support  predicted")
+    for name, row in zip(names, per_class.values()):
+        lines.append(f"{name:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:6.3f}"
+                     f"  {row['support']:7d}  {row['predicted']:9d}")
+    labels = list(per_class)
+    cell = max(5, *map(len, labels), *(len(str(v)) for row in metrics["confusion"] for v in row))
+    lines.append("confusion (rows: gold, columns: predicted):")
+    lines.append(" " * width + "".join(f"  {label:>{cell}}" for label in labels))
+    for label, row in zip(labels, metrics["confusion"]):
+        lines.append(f"{label:<{width}}" + "".join(f"  {v:>{cell}}" for v in row))
+    return lines
+
+
+def compare_line(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """``accuracy 0.5000 -> 0.6250, macro-F1 ...``: the headline metrics before and after training (after alone
+    for a resumed run)."""
+    return ", ".join(f"{name} {before[key]:.4f} -> {after[key]:.4f}" if key in before else f"{name} {after[key]:.4f}"
+                     for key, name in HEADLINE.items() if key in after)
+
+
+@dataclass
+class EMA:
+    """Exponential moving average of the training loss: started by the first finite value, skipping non-finite ones.
+
+    ``beta`` = 0.9 weighs roughly the last 10 steps.  ``value`` is saved in checkpoints, so a
+    resumed run logs the same averages as an uninterrupted one.
+    """
+
+    beta: float = 0.9
+    value: float | None = None
+
+    def update(self, loss: float) -> float | None:
+        if math.isfinite(loss):
+            self.value = loss if self.value is None else self.beta * self.value + (1 - self.beta) * loss
+        return self.value

@@ -1,0 +1,99 @@
+"""Reading a record (one row / JSON object): its prompt text and its label, with one-line errors.
+
+Shared by the task formats (:mod:`zopeft.tasks`) and by ``zopeft validate``, which checks the
+first records without importing torch.  Errors are ``KeyError`` / ``ValueError`` naming the
+recipe key to fix and the record's fields.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+__all__ = ["canon_label", "choice_texts", "fill", "label_index", "label_keys", "prompt_text", "require_text_fields"]
+
+
+def _fields_hint(name: str, record: dict) -> str:
+    hint = difflib.get_close_matches(name, [str(k) for k in record], n=1, cutoff=0.5)
+    return f"fields: {', '.join(map(str, record))}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+
+
+def canon_label(value: Any) -> Any:
+    """Booleans and integer strings become ints, ``"true"``/``"false"`` 1/0; other values are kept."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("true", "false"):
+            return int(text.lower() == "true")
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    return value
+
+
+def label_keys(label_words: dict | list | None) -> list[Any] | None:
+    """The labels that ``label_words`` maps (a list's labels are its indices), canonicalised."""
+    if label_words is None:
+        return None
+    keys = range(len(label_words)) if isinstance(label_words, (list, tuple)) else label_words.keys()
+    return [canon_label(k) for k in keys]
+
+
+def label_index(record: dict, label_field: str, keys: list[Any] | None) -> int:
+    """Index of the record's label: its position among ``keys``, or the label itself as an int."""
+    if label_field not in record:
+        raise KeyError(f"record has no label field {label_field!r} ({_fields_hint(label_field, record)}); "
+                       "set label_field to the field that holds the label")
+    label = canon_label(record[label_field])
+    if keys is None:
+        if not isinstance(label, int):
+            raise ValueError(f"label {record[label_field]!r} is not an integer; give label_words to map labels")
+        return label
+    if label not in keys:
+        raise ValueError(f"label {record[label_field]!r} is not one of the label words' labels {keys}")
+    return keys.index(label)
+
+
+def fill(template: str, record: dict) -> str:
+    """The template with the record's fields filled in."""
+    try:
+        return template.format_map(record)
+    except KeyError as err:
+        raise KeyError(f"template field {err.args[0]!r} is not in the record ({_fields_hint(str(err.args[0]), record)}); "
+                       "use these fields in the template") from None
+
+
+def require_text_fields(record: dict, names: list[str]) -> None:
+    """Raise ``KeyError`` naming the first of ``names`` the record lacks."""
+    missing = [n for n in names if n not in record]
+    if missing:
+        raise KeyError(f"text field {missing[0]!r} is not in the record ({_fields_hint(missing[0], record)}); "
+                       "fix text_fields")
+
+
+def prompt_text(record: dict, template: str | None, text_fields: list[str] | None, kind: str) -> str:
+    """The prompt of a record: the filled template, else its text fields joined by newlines."""
+    if template is not None:
+        return fill(template, record)
+    if text_fields:
+        require_text_fields(record, text_fields)
+        return "\n".join(str(record[f]) for f in text_fields)
+    raise ValueError(f"{kind}: give a template (e.g. 'Review: {{sentence}}\\nSentiment:') or text_fields")
+
+
+def choice_texts(record: dict, choices_field: str) -> list[str]:
+    """A multiple-choice record's candidates: the ``choices_field`` list, else ``choice1``, ``choice2``, ..."""
+    if choices_field in record:
+        return [str(c) for c in record[choices_field]]
+    found, i = [], 1
+    while f"choice{i}" in record:
+        found.append(str(record[f"choice{i}"]))
+        i += 1
+    if len(found) < 2:
+        raise KeyError(f"record has neither {choices_field!r} nor choice1, choice2, ... "
+                       f"({_fields_hint(choices_field, record)}); set choices_field to the field that lists the choices")
+    return found

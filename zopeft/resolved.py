@@ -1,0 +1,146 @@
+"""What a recipe resolves to, without torch: the task settings and the derived values ``zopeft validate`` shows.
+
+:func:`task_settings` fills a bundled dataset's defaults (task kind, template, label words,
+text fields) into the recipe's data keys: :func:`zopeft.components.build_task_for` builds the
+task from it.  :func:`effective_lines` describes what a run will use: the task, the template
+as it fills the first record, each label word's tokens, the number of classes, the train and
+eval records and the threads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from .data import BUILTIN_DATASETS
+from .model_files import local_tokenizer_file
+from .recipe import Recipe, RecipeError
+from .records import canon_label, choice_texts, label_index, label_keys, prompt_text
+from .splits import DataSplits
+
+__all__ = ["effective_lines", "label_word_tokens", "task_settings"]
+
+def task_settings(recipe: Recipe) -> dict[str, Any]:
+    """``build_task``'s arguments: the bundled dataset's defaults, overridden by the recipe's keys."""
+    settings = dict(BUILTIN_DATASETS.get(recipe.dataset, {}).get("task", {}))
+    kind = recipe.task or settings.get("kind")
+    if kind is None:
+        raise RecipeError([f"task: required for dataset {recipe.dataset!r} (classification, multiple_choice, sft or "
+                           "sequence_classification)"])
+    for key in ("template", "label_words", "text_fields"):
+        if getattr(recipe, key) is not None:
+            settings[key] = getattr(recipe, key)
+    settings.update(kind=kind, label_field=recipe.label_field, cutoff_len=recipe.cutoff_len)
+    if kind == "classification":
+        settings["label_word_scoring"] = recipe.label_word_scoring
+    elif kind == "multiple_choice":
+        settings["choices_field"] = recipe.choices_field
+    elif kind == "sequence_classification":
+        settings["num_labels"] = recipe.num_labels
+    return settings
+
+
+class _FirstRecordFields:
+    """The fields a task reads from a record, checked without a tokenizer (``validate`` reads the first record)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings, self.kind = settings, settings["kind"]
+
+    def check(self, record: dict) -> None:
+        s = self.settings
+        if self.kind == "multiple_choice":
+            choice_texts(record, s["choices_field"])
+            label_index(record, s["label_field"], None)
+        elif self.kind != "sft":
+            _prompt(record, s)
+            label_index(record, s["label_field"], label_keys(s.get("label_words")))
+
+
+def _prompt(record: dict, settings: dict[str, Any]) -> str | None:
+    """The prompt of a classification record, or a record's named text fields; None where the task builds it otherwise."""
+    kind, fields = settings["kind"], settings.get("text_fields")
+    if kind == "classification":
+        return prompt_text(record, settings.get("template"), fields, kind)
+    if kind == "sequence_classification" and fields:
+        return prompt_text(record, None, fields, kind)
+    return None
+
+
+def _label_counts(records: list[dict], settings: dict[str, Any]) -> str | None:
+    """``0: 34, 1: 30``: how many records carry each label (label-word order first; 0 for an absent one)."""
+    if settings["kind"] == "sft":
+        return None
+    counts = Counter(canon_label(r.get(settings["label_field"])) for r in records)
+    order = label_keys(settings.get("label_words")) or []
+    order += sorted((k for k in counts if k not in order), key=str)
+    return ", ".join(f"{k}: {counts.get(k, 0)}" for k in order)
+
+
+def label_word_tokens(model_name_or_path: str, words: list[str]) -> list[list[str]] | None:
+    """Each word's tokens as text, encoded without special tokens by the model's ``tokenizer.json`` (None if not local).
+
+    The ``tokenizers`` library runs the same Rust tokenizer as transformers' fast tokenizers,
+    without importing torch or transformers.
+    """
+    path = local_tokenizer_file(model_name_or_path)
+    if path is None:
+        return None
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    return [[tokenizer.decode([i]) for i in tokenizer.encode(w, add_special_tokens=False).ids] for w in words]
+
+
+def _label_word_lines(recipe: Recipe, settings: dict[str, Any]) -> list[str]:
+    words = settings["label_words"]
+    keys, texts = label_keys(words), list(words.values() if isinstance(words, dict) else words)
+    lines = [f"label words: {len(texts)} classes, label_word_scoring: {recipe.label_word_scoring}"]
+    tokens = label_word_tokens(recipe.model_name_or_path, texts)
+    if tokens is None:
+        lines += [f"  {k} -> {w!r}" for k, w in zip(keys, texts)]
+        lines.append(f"  (tokens not shown: no tokenizer.json of {recipe.model_name_or_path} on this machine yet: a hub "
+                     "model has one once downloaded, a GGUF file once a first train or eval converted it)")
+        return lines
+    first = recipe.label_word_scoring == "first"
+    for key, word, pieces in zip(keys, texts, tokens):
+        scored = f", scored on the first: {pieces[0]!r}" if first and len(pieces) > 1 else ""
+        lines.append(f"  {key} -> {word!r}: {len(pieces)} token{'s' * (len(pieces) != 1)} "
+                     f"{' '.join(map(repr, pieces))}{scored}")
+    firsts = [p[0] for p in tokens if p]
+    if first and len(set(firsts)) < len(firsts):
+        lines.append("  note: two label words share their first token: train and eval refuse label_word_scoring: first")
+    return lines
+
+
+def effective_lines(recipe: Recipe) -> list[str]:
+    """What a run of the recipe will use, in words: task, template and the first prompt, label words and their
+    tokens, classes, train and eval records (with their labels), threads, and notes.
+
+    Reads the data (checking the fields of each file's first record: :class:`RecipeError`) and,
+    when it is on this machine, the model's ``tokenizer.json``; imports no torch.
+    """
+    settings = task_settings(recipe)
+    kind = settings["kind"]
+    data = DataSplits(recipe, _FirstRecordFields(settings), checked=1)
+    bundled = f" (from dataset {recipe.dataset})" if recipe.dataset in BUILTIN_DATASETS else ""
+    lines = [f"task: {kind}" + (bundled if recipe.task is None else "")]
+    if settings.get("template") is not None and kind != "sequence_classification":
+        lines.append(f"template: {json.dumps(settings['template'], ensure_ascii=False)}"
+                     + (bundled if recipe.template is None else ""))
+    prompt = _prompt(data.train.records[0], settings)
+    if prompt is not None:
+        lines.append(f"{'prompt' if kind == 'classification' else 'text'} of the first training record:")
+        lines += [f"  | {line}" for line in prompt.split("\n")]
+    if kind == "classification":
+        lines += _label_word_lines(recipe, settings)
+    elif kind == "sequence_classification":
+        origin = "from label_words" if settings.get("label_words") else "labels are 0 .. num_labels - 1"
+        lines.append(f"num_labels: {recipe.num_labels} ({origin})")
+    for name, split in (("train", data.train), ("eval", data.eval)):
+        lines.append(f"{name}: {split.description}" if split else f"{name}: none")
+        counts = _label_counts(split.records, settings) if split else None
+        if counts:
+            lines.append(f"  labels: {counts}")
+    lines.append(f"threads: {recipe.threads}" if recipe.threads else "threads: torch's default (one per core)")
+    return lines + [f"note: {note}" for note in data.notes()]

@@ -1,0 +1,173 @@
+"""The records a recipe trains and evaluates on, and what they are in words.
+
+* Training records: ``dataset`` (a bundled dataset's train split, or a file), less the records
+  ``val_size`` holds out.
+* Evaluation records: ``eval_dataset``; else the records ``val_size`` holds out of ``dataset``
+  (LLaMA-Factory's key: a fraction or a count, drawn with ``seed``, never trained on); else a
+  bundled dataset's dev split.  A local ``dataset`` with neither ``eval_dataset`` nor
+  ``val_size`` holds out :data:`DEFAULT_VAL_SIZE` (10%) and says so (:meth:`DataSplits.notes`);
+  ``val_size: 0`` holds out nothing, and a local dataset is then not evaluated.
+* ``max_train_samples`` / ``max_eval_samples`` keep a random subset drawn with a fixed seed: the
+  same records for every run, seed and resume (a larger cap keeps a smaller one's records).
+
+Torch-free: ``zopeft validate`` describes the splits too.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Protocol
+
+from .data import BUILTIN_DATASETS, load_records
+from .recipe import Recipe, RecipeError
+
+__all__ = ["DEFAULT_VAL_SIZE", "SPLITS", "DataSplits", "Split"]
+
+DEFAULT_VAL_SIZE = 0.1  # held out of a local dataset that has no eval_dataset and no val_size
+SUBSET_SEED = 0  # max_train_samples / max_eval_samples: the same subset whatever the run's seed
+SPLITS = ("dev", "train")  # dev: the evaluation records; train: the training records
+
+
+
+class RecordCheck(Protocol):
+    """What a record must hold (a :class:`zopeft.tasks.Task` is one): ``check`` raises KeyError / ValueError."""
+
+    kind: str
+
+    def check(self, record: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class Split:
+    """Records and what they are: ``my_test.jsonl (200 records)``."""
+
+    records: list[dict]
+    description: str
+
+
+def _subset(records: list[dict], cap: int | None, key: str) -> tuple[list[dict], str]:
+    """A fixed random subset of at most ``cap`` records (in file order) and its count in words."""
+    if cap is None or cap >= len(records):
+        return records, f"{len(records)} records"
+    order = list(range(len(records)))
+    random.Random(SUBSET_SEED).shuffle(order)
+    return [records[i] for i in sorted(order[:cap])], f"{cap} of {len(records)} records: {key}, a fixed random subset"
+
+
+class DataSplits:
+    """The train and eval splits of a recipe, read when first used.
+
+    Each file's records are checked once as they are read: all of them, or the first ``checked``;
+    a record that does not fit is one :class:`RecipeError` line naming the key, file and record.
+    """
+
+    def __init__(self, recipe: Recipe, task: RecordCheck | None = None, checked: int | None = None) -> None:
+        self.recipe, self.task, self.checked = recipe, task, checked
+
+    def _bundled(self, key: str) -> bool:
+        return getattr(self.recipe, key) in BUILTIN_DATASETS
+
+    def _name(self, key: str, split: str) -> str:
+        source = getattr(self.recipe, key)
+        return f"{source} {split} split" if self._bundled(key) else Path(source).name
+
+    def _load(self, key: str, split: str) -> list[dict]:
+        source, bundled = getattr(self.recipe, key), self._bundled(key)
+        records = load_records(source, split if bundled else None, None if bundled else self.recipe.column_names)
+        where = f"{source!r} ({split} split)" if bundled else repr(source)
+        if not records:
+            raise RecipeError([f"{key}: {where} has no records"])
+        for i, record in enumerate(records[: self.checked] if self.task is not None else []):
+            try:
+                self.task.check(record)
+            except (KeyError, ValueError) as err:
+                raise RecipeError([f"{key}: record {i} of {where} does not fit task {self.task.kind}: {err.args[0]}"]) from None
+        return records
+
+    @cached_property
+    def _dataset(self) -> list[dict]:
+        return self._load("dataset", "train")
+
+    @property
+    def val_size(self) -> int | float:
+        """The recipe's ``val_size``, else the default: 10% of a local dataset without eval_dataset, else 0."""
+        if self.recipe.val_size is not None:
+            return self.recipe.val_size
+        return DEFAULT_VAL_SIZE if self.recipe.eval_dataset is None and not self._bundled("dataset") else 0
+
+    @cached_property
+    def held_out(self) -> list[int]:
+        """Positions in ``dataset`` of the records held out for evaluation (drawn with ``seed``)."""
+        if not self.val_size:
+            return []
+        n = len(self._dataset)
+        count = self.val_size if isinstance(self.val_size, int) else math.ceil(self.val_size * n)
+        if count >= n:
+            default = "" if self.recipe.val_size is not None else f" (the default, {DEFAULT_VAL_SIZE})"
+            raise RecipeError([f"val_size: holding out {count} of the {n} records of {self._name('dataset', 'train')}"
+                               f"{default} leaves none to train on; lower val_size or give eval_dataset"])
+        order = list(range(n))
+        random.Random(self.recipe.seed).shuffle(order)
+        return sorted(order[:count])
+
+    @cached_property
+    def train(self) -> Split:
+        """The records trained on."""
+        held = set(self.held_out)
+        records = [r for i, r in enumerate(self._dataset) if i not in held]
+        records, count = _subset(records, self.recipe.max_train_samples, "max_train_samples")
+        more = f"; {len(held)} more held out for evaluation" if held else ""
+        return Split(records, f"{self._name('dataset', 'train')} ({count}{more})")
+
+    @cached_property
+    def eval(self) -> Split | None:
+        """The records evaluated on, or None (a local dataset with ``val_size: 0`` and no eval_dataset)."""
+        if self.recipe.eval_dataset is not None:
+            records, name = self._load("eval_dataset", "dev"), self._name("eval_dataset", "dev")
+        elif self.held_out:
+            records = [self._dataset[i] for i in self.held_out]
+            name = f"{self._name('dataset', 'train')}, held out by val_size {self.val_size} with seed {self.recipe.seed}"
+        elif self._bundled("dataset"):
+            records, name = self._load("dataset", "dev"), self._name("dataset", "dev")
+        else:
+            return None
+        records, count = _subset(records, self.recipe.max_eval_samples, "max_eval_samples")
+        return Split(records, f"{name} ({count})")
+
+    def split(self, name: str) -> Split:
+        """``dev`` (the evaluation records) or ``train`` (the training records)."""
+        if name not in SPLITS:
+            raise RecipeError([f"split: {name!r} is not one of {', '.join(SPLITS)} (dev: the evaluation records, "
+                               "train: the training records)"])
+        if name == "train":
+            return self.train
+        if self.eval is None:
+            raise RecipeError([f"split dev: {self._name('dataset', 'train')} has no evaluation records (val_size: 0 "
+                               "and no eval_dataset); set val_size or eval_dataset, or evaluate the train split"])
+        return self.eval
+
+    def load(self) -> DataSplits:
+        """Read (and check) the records of both splits now; returns ``self``."""
+        _ = self.train, self.eval
+        return self
+
+    def notes(self) -> list[str]:
+        """One line each for what the recipe leaves implicit: a default held-out slice, no evaluation, scores on trained-on records."""
+        recipe, notes = self.recipe, []
+        if recipe.val_size is None and self.held_out:
+            notes.append(f"val_size: {self._name('dataset', 'train')} has no dev split and no eval_dataset is given: "
+                         f"{len(self.held_out)} of its {len(self._dataset)} records ({DEFAULT_VAL_SIZE:.0%}, drawn with "
+                         f"seed {recipe.seed}) are held out for evaluation, never trained on; set val_size (0: none) "
+                         "or eval_dataset to choose")
+        if self.eval is None:
+            notes.append(f"val_size: 0 and no eval_dataset: {self._name('dataset', 'train')} is trained on in full "
+                         "and nothing is evaluated")
+        same = not self._bundled("dataset") and recipe.eval_dataset is not None and not self._bundled("eval_dataset")
+        if same and Path(recipe.eval_dataset).resolve() == Path(recipe.dataset).resolve():
+            notes.append(f"eval_dataset: {self._name('dataset', 'train')} is also the training file: its scores are "
+                         "on records the model is trained on")
+        return notes
