@@ -130,18 +130,22 @@ class RunSpec:
     model: str
     batch_size: int
     guard: bool = False  # wrap the ZO optimizer in zopeft.Guard (its defaults)
+    guard_watch: str = "loss"  # eval: the guard judges the tune slice's accuracy at each evaluation (and at the end)
 
 
 # ----- optimizers behind one interface -----------------------------------------------------------
 class _ZOTrainer:
     """A zopeft optimizer (optionally guarded) stepping on batched loss closures; counts its loss evaluations."""
 
-    def __init__(self, name: str, model: torch.nn.Module, lr: float, seed: int, guard: bool = False) -> None:
+    def __init__(self, name: str, model: torch.nn.Module, lr: float, seed: int, guard: bool = False,
+                 watch: str = "loss") -> None:
         import zopeft
 
         self.model = model
         self.opt = zopeft.get_optimizer(name, model, lr=lr, seed=seed, batched=True, **OPTIMIZERS[name].kwargs)
-        self.guard = zopeft.Guard(self.opt) if guard else None
+        # watching evaluations: one bad evaluation is a spike (they are few and already averages)
+        settings = {"watch": "eval", "smoothing": 0.0, "patience": 1, "margin": 0.05} if watch == "eval" else {}
+        self.guard = zopeft.Guard(self.opt, **settings) if guard else None
         self.stopped: str | None = None  # the guard's reason to stop
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
@@ -150,6 +154,15 @@ class _ZOTrainer:
 
         try:
             (self.guard or self.opt).step(loss_closure(self.model, batch))
+        except GuardStop as stop:
+            self.stopped = str(stop)
+
+    def observe_eval(self, accuracy: float) -> None:
+        """Let a guard watching evaluations judge one (it may roll back, or stop the run)."""
+        from zopeft.guard import GuardStop
+
+        try:
+            self.guard.observe_eval(accuracy)
         except GuardStop as stop:
             self.stopped = str(stop)
 
@@ -228,7 +241,8 @@ class Race:
         (and at the end); ``start``: the shared step-0 evaluation, prepended to the curve."""
         model = self.fresh_model(spec.seed)
         trainer = (_AdamWTrainer(model, spec.lr) if spec.optimizer == "adamw"
-                   else _ZOTrainer(spec.optimizer, model, spec.lr, spec.seed, spec.guard))
+                   else _ZOTrainer(spec.optimizer, model, spec.lr, spec.seed, spec.guard, spec.guard_watch))
+        judge_on_tune = spec.guard and spec.guard_watch == "eval"  # select on the tune slice, report on the report set
         task, train = self.task(spec.task), self.records(spec.task, "train")
         curve = [_point(0, 0, 0.0, start)] if start else []
         steps, seconds, next_eval = 0, 0.0, spec.eval_every
@@ -238,6 +252,9 @@ class Race:
             steps += 1
             done = trainer.forward_equivalents >= spec.budget or getattr(trainer, "stopped", None) is not None
             if trainer.forward_equivalents >= next_eval or done:
+                if judge_on_tune:
+                    trainer.observe_eval(self.evaluate(model, spec.task, TASKS[spec.task].tune)["accuracy"])
+                    done = done or trainer.stopped is not None
                 if spec.eval_set == "report" or done:
                     metrics = self.evaluate(model, spec.task, spec.eval_slice)
                     curve.append(_point(steps, trainer.forward_equivalents, seconds, metrics))
@@ -289,6 +306,8 @@ class RunLog:
         fields = asdict(spec)
         if not fields["guard"]:  # runs recorded before the guard existed keep their keys
             del fields["guard"]
+        if fields["guard_watch"] == "loss":
+            del fields["guard_watch"]
         return json.dumps(fields, sort_keys=True)
 
     def get(self, spec: RunSpec) -> dict[str, Any] | None:
@@ -447,6 +466,7 @@ class Plan:
     model: str
     batch_size: int | None  # None: each task's default
     guard: bool = False
+    guard_watch: str = "loss"
 
     def batch_for(self, task: str) -> int:
         return self.batch_size or TASKS[task].batch_size
@@ -499,7 +519,7 @@ class Experiment:
         for seed in plan.seeds:
             for name, lr in lrs.items():
                 spec = RunSpec(task, name, lr, seed, plan.budget, plan.eval_every, "report", report, plan.model,
-                               plan.batch_for(task), plan.guard and name != "adamw")
+                               plan.batch_for(task), plan.guard and name != "adamw", plan.guard_watch)
                 runs[name].append(self.run(spec, start))
         return runs
 
@@ -523,8 +543,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     parser.add_argument("--target-gain", type=float, default=None,
                         help="target = zero-shot report accuracy + this (default: the task's)")
     parser.add_argument("--resume", action="store_true", help="reuse runs recorded by an interrupted invocation")
-    parser.add_argument("--guard", action="store_true",
-                        help="wrap the ZO optimizers in zopeft.Guard (defaults) in the report runs (not the lr tuning)")
+    parser.add_argument("--guard", nargs="?", const="loss", default=None, choices=("loss", "eval"),
+                        help="wrap the ZO optimizers in zopeft.Guard in the report runs (not the lr tuning): loss "
+                             "(its defaults, judging the step losses) or eval (judging the tune slice's accuracy at "
+                             "each evaluation, rolling back to the best evaluated weights; the report set is disjoint)")
     args = parser.parse_args(argv)
     q = args.quick
     names = args.optimizers.split(",")
@@ -535,7 +557,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
         seeds=list(range(args.seeds or (1 if q else 3))), budget=budget, eval_every=eval_every,
         tune_budget=args.tune_budget or max(eval_every, budget // 3), report_size=args.report_size or (64 if q else None),
         tune_size=args.tune_size, target_gain=args.target_gain, model=args.model, batch_size=args.batch,
-        guard=args.guard,
+        guard=args.guard is not None, guard_watch=args.guard or "loss",
     )
     return args, plan
 
