@@ -179,14 +179,16 @@ class Points:
     @torch.no_grad()
     def write(self, step: int, point: Point) -> None:
         """Set the model's tensors to ``point`` (with masters: exactly ``point_values``)."""
-        if not self.has_masters:
+        if point is None or not self.has_masters:
             self.restore()
-            if point is not None:
-                k, scale = point
-                noises = [self.perturbation(step, k, b) for b in self.buffers]
-                for b, z in zip(self.buffers, noises):
-                    torch._foreach_add_(b.tensors, b.views(z), alpha=scale * self.eps)
-                self._applied.append((noises, scale * self.eps))
+        if point is None:
+            return
+        if not self.has_masters:
+            k, scale = point
+            noises = [self.perturbation(step, k, b) for b in self.buffers]
+            for b, z in zip(self.buffers, noises):
+                torch._foreach_add_(b.tensors, b.views(z), alpha=scale * self.eps)
+            self._applied.append((noises, scale * self.eps))
             return
         for b in self.buffers:
             values = self.point_values(step, point, b, out=b.scratch)
