@@ -194,3 +194,30 @@ def test_replicas_respect_the_cuda_memory_fraction(monkeypatch):
     fraction["value"] = 12 / 80  # a user on a 12 GB card
     assert memory._free_bytes(cuda, None) == 6 * gib
     assert memory._free_bytes(cuda, 8 * gib) == 2 * gib  # max_memory below the cap wins
+
+
+def test_rademacher_noise_is_the_bits_of_the_generator_bytes_lowest_first():
+    """Format 2 pinned: sign j of byte i of ``randint(0, 256)`` is element 8i+j (a faster draw must not change it)."""
+    key, n = noise_key(3, 1, 2, 0), 1001
+    gen = torch.Generator().manual_seed(key)
+    packed = torch.randint(0, 256, ((n + 7) // 8,), generator=gen, dtype=torch.uint8)
+    bits = [(int(byte) >> j) & 1 for byte in packed for j in range(8)][:n]
+    assert draw_noise((n,), key, "cpu").tolist() == [2.0 * bit - 1.0 for bit in bits]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_large_buffer_is_written_straight_into_the_model_with_the_same_values(dtype, monkeypatch):
+    """Above SCRATCH_NUMEL a point goes tensor by tensor into the model: the values of ``point_values``, cast."""
+    monkeypatch.setattr(points_module, "SCRATCH_NUMEL", 0)
+    torch.manual_seed(0)
+    tensors = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in ((7, 5), (11,), (3, 2, 2))]
+    points = points_module.Points([tensors], eps=1e-2, seed=1)
+    (buffer,) = points.buffers
+    assert buffer.scratch is None
+    before = [t.detach().clone() for t in tensors]
+    points.write(4, (2, -1.0))
+    expected = buffer.views(points.point_values(4, (2, -1.0), buffer).to(dtype))
+    for t, e, b in zip(tensors, expected, before):
+        assert torch.equal(t.detach(), e) and not torch.equal(t.detach(), b)
+    points.restore()
+    assert all(torch.equal(t.detach(), b) for t, b in zip(tensors, before))

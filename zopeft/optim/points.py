@@ -191,8 +191,15 @@ class Points:
             self._applied.append((noises, scale * self.eps))
             return
         for b in self.buffers:
-            values = self.point_values(step, point, b, out=b.scratch)
-            torch._foreach_copy_(b.tensors, b.scratch_views if b.scratch is not None else b.views(values))
+            if b.scratch is not None:
+                self.point_values(step, point, b, out=b.scratch)
+                torch._foreach_copy_(b.tensors, b.scratch_views)
+                continue
+            # A large buffer (few, big tensors): each tensor's values go straight into the model, so no
+            # buffer-sized vector is allocated (on the CPU a fresh one costs more than the arithmetic).
+            k, scale = point
+            for t, m, u in zip(b.tensors, b.master_views, b.views(self.perturbation(step, k, b))):
+                torch.add(m, u, alpha=scale * self.eps, out=t)
 
     @torch.no_grad()
     def restore(self) -> None:
