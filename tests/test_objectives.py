@@ -118,6 +118,17 @@ def test_flat_objective_steps_are_skipped_and_counted():
     assert all(torch.equal(a, p) for a, p in zip(before, (p for p in model.parameters() if p.requires_grad)))
 
 
+def test_a_run_on_a_flat_objective_says_what_to_change(tmp_path):
+    from test_cli import invoke, write_recipe
+
+    result = invoke("train", write_recipe(tmp_path), "zo.objective=accuracy", "zo.eps=1e-7", "max_steps=4")
+    assert result.exit_code == 0, result.output
+    assert "warning: 4 of 4 steps were skipped" in result.output and "raise zo.eps" in result.output
+    result = invoke("train", write_recipe(tmp_path, output_dir=str(tmp_path / "o2")), "zo.objective=margin",
+                    "zo.eps=1e-2", "max_steps=4")
+    assert result.exit_code == 0 and "steps were skipped" not in result.output, result.output
+
+
 def test_cli_trains_on_an_objective_and_refuses_it_for_sft(tmp_path):
     from test_cli import invoke, write_recipe
 

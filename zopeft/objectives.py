@@ -10,10 +10,13 @@ to *minimise*:
   surrogate of the error that saturates once an example is right (or wrong) by 1 nat;
 * ``python:module:function``: ``function(scores, gold) -> float``, e.g. a reward.
 
-A discrete objective on a small batch is often flat: with 4 examples the error rate takes five
-values, and when all of a step's points give the same value FZOO's σ (or MeZO's difference) is 0
-and the step is skipped (counted in ``skipped_steps``).  Use batches of 16 or more for
-``accuracy``, or ``margin``, which moves with every score.
+A discrete objective is often flat: when all of a step's points give the same value FZOO's σ (or
+MeZO's difference) is 0 and the step is skipped (counted in ``skipped_steps``).  Two things make
+it so: a small batch (with 4 examples the error rate takes five values) and, more often, a
+perturbation too small to flip any prediction.  On the demo (SmolLM2-135M, LoRA, batches of 16)
+``accuracy`` skipped 36 of 40 FZOO steps at eps 1e-3 and 5 of 40 at eps 1e-2, which trained it
+from 55% to 82%.  Use eps ≥ 1e-2 and batches of 16 or more for ``accuracy``, or ``margin``, which
+moves with every score (:func:`flat_objective_warning` says so after a run).
 
 :class:`CandidateBatch` holds what the scores are computed from (see :func:`zopeft.candidate_batch`
 and :meth:`zopeft.tasks.Task.candidate_batch`); :func:`zopeft.metric_closure` makes an objective
@@ -33,7 +36,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["OBJECTIVES", "CandidateBatch", "Objective", "accuracy_error", "clipped_margin", "resolve_objective"]
+__all__ = [
+    "OBJECTIVES", "CandidateBatch", "Objective", "accuracy_error", "clipped_margin", "flat_objective_warning",
+    "resolve_objective",
+]
 
 Objective = Callable[["torch.Tensor", "torch.Tensor"], float]
 """``objective(scores (examples, candidates), gold (examples,)) -> float`` to minimise."""
@@ -104,3 +110,12 @@ class CandidateBatch:
         return CandidateBatch(move, self.gold.to(device), self.num_candidates,
                               **{k: v.to(device) if v is not None else None for k, v in opt.items()},
                               length_normalised=self.length_normalised)
+
+
+def flat_objective_warning(skipped: int, steps: int, objective: str, eps: float) -> str | None:
+    """What to change when over a quarter of a run's steps were skipped on an objective other than the loss."""
+    if objective == "loss" or steps < 4 or 4 * skipped <= steps:
+        return None
+    return (f"{skipped} of {steps} steps were skipped: every point of a step gave the same {objective}, so the step "
+            f"had no direction; perturbations of zo.eps={eps:g} rarely change a prediction: raise zo.eps (1e-2 or more) "
+            "or per_device_train_batch_size, or use zo.objective: margin")

@@ -37,7 +37,7 @@ from .distributed import barrier, distributed_session
 from .guard import Guard
 from .metrics import EMA, collapse_warning, predicted_counts
 from .models import load_adapter_model, load_model, trainable_summary
-from .objectives import Objective
+from .objectives import Objective, flat_objective_warning
 from .optim.base import ZOOptimizer
 from .recipe import Recipe
 from .rundir import LOG_NAME, RunDir
@@ -275,6 +275,9 @@ def _train(
         train_seconds = time.perf_counter() - loop_began - (eval_seconds - eval_before_loop)
         if isinstance(opt, ZOOptimizer):
             opt.check_replicas()
+            flat = flat_objective_warning(opt.skipped_steps, last, recipe.zo.objective, recipe.zo.eps)
+            if main and flat:
+                echo(f"warning: {flat}")
         eval_after = run_eval(last)
     finally:
         if trackers is not None:
