@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -73,7 +77,11 @@ def test_state_round_trip_continues_bit_identically(name):
 
 @pytest.mark.parametrize("max_copy_bytes", [1 << 30, 0])
 def test_replay_repeats_the_rollbacks_and_the_copy_can_live_on_disk(max_copy_bytes):
+    copies = lambda: set(Path(tempfile.gettempdir()).glob("zopeft-guard-*/origin.safetensors"))  # noqa: E731
+    before = copies()
     w, opt, guard, _ = run(40, spike=range(10, 16), guard={"max_copy_bytes": max_copy_bytes}, name="adamezo")
+    on_disk = copies() - before
+    assert len(on_disk) == (0 if max_copy_bytes else 1)
     assert guard.rollbacks == 1 and guard.in_memory == bool(max_copy_bytes)
     fresh = torch.nn.Parameter(torch.zeros(6))
     replayer = zopeft.AdaMeZO([fresh], lr=2e-4, window=3)
@@ -81,6 +89,9 @@ def test_replay_repeats_the_rollbacks_and_the_copy_can_live_on_disk(max_copy_byt
     assert torch.equal(fresh.detach(), w.detach())
     memory, _, _, _ = run(40, spike=range(10, 16), guard={}, name="adamezo")
     assert torch.equal(memory.detach(), w.detach())  # the disk copy + replay rebuilds the same best state
+    del guard, opt
+    gc.collect()
+    assert not any(path.exists() for path in on_disk)  # the disk copy lives as long as the guard
 
 
 def test_watching_evaluations_rolls_back_to_the_best_evaluated_weights():

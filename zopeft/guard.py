@@ -88,6 +88,7 @@ class Guard:
         self.events: list[dict[str, Any]] = []  # what to log: one dict per rollback
         self._best: dict[str, Any] | None = None  # the state after best_step (in memory)
         self._origin: dict[str, Any] | None = None  # replay mode: a state to replay from (on disk) and its step
+        self._origin_dir: tempfile.TemporaryDirectory | None = None
         self._remember_best()
 
     # ----- observing -------------------------------------------------------------------------
@@ -164,9 +165,14 @@ class Guard:
             self._best = self.optimizer.snapshot()
         elif self._origin is None:
             snapshot = self.optimizer.snapshot()
-            path = Path(tempfile.mkdtemp(prefix="zopeft-guard-")) / "origin.safetensors"
-            save_file({str(i): v.cpu() for i, v in enumerate(snapshot["values"])}, str(path))
-            self._origin = {"file": path, "step": self.optimizer.step_index - 1, "extra": snapshot["extra"]}
+            self._keep_origin(snapshot["values"], self.optimizer.step_index - 1, snapshot["extra"])
+
+    def _keep_origin(self, values: list[Any], step: int, extra: Any) -> None:
+        """Replay mode: keep ``values`` on disk as the state to replay from (removed with the guard, or at exit)."""
+        self._origin_dir = tempfile.TemporaryDirectory(prefix="zopeft-guard-")  # the previous one is removed
+        path = Path(self._origin_dir.name) / "origin.safetensors"
+        save_file({str(i): v.cpu() for i, v in enumerate(values)}, str(path))
+        self._origin = {"file": path, "step": step, "extra": extra}
 
     def _best_state(self) -> dict[str, Any]:
         """The state after ``best_step``: the in-memory copy, or the origin with the log's updates since reapplied."""
@@ -202,6 +208,4 @@ class Guard:
             self._best = state["best_state"]
         else:
             origin = state["origin"]
-            path = Path(tempfile.mkdtemp(prefix="zopeft-guard-")) / "origin.safetensors"
-            save_file({str(i): v.cpu() for i, v in enumerate(origin["values"])}, str(path))
-            self._origin = {"file": path, "step": origin["step"], "extra": origin["extra"]}
+            self._keep_origin(origin["values"], origin["step"], origin["extra"])
