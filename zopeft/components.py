@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
+from .batched import loss_closure, metric_closure
 from .models import AdapterSpec, ModelSpec
 from .objectives import Objective, resolve_objective
 from .recipe import Recipe, RecipeError
@@ -25,7 +27,7 @@ from .tasks import Task, build_task
 
 __all__ = [
     "adapter_spec", "batch_indices", "build_task_for", "eval_data", "forward_equivalents",
-    "make_optimizer", "model_spec", "objective", "torch_threads", "training_data",
+    "make_optimizer", "model_spec", "objective", "torch_threads", "training_batch", "training_data", "zo_closure",
 ]
 
 BACKWARD_COST = 2  # a backward pass costs about two forward passes
@@ -130,3 +132,16 @@ def make_optimizer(recipe: Recipe, model: torch.nn.Module, world_size: int = 1) 
         ])
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+
+
+def training_batch(task: Task, records: list[dict], tokenizer: Any, model: torch.nn.Module, scored: bool) -> Any:
+    """A micro-batch of ``records`` on the model's device: the task's batch, or (``scored``) its candidate batch."""
+    device = next(p.device for p in model.parameters())
+    if scored:
+        return task.candidate_batch(records, tokenizer).to(device)
+    return {k: v.to(device) for k, v in task.collate(records, tokenizer).items()}
+
+
+def zo_closure(model: torch.nn.Module, batch: Any, target: Objective | None) -> Any:
+    """What a ZO step evaluates on a :func:`training_batch`: its loss, or ``target`` on its candidates."""
+    return loss_closure(model, batch) if target is None else metric_closure(model, batch, target)

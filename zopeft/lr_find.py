@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .batched import loss_closure, metric_closure
 from .components import (
-    adapter_spec, batch_indices, make_optimizer, model_spec, objective, torch_threads, training_data,
+    adapter_spec, batch_indices, make_optimizer, model_spec, objective, torch_threads, training_batch, training_data,
+    zo_closure,
 )
 from .models import load_model
 from .recipe import Recipe
@@ -83,13 +83,10 @@ def _find(
     torch.manual_seed(recipe.seed)
     model, tokenizer = load_model(model_spec(recipe), adapter_spec(recipe))
     model.eval()
-    device = next(p.device for p in model.parameters())
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def closure(records: list[dict]) -> Any:
-        if target is None:
-            return loss_closure(model, {k: v.to(device) for k, v in task.collate(records, tokenizer).items()})
-        return metric_closure(model, task.candidate_batch(records, tokenizer).to(device), target)
+        return zo_closure(model, training_batch(task, records, tokenizer, model, target is not None), target)
 
     n = len(train_records)
     steps = max(1, round(fraction * recipe.max_steps))

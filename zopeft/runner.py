@@ -28,10 +28,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .batched import loss_closure, metric_closure
 from .components import (
     adapter_spec, batch_indices, eval_data, forward_equivalents, make_optimizer, model_spec, objective, torch_threads,
-    training_data,
+    training_batch, training_data, zo_closure,
 )
 from .distributed import barrier, distributed_session
 from .guard import Guard
@@ -41,7 +40,6 @@ from .objectives import Objective, flat_objective_warning
 from .optim.base import ZOOptimizer
 from .recipe import Recipe
 from .rundir import LOG_NAME, RunDir
-from .tasks import Task
 from .trackers import Trackers
 
 __all__ = ["RunResult", "evaluate", "train"]
@@ -107,20 +105,12 @@ def train(recipe: Recipe, *, echo: Callable[[str], None] = print, progress: bool
             return _train(recipe, run, rank, world_size, echo if main else (lambda _: None), progress)
 
 
-def _batch(task: Task, records: list[dict], tokenizer: Any, model: torch.nn.Module, scored: bool) -> Any:
-    """A training micro-batch on the model's device: the task's batch, or its candidate batch for an objective."""
-    device = next(p.device for p in model.parameters())
-    if scored:
-        return task.candidate_batch(records, tokenizer).to(device)
-    return {k: v.to(device) for k, v in task.collate(records, tokenizer).items()}
-
-
 def _train_step(
     opt: torch.optim.Optimizer, model: torch.nn.Module, batches: list[Any], target: Objective | None
 ) -> dict[str, Any]:
     """One optimizer step over the micro-batches; returns the statistics to log."""
     if isinstance(opt, ZOOptimizer):
-        closures = [loss_closure(model, b) if target is None else metric_closure(model, b, target) for b in batches]
+        closures = [zo_closure(model, b, target) for b in batches]
         for closure in closures[:-1]:
             opt.estimate(closure)
         opt.step(closures[-1])
@@ -237,8 +227,8 @@ def _train(
         last = start  # the last step done (the guard may stop the run early)
         for step in range(start, recipe.max_steps):
             batches = [
-                _batch(task, [train_records[i] for i in batch_indices(recipe, step, j, n, shard, shards)], tokenizer,
-                       model, target is not None)
+                training_batch(task, [train_records[i] for i in batch_indices(recipe, step, j, n, shard, shards)],
+                               tokenizer, model, target is not None)
                 for j in range(recipe.gradient_accumulation_steps)
             ]
             lr = opt.param_groups[0]["lr"] * opt.param_groups[0].get("lr_scale", 1.0)
