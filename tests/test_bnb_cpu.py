@@ -122,11 +122,11 @@ def run_python(code: str) -> str:
 
 @needs_avx512bf16
 def test_bitsandbytes_imported_after_the_module_never_repacks():
-    """The patch waits for ``import bitsandbytes`` and survives a ``find_spec`` probe (as transformers probes)."""
+    """``import zopeft`` (lazy: no torch) installs the patch, which waits for ``import bitsandbytes`` and survives a
+    ``find_spec`` probe (as transformers probes)."""
     out = run_python(
         "import importlib.util, sys\n"
-        "spec = importlib.util.spec_from_file_location('bnb_cpu', 'zopeft/bnb_cpu.py')\n"
-        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "import zopeft\n"
         "assert 'torch' not in sys.modules and 'bitsandbytes' not in sys.modules\n"
         "assert importlib.util.find_spec('bitsandbytes') is not None\n"
         "import torch, bitsandbytes as bnb\n"

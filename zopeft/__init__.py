@@ -5,12 +5,16 @@
 
 The names below are imported on first use (PEP 562), so ``import zopeft`` (and the CLI's
 ``validate``, ``recipes`` and ``--help``) does not import torch, transformers, PEFT or bitsandbytes.
+It does install :mod:`zopeft.bnb_cpu` (itself torch-free), which keeps bitsandbytes' 4-bit CPU
+layers exact from the moment bitsandbytes is imported: import zopeft before loading a model.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from . import bnb_cpu  # noqa: F401  (installs the patch; see its docstring)
 
 __version__ = "0.2.0"
 
