@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,15 @@ from safetensors.torch import load_file, save_file
 
 from .optim.base import ZOOptimizer
 
-__all__ = ["Guard", "GuardStop"]
+__all__ = ["Guard", "GuardStop", "rollback_line"]
 
 _NON_FINITE = ("non-finite loss", "non-finite update")
+
+
+def rollback_line(event: Mapping[str, Any]) -> str:
+    """One line describing a rollback event (an entry of :attr:`Guard.events`)."""
+    return (f"guard: rolled back to the weights after {event['rollback_to'] + 1} steps ({event['reason']}); "
+            f"learning rate {event['old_lr'][0]:.3g} -> {event['new_lr'][0]:.3g}")
 
 
 class GuardStop(RuntimeError):
@@ -110,6 +116,13 @@ class Guard:
         """With ``watch="eval"``: judge an evaluation of the current weights (e.g. accuracy)."""
         if self.watch == "eval":
             self._observe(-value if higher_is_better else value, self.optimizer.step_index - 1)
+
+    def observe_metrics(self, metrics: Mapping[str, float], *, prefix: str = "") -> None:
+        """With ``watch="eval"``: judge an evaluation by its accuracy where it has one, else by its loss."""
+        if f"{prefix}accuracy" in metrics:
+            self.observe_eval(metrics[f"{prefix}accuracy"])
+        elif f"{prefix}loss" in metrics:
+            self.observe_eval(metrics[f"{prefix}loss"], higher_is_better=False)
 
     def _observe(self, value: float, step: int) -> None:
         if not math.isfinite(value):

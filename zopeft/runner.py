@@ -33,7 +33,7 @@ from .components import (
     training_batch, training_data, zo_closure,
 )
 from .distributed import barrier, distributed_session
-from .guard import Guard
+from .guard import Guard, rollback_line
 from .metrics import EMA, collapse_warning, predicted_counts
 from .models import load_adapter_model, load_model, trainable_summary
 from .objectives import Objective, flat_objective_warning
@@ -127,14 +127,6 @@ def _train_step(
     return {"loss": total}
 
 
-def _observe_eval(guard: Guard, metrics: dict[str, float]) -> None:
-    """An evaluation for a guard with ``watch: eval``: accuracy where there is one, else the loss."""
-    if "accuracy" in metrics:
-        guard.observe_eval(metrics["accuracy"])
-    elif "loss" in metrics:
-        guard.observe_eval(metrics["loss"], higher_is_better=False)
-
-
 def _train(
     recipe: Recipe, run: RunDir, rank: int, world_size: int, echo: Callable[[str], None], progress: bool | None
 ) -> RunResult:
@@ -208,8 +200,7 @@ def _train(
             return True
         events, stop = guard.judge(observe)
         for event in events:
-            echo(f"guard: rolled back to the weights after {event['rollback_to'] + 1} steps ({event['reason']}); "
-                 f"learning rate {event['old_lr'][0]:.3g} -> {event['new_lr'][0]:.3g}")
+            echo(rollback_line(event))
             if main:
                 write(step, {"guard": "rollback", **{k: v for k, v in event.items() if k != "step"}})
         if stop is not None:
@@ -252,7 +243,7 @@ def _train(
                     echo(f"step {done}/{recipe.max_steps} loss={stats['loss']:.4f}{smoothed} fwd={forward_passes} lr={lr:.3g}")
             if going and recipe.eval_steps and done % recipe.eval_steps == 0 and done != recipe.max_steps:
                 metrics = run_eval(done)
-                going = judged(lambda g: _observe_eval(g, metrics), done)
+                going = judged(lambda g: g.observe_metrics(metrics), done)
             if main and recipe.save_steps and done % recipe.save_steps == 0:
                 position = done * recipe.gradient_accumulation_steps * recipe.per_device_train_batch_size * shards
                 run.save_checkpoint(done, recipe, model, opt, sched, {

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainerCallback
 from .batched import loss_closure, metric_closure
 from .bnb_cpu import require_exact_4bit_cpu_path
 from .checkpoint import load_state, save_state
-from .guard import Guard
+from .guard import Guard, rollback_line
 from .objectives import CandidateBatch, Objective, resolve_objective
 from .optim.base import ZOOptimizer
 from .registry import get_optimizer
@@ -21,7 +21,6 @@ from .registry import get_optimizer
 __all__ = ["ZOTrainer"]
 
 logger = logging.getLogger("zopeft")
-
 
 
 class ZOTrainer(Trainer):
@@ -155,12 +154,7 @@ class _GuardCallback(TrainerCallback):
         return self._judge(control, lambda guard: guard.observe_step())
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any) -> Any:
-        metrics = metrics or {}
-        if "eval_accuracy" in metrics:
-            return self._judge(control, lambda guard: guard.observe_eval(metrics["eval_accuracy"]))
-        if "eval_loss" in metrics:
-            return self._judge(control, lambda guard: guard.observe_eval(metrics["eval_loss"], higher_is_better=False))
-        return control
+        return self._judge(control, lambda guard: guard.observe_metrics(metrics or {}, prefix="eval_"))
 
     def _judge(self, control: Any, observe: Callable[[Guard], None]) -> Any:
         guard = self.trainer.zo_guard
@@ -168,8 +162,7 @@ class _GuardCallback(TrainerCallback):
             return control
         events, stop = guard.judge(observe)
         for event in events:
-            logger.warning("zopeft guard: rolled back to the weights after %d steps (%s); learning rate x%g",
-                           event["rollback_to"] + 1, event["reason"], guard.backoff)
+            logger.warning("zopeft %s", rollback_line(event))
         if stop is not None:
             logger.warning("zopeft guard: %s", stop)
             control.should_training_stop = True
