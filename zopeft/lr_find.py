@@ -85,6 +85,13 @@ def _find(
     model.eval()
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
+    @torch.no_grad()
+    def reset() -> None:
+        """The trainable tensors back to their loaded values."""
+        for name, p in model.named_parameters():
+            if name in start:
+                p.copy_(start[name])
+
     def closure(records: list[dict]) -> Any:
         return zo_closure(model, training_batch(task, records, tokenizer, model, target is not None), target)
 
@@ -106,10 +113,7 @@ def _find(
     bar = tqdm(total=len(rates) * steps, disable=not progress, unit="step", dynamic_ncols=True)
     rows = []
     for lr in rates:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name in start:
-                    p.copy_(start[name])
+        reset()
         opt = make_optimizer(recipe.model_copy(update={"learning_rate": lr}), model)
         before = probe_value()
         smoothed, peak = None, -math.inf
@@ -129,10 +133,7 @@ def _find(
                      "status": "diverged" if diverged else "stalled" if stalled else "ok",
                      "skipped_steps": opt.skipped_steps})
     bar.close()
-    with torch.no_grad():  # leave the model as it was loaded
-        for name, p in model.named_parameters():
-            if name in start:
-                p.copy_(start[name])
+    reset()  # leave the model as it was loaded
     improving = [i for i, r in enumerate(rows) if r["status"] == "ok" and r["change"] < 0]
     recommended = rows[max(improving[-1] - 1, 0)]["lr"] if improving else None
     return LRFindResult(rows, recommended, steps, steps * evals, len(probe))
