@@ -117,8 +117,13 @@ def train(
         typer.echo(f"eval on {result.evaluated_on}: {compare_line(result.eval_before, result.eval_after)}")
     typer.echo(f"done: {result.steps} steps, {_cost(result)} -> {result.output_dir}")
     rest = result.wall_seconds - result.train_seconds - result.eval_seconds
-    typer.echo(f"time: {result.wall_seconds:.1f}s wall = {result.train_seconds:.1f}s training + "
-               f"{result.eval_seconds:.1f}s evaluation + {rest:.1f}s loading, checks and saving")
+    typer.echo(f"time: {_seconds(result.wall_seconds)}s wall = {_seconds(result.train_seconds)}s training + "
+               f"{_seconds(result.eval_seconds)}s evaluation + {_seconds(rest)}s loading, checks and saving")
+
+
+def _seconds(value: float) -> str:
+    """Tenths of a second, or milliseconds below 0.1 s (a short part never reads as 0.0)."""
+    return f"{value:.1f}" if value >= 0.1 else f"{value:.3f}"
 
 
 @app.command("eval")
