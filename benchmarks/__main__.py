@@ -3,8 +3,8 @@
 Runs, in order, ``batched`` (FZOO batched vs sequential step time), ``convergence`` (MeZO vs
 FZOO vs AdaMeZO vs AdamW on SmolLM2-135M + LoRA), ``anatomy`` (step time over forward time),
 ``memory`` (peak memory per configuration, fresh processes), ``peers`` (vs the ``mezo``
-package), ``scaling`` (K = 1 vs 2 torchrun processes) and ``startup`` (``import zopeft`` and
-the light CLI commands in fresh processes).  Each prints its table and writes its JSON (and PNG where a curve helps) under
+package), ``scaling`` (K = 1 vs 2 torchrun processes), ``startup`` (``import zopeft`` and
+the light CLI commands in fresh processes) and ``eps`` (is ε above bf16's rounding?).  Each prints its table and writes its JSON (and PNG where a curve helps) under
 ``benchmarks/results/``; the suite adds ``suite_<device>[_quick].json`` with each benchmark's
 wall time and result file.  ``--quick`` took 16 minutes with one thread on a shared 2-core CPU machine;
 the full suite takes hours (mostly the convergence race).  A failing benchmark does not stop
@@ -23,7 +23,7 @@ from typing import Any
 
 from . import common
 
-BENCHMARKS = ("batched", "convergence", "anatomy", "memory", "peers", "scaling", "startup")
+BENCHMARKS = ("batched", "convergence", "anatomy", "memory", "peers", "scaling", "startup", "eps")
 
 
 def benchmark_main(name: str) -> Callable[[list[str]], dict[str, Any]]:

@@ -21,7 +21,8 @@ import torch
 
 from benchmarks import __main__ as suite
 from benchmarks import (
-    bench_anatomy, bench_batched, bench_convergence, bench_memory, bench_peers, bench_scaling, bench_startup, common,
+    bench_anatomy, bench_batched, bench_convergence, bench_eps, bench_memory, bench_peers, bench_scaling, bench_startup,
+    common,
 )
 
 
@@ -197,6 +198,15 @@ def test_startup(tmp_path: Path) -> None:
     rows = {r["command"]: r for r in _load(result)["results"]}
     assert set(rows) == {"import zopeft", "zopeft validate"}
     assert all(r["heavy_imports"] == "none" and 0 < r["min_s"] <= r["median_s"] for r in rows.values())
+
+
+def test_eps(tmp_path: Path) -> None:
+    result = bench_eps.main(_args(tmp_path, "--quick", "--model", "tiny", "--eps", "1e-4,1e-2", "--directions", "3"))
+    rows = {(r["dtype"], r["eps"]): r for r in _load(result)["results"]}
+    assert set(rows) == {(d, e) for d in ("fp32", "bf16") for e in (1e-4, 1e-2)}
+    assert all(len(r["differences"]) == 3 and r["forward_s"] > 0 for r in rows.values())
+    assert all(rows["fp32", e]["correlation"] == pytest.approx(1.0) and rows["fp32", e]["verdict"] == "ok" for e in (1e-4, 1e-2))
+    assert rows["bf16", 1e-4]["noise"] > 10 * rows["fp32", 1e-4]["noise"]  # the same directions, rounded
 
 
 def test_first_reaching_and_comparison() -> None:

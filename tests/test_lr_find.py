@@ -31,3 +31,5 @@ def test_lr_find_recommends_a_grid_value_and_flags_an_absurd_lr(tmp_path):
     assert data["rows"][1]["status"] == "ok" and data["rows"][1]["change"] < 0
     assert load_recipe(out).learning_rate == float(f"{data['recommended']:.3g}")
     assert "recommended learning_rate" in result.output
+    # first, zo.eps against the rounding of the forward pass (fp32 at 1e-2: ok)
+    assert data["eps_check"]["ok"] and data["eps_check"]["eps"] == 1e-2 and "eps check: zo.eps=0.01 ok" in result.output

@@ -93,3 +93,21 @@ def test_zo_trainer_trains_a_classifier_on_an_objective(tmp_path):
     trainer.train()
     opt = trainer.zo_optimizer
     assert opt.step_index == 12 and all(-1 <= r["losses"][0] <= 1 for r in opt.step_log)  # margins, not losses
+
+
+def test_zo_trainer_checks_eps_first_on_a_bfloat16_model(tmp_path, caplog):
+    data = Rows(fixed_batch("llama", batch=8))
+    checks = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_model("llama").to(dtype), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        trainer = trainer_for(tmp_path / str(dtype), model, data)
+        trainer.zo_kwargs["eps"] = 1e-4  # below bf16's rounding on this model (tests/test_eps_check.py)
+        trainer.args.max_steps = 1
+        with caplog.at_level("WARNING", logger="zopeft"):
+            trainer.train()
+        checks[dtype] = trainer.zo_eps_check
+        assert trainer.zo_optimizer.step_index == 1
+    assert checks[torch.float32] is None  # fp32: not checked unless asked (zo_check_eps=True)
+    assert not checks[torch.bfloat16].ok and checks[torch.bfloat16].suggested > 1e-4
+    assert any("eps check: eps=0.0001 fails" in r.getMessage() for r in caplog.records)

@@ -23,6 +23,7 @@ _EXPORTS = {
     "AdaMeZO": ".optim.adamezo",
     "BatchedLoss": ".batched",
     "CandidateBatch": ".objectives",
+    "EpsCheck": ".optim.eps_check",
     "FZOO": ".optim.fzoo",
     "Guard": ".guard",
     "GuardStop": ".guard",

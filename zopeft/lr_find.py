@@ -10,7 +10,9 @@ more than ``DIVERGED`` (relative), or its smoothed step loss rose by more than `
 start, or an update was refused as non-finite; it *stalled* if more than half its steps were
 skipped (the loss no longer responds to the perturbations: σ or the difference is 0).  The
 recommendation is one grid step below the largest learning rate that improved the probe value
-with neither - a margin against the late divergence a short run cannot see.
+with neither - a margin against the late divergence a short run cannot see.  First, on the first
+batch, it checks that zo.eps is above the forward pass's rounding (:mod:`zopeft.optim.eps_check`):
+at a noisy ε every learning rate trains on noise.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class LRFindResult:
     steps: int
     forward_passes_per_run: int
     probe_examples: int
+    eps_check: dict[str, Any]  # zopeft.optim.eps_check.EpsCheck.to_dict() at the recipe's zo.eps, on the first batch
     rule: str = field(default=(
         "one grid step below the largest learning rate whose probe value improved without diverging (a non-finite "
         f"step, probe up > {DIVERGED:.0%} or smoothed step loss > {SPIKE:.0%} above its start) or stalling (over "
@@ -106,7 +109,10 @@ def _find(
         values = [float(closure(probe[i : i + size])()) for i in range(0, len(probe), size)]
         return sum(values) / len(values)
 
-    evals = len(make_optimizer(recipe, model).evaluations())
+    first = make_optimizer(recipe, model)
+    evals = len(first.evaluations())
+    check = first.check_eps(closure([train_records[i] for i in batch_indices(recipe, 0, 0, n)]))
+    echo(("" if check.ok else "warning: ") + check.line())
     rates = grid(recipe.learning_rate, points, span)
     echo(f"lr-find: {len(rates)} learning rates x {steps} steps ({steps * evals} forward passes each, "
          f"{fraction:.0%} of the recipe's {recipe.max_steps} steps); probe: {len(probe)} training examples")
@@ -136,4 +142,4 @@ def _find(
     reset()  # leave the model as it was loaded
     improving = [i for i, r in enumerate(rows) if r["status"] == "ok" and r["change"] < 0]
     recommended = rows[max(improving[-1] - 1, 0)]["lr"] if improving else None
-    return LRFindResult(rows, recommended, steps, steps * evals, len(probe))
+    return LRFindResult(rows, recommended, steps, steps * evals, len(probe), check.to_dict())

@@ -105,6 +105,14 @@ def train(recipe: Recipe, *, echo: Callable[[str], None] = print, progress: bool
             return _train(recipe, run, rank, world_size, echo if main else (lambda _: None), progress)
 
 
+def _checks_eps(recipe: Recipe) -> bool:
+    """Whether a new run checks zo.eps first (``zo.check_eps``; auto: half precision, on the loss or the margin)."""
+    setting = recipe.zo.check_eps
+    if setting != "auto":
+        return setting == "always"
+    return recipe.compute_dtype != "float32" and recipe.zo.objective in ("loss", "margin")
+
+
 def _train_step(
     opt: torch.optim.Optimizer, model: torch.nn.Module, batches: list[Any], target: Objective | None
 ) -> dict[str, Any]:
@@ -209,19 +217,26 @@ def _train(
                 write(step, {"guard": "stop", "reason": str(stop)})
         return stop is None
 
+    def batches_of(step: int) -> list[Any]:
+        return [
+            training_batch(task, [train_records[i] for i in batch_indices(recipe, step, j, n, shard, shards)],
+                           tokenizer, model, target is not None)
+            for j in range(recipe.gradient_accumulation_steps)
+        ]
+
     # ----- train ---------------------------------------------------------------------------------
     try:
         eval_before = run_eval(0) if start == 0 else {}
+        if main and start == 0 and isinstance(opt, ZOOptimizer) and _checks_eps(recipe):
+            check = opt.check_eps(zo_closure(model, batches_of(0)[0], target))
+            echo(("" if check.ok else "warning: ") + check.line())
+            write(0, {"eps_check": check.to_dict()})
         show_bar = main and (sys.stderr.isatty() if progress is None else progress)
         bar = tqdm(total=recipe.max_steps, initial=start, disable=not show_bar, unit="step", dynamic_ncols=True)
         loop_began, eval_before_loop = time.perf_counter(), eval_seconds
         last = start  # the last step done (the guard may stop the run early)
         for step in range(start, recipe.max_steps):
-            batches = [
-                training_batch(task, [train_records[i] for i in batch_indices(recipe, step, j, n, shard, shards)],
-                               tokenizer, model, target is not None)
-                for j in range(recipe.gradient_accumulation_steps)
-            ]
+            batches = batches_of(step)
             lr = opt.param_groups[0]["lr"] * opt.param_groups[0].get("lr_scale", 1.0)
             logged = len(getattr(opt, "step_log", ()))
             stats = _train_step(opt, model, batches, target)

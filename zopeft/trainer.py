@@ -16,6 +16,7 @@ from .checkpoint import load_state, save_state
 from .guard import Guard, rollback_line
 from .objectives import CandidateBatch, Objective, resolve_objective
 from .optim.base import ZOOptimizer
+from .optim.eps_check import EpsCheck
 from .registry import get_optimizer
 
 __all__ = ["ZOTrainer"]
@@ -47,13 +48,17 @@ class ZOTrainer(Trainer):
             callable instead of the loss (see :mod:`zopeft.objectives`): a sequence classifier's
             classes, or a causal LM's single-token label words ``zo_candidate_tokens`` (each
             batch row's one label token is its gold word).
+        zo_check_eps: before the first step of a new run, check that the perturbations' ε is above
+            the forward pass's rounding (:meth:`ZOOptimizer.check_eps`; the outcome is logged, a
+            failure as a WARNING naming the ε to use, and kept as ``zo_eps_check``); ``None``
+            (default): when the model has bf16/fp16 tensors or the Trainer runs under bf16/fp16.
         *args, **kwargs: as for :class:`transformers.Trainer`.
     """
 
     def __init__(
         self, *args: Any, zo_optimizer: str | ZOOptimizer = "fzoo", zo_kwargs: dict[str, Any] | None = None,
         zo_guard: bool | dict[str, Any] = False, zo_objective: str | Objective | None = None,
-        zo_candidate_tokens: list[int] | None = None, **kwargs: Any,
+        zo_candidate_tokens: list[int] | None = None, zo_check_eps: bool | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         require_exact_4bit_cpu_path(self.model)
@@ -63,6 +68,8 @@ class ZOTrainer(Trainer):
         self.zo_guard: Guard | None = None
         self.zo_objective = resolve_objective(zo_objective) if zo_objective not in (None, "loss") else None
         self.zo_candidate_tokens = zo_candidate_tokens
+        self.zo_check_eps = zo_check_eps
+        self.zo_eps_check: EpsCheck | None = None
         self.add_callback(_GuardCallback(self))
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -81,9 +88,19 @@ class ZOTrainer(Trainer):
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         inputs = self._prepare_inputs(inputs)
+        closure = self._loss_closure(model, inputs)
         with self.compute_loss_context_manager():
-            loss = self.zo_optimizer.estimate(self._loss_closure(model, inputs))
+            if self.state.global_step == 0 and self.zo_eps_check is None and self._checks_eps(model):
+                self.zo_eps_check = self.zo_optimizer.check_eps(closure)
+                (logger.info if self.zo_eps_check.ok else logger.warning)(self.zo_eps_check.line("eps"))
+            loss = self.zo_optimizer.estimate(closure)
         return torch.tensor(loss / self.current_gradient_accumulation_steps, device=self.args.device)
+
+    def _checks_eps(self, model: torch.nn.Module) -> bool:
+        if self.zo_check_eps is not None:
+            return self.zo_check_eps
+        half = (torch.bfloat16, torch.float16)
+        return self.args.bf16 or self.args.fp16 or any(p.dtype in half for p in model.parameters())
 
     def _loss_closure(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Callable[[], Any]:
         """The objective, or the model's own loss (with batched evaluation) unless ``compute_loss`` is customised."""

@@ -34,6 +34,7 @@ from torch import nn
 from ..bnb_cpu import require_exact_4bit_cpu_path
 from ..distributed import ZOComm
 from ..noise import NOISE_FORMAT
+from . import eps_check
 from .evaluation_log import report_path
 from .points import Buffer, Point, Points
 from .settings import BASE, parse_memory
@@ -262,6 +263,30 @@ class ZOOptimizer(torch.optim.Optimizer):
             if self.sync_check_steps and self._step % self.sync_check_steps == 0:
                 self.check_replicas()
         return self.last_stats["loss"]
+
+    @torch.no_grad()
+    def check_eps(
+        self, closure: Closure, directions: int = eps_check.DIRECTIONS, scales: Iterable[float] = eps_check.SCALES
+    ) -> eps_check.EpsCheck:
+        """Whether the loss differences at ε come from the loss's slope or the forward pass's rounding.
+
+        Evaluates the closure at θ ± s·ε·z_k (s = 1, 2, 3) for ``directions`` directions of this
+        step's noise, and, while ε fails, at each larger ``scales`` multiple of it (see
+        :mod:`zopeft.optim.eps_check`).  The weights are restored exactly; nothing is counted in
+        :attr:`forward_passes` or logged, and the next step is unchanged.
+        """
+        noise: dict[float, float] = {}
+        differences: list[float] = []
+        spent = 0
+        with self.evaluation_mode(getattr(closure, "model", None)):
+            for scale in scales:
+                losses, evaluated = self._evaluate(closure, eps_check.evaluations(directions, scale))
+                spent += evaluated
+                differences = differences or [row[0] for row in eps_check.central_differences(losses)]
+                noise[scale * self.eps] = eps_check.noise_ratio(losses)
+                if noise[scale * self.eps] <= eps_check.MAX_NOISE:
+                    break
+        return eps_check.EpsCheck(self.eps, noise, differences, directions, spent)
 
     def check_replicas(self) -> None:
         """Raise :class:`~zopeft.distributed.ReplicaDivergence` unless all ranks hold bit-identical tensors."""
