@@ -103,6 +103,22 @@ def test_raising_max_steps_under_a_linear_schedule_says_what_it_does(run_copy):
     assert "max_steps: 4 -> 5 under lr_scheduler_type linear" in result.output
 
 
+def test_resuming_on_changed_training_data_is_refused(tmp_path):
+    data = tmp_path / "data.jsonl"
+    records = [{"sentence": f"review {i}", "label": i % 2} for i in range(16)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    recipe = write_recipe(tmp_path, dataset=str(data), task="classification", template="{sentence} It was",
+                          label_words=[" bad", " good"], val_size=0, max_steps=2, save_steps=1)
+    assert invoke("train", recipe).exit_code == 0
+    assert invoke("train", recipe, "resume_from_checkpoint=auto", "max_steps=3").exit_code == 0  # same data: resumes
+    records[5]["sentence"] = "an edited review"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = snapshot(tmp_path / "out")
+    one_error_line(invoke("train", recipe, "resume_from_checkpoint=auto", "max_steps=4"),
+                   "dataset: the training records are not those", "checkpoint-3", "the data changed")
+    assert snapshot(tmp_path / "out") == before
+
+
 def test_foreign_checkpoint_directory_is_left_alone(run_copy):
     (run_copy / "checkpoint-best").mkdir()
     result = invoke("train", run_copy / "recipe.yaml", "resume_from_checkpoint=auto", "max_steps=6", "save_total_limit=1")

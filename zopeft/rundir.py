@@ -254,6 +254,16 @@ class RunDir:
                  f"from step {step} on the learning rate follows the {recipe.max_steps}-step schedule, so this run "
                  f"matches neither the {saved.max_steps}-step run nor a {recipe.max_steps}-step run from scratch")
 
+    @staticmethod
+    def check_data(checkpoint: Path, fingerprint: str) -> None:
+        """Refuse to resume on other training records than the checkpoint's (it records their fingerprint)."""
+        saved = json.loads((checkpoint / STATE_NAME).read_text()).get("train_data")
+        if saved is not None and saved != fingerprint:
+            raise RecipeError([
+                f"dataset: the training records are not those {checkpoint} was trained on (fingerprint {saved}, "
+                f"now {fingerprint}): the data changed; restore it, or start a new output_dir"
+            ])
+
     # ----- writing -----------------------------------------------------------------------------
     def open_logs(self, recipe: Recipe, start: int, checkpoint: Path | None, echo: Echo) -> tuple[JsonlLog, JsonlLog | None]:
         """Write recipe.yaml; open trainer_log.jsonl and (ZO) zo_steps.jsonl, each cut back to ``start``.

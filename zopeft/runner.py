@@ -142,7 +142,9 @@ def _train(
     # ----- setup: checks, then the parts ------------------------------------------------------
     checkpoint = run.prepare(recipe, world_size, echo)
     task, data = training_data(recipe)
-    train_records, evaluated = data.train.records, data.eval
+    train_records, evaluated, train_data = data.train.records, data.eval, data.train.fingerprint()
+    if checkpoint is not None:
+        run.check_data(checkpoint, train_data)
     target = objective(recipe, task)
     barrier()  # every rank has read output_dir before rank 0 writes to it
     for note in data.notes():
@@ -263,7 +265,7 @@ def _train(
                 position = done * recipe.gradient_accumulation_steps * recipe.per_device_train_batch_size * shards
                 run.save_checkpoint(done, recipe, model, opt, sched, {
                     "forward_passes": forward_passes, "epoch": position // n, "example_position": position % n,
-                    "world_size": world_size, "loss_ema": ema.value,
+                    "world_size": world_size, "loss_ema": ema.value, "train_data": train_data,
                 }, guard)
             if not going:
                 break

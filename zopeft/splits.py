@@ -15,6 +15,8 @@ Torch-free: ``zopeft validate`` describes the splits too.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -47,6 +49,10 @@ class Split:
 
     records: list[dict]
     description: str
+
+    def fingerprint(self) -> str:
+        """A short hash of the records, content and order: what a checkpoint was trained on."""
+        return hashlib.sha256(json.dumps(self.records, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _subset(records: list[dict], cap: int | None, key: str) -> tuple[list[dict], str]:
