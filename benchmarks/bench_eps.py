@@ -9,7 +9,7 @@ central differences along K directions at ε, 2ε and 3ε and the rounding noise
 difference at ε (see :mod:`zopeft.optim.eps_check`), and the table gives how well each dtype's d_k(ε)
 agree with the first dtype's (fp32), direction by direction: the correlation and the share of
 equal signs.  The same seed gives the same directions in every dtype (the LoRA tensors are fp32
-in all of them).  A noise share above 0.5 is what ``zopeft train`` warns about.
+in all of them).  A noise r above 0.7 is what ``zopeft train`` warns about.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import torch
+from zopeft.optim.eps_check import MAX_NOISE
 
 from . import common
 from .bench_convergence import Race
@@ -43,7 +44,7 @@ def differences(race: Race, dtype: str, eps: float, batch: dict[str, torch.Tenso
     check = opt.check_eps(closure, directions=directions, scales=(1.0,))
     common.sync(race.device)
     seconds = time.perf_counter() - began
-    return {"dtype": dtype, "eps": eps, "noise": check.noise[eps], "verdict": "ok" if check.ok else "rounding",
+    return {"dtype": dtype, "eps": eps, "noise": check.noise[eps], "verdict": "ok" if check.ok else "noisy",
             "differences": check.differences, "forward_s": seconds / check.forward_passes}
 
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in rows:
         r["correlation"], r["same_sign"] = agreement(r["differences"], reference[r["eps"]])
     print(f"{args.model} + LoRA r=8 q/v (B = 0), {size} examples of the demo's 2-shot SST-2 prompt, "
-          f"{directions} directions; noise > 0.5: rounding makes the differences as much as the slope")
+          f"{directions} directions; noise r > {MAX_NOISE:g}: a run needs over {1 + MAX_NOISE ** 2:.1f}x the steps")
     result = {"benchmark": "eps", "quick": args.quick, "machine": machine, "model": args.model,
               "directions": directions, "batch": size,
               "results": rows, "table": common.print_table(rows, COLUMNS)}

@@ -57,7 +57,7 @@ def test_a_loss_that_does_not_move_is_flat_at_every_eps():
     p, _, closure = _quadratic(quantum=1.0)  # differences of ~1e-4 round to 0
     check = zopeft.MeZO([p], lr=0.1, eps=1e-6, seed=0).check_eps(closure)
     assert check.suggested is None and list(check.noise) == pytest.approx([1e-6, 3e-6, 1e-5])
-    assert "the loss did not change" in check.line() and "no ε up to" in check.line()
+    assert "the loss did not change at any ε tried" in check.line()
 
 
 def _lora(dtype: torch.dtype) -> torch.nn.Module:
