@@ -12,7 +12,7 @@ skipped (the loss no longer responds to the perturbations: σ or the difference 
 recommendation is one grid step below the largest learning rate that improved the probe value
 with neither - a margin against the late divergence a short run cannot see.  First, on the first
 batch, it checks that zo.eps is above the forward pass's rounding (:mod:`zopeft.optim.eps_check`):
-at a noisy ε every learning rate trains on noise.
+at a noisy ε every learning rate trains on a noisier estimate.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class ZOSettings(_Strict):
     guard: GuardSettings = Field(default_factory=GuardSettings)
     check_eps: Literal["auto", "always", "never"] = Field(
         "auto", description="before the first step, check that zo.eps is above the forward pass's rounding "
-        "(zopeft.optim.eps_check, 48 forward passes): auto (bfloat16/float16 compute_dtype), always or never")
+        "(zopeft.optim.eps_check, 48 forward passes per ε tried): auto (bfloat16/float16 compute_dtype), always or never")
 
     @field_validator("objective")
     @classmethod
