@@ -335,13 +335,23 @@ def test_label_word_scoring_in_eval_and_in_the_objective_batch(smol: object, tin
     seen: list[torch.Tensor] = []
     zopeft.metric_closure(tiny_lm, task.candidate_batch(records, smol), lambda s, g: seen.append(s) or 0.0)()
     assert torch.allclose(seen[0], torch.tensor(want), atol=1e-4)  # what an objective (zo.objective) ranks
+    prompts = [f"Review: {r['sentence']}\nSentiment:" for r in records]  # the library's batch ranks alike
+    library = zopeft.candidate_batch(smol, prompts, list(words.values()), [r["label"] for r in records], scoring=scoring)
+    zopeft.metric_closure(tiny_lm, library, lambda s, g: seen.append(s) or 0.0)()
+    assert torch.allclose(seen[1], torch.tensor(want), atol=1e-4)
 
 
 def test_first_token_scoring_refuses_label_words_that_share_one(smol: object) -> None:
+    import zopeft
+
     task = build_task("classification", template="{s}", label_words=[" not entailment", " not sure"],
                       label_word_scoring="first")
     with pytest.raises(ValueError, match="label words ' not entailment' and ' not sure' both start with the token ' not'"):
         task.collate([{"s": "x", "label": 0}], smol)
+    with pytest.raises(ValueError, match="scoring first: choices ' not entailment' and ' not sure' both start with the token"):
+        zopeft.candidate_batch(smol, ["x"], [[" not entailment", " not sure"]], [0], scoring="first")
+    with pytest.raises(ValueError, match="scoring 'last' is not one of sum, mean, first"):
+        zopeft.candidate_batch(smol, ["x"], [" yes", " no"], [0], scoring="last")
 
 
 def test_per_class_metrics_of_each_candidate_task(smol: object, minilm: object, tiny_lm: torch.nn.Module) -> None:

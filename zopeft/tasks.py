@@ -218,18 +218,25 @@ def _candidate_batch(examples: list[_Example], pad_id: int, length_normalised: b
     )
 
 
+LABEL_WORD_SCORINGS = ("sum", "mean", "first")
+
+
 def candidate_batch(
     tokenizer: Any, prompts: list[str], choices: list[str] | list[list[str]], gold: list[int], *,
-    cutoff_len: int = 256, length_normalised: bool = False,
+    cutoff_len: int = 256, scoring: str = "sum",
 ) -> CandidateBatch:
     """A batch for :func:`zopeft.metric_closure` from prompts, their candidate continuations and gold indices.
 
     ``choices``: one list of label words shared by every prompt (``[" bad", " good"]``), or a list
-    per prompt.  Continuations are appended to the prompt verbatim.  Candidates are ranked by
-    summed log-probability, or by its mean per token with ``length_normalised``.
+    per prompt.  Continuations are appended to the prompt verbatim.  ``scoring`` ranks the
+    candidates as a recipe's ``label_word_scoring`` does: by summed log-probability (``sum``),
+    its mean per token (``mean``), or the first token's alone (``first``, as in LM-BFF and MeZO;
+    a prompt's candidates may then not share a first token).
     """
     if not prompts or len(prompts) != len(gold):
         raise ValueError(f"candidate_batch: {len(prompts)} prompts and {len(gold)} gold indices")
+    if scoring not in LABEL_WORD_SCORINGS:
+        raise ValueError(f"candidate_batch: scoring {scoring!r} is not one of {', '.join(LABEL_WORD_SCORINGS)}")
     shared = bool(choices) and isinstance(choices[0], str)
     per_prompt = [choices] * len(prompts) if shared else choices
     prefix = _special_prefix(tokenizer)
@@ -237,8 +244,23 @@ def candidate_batch(
     for prompt, options, g in zip(prompts, per_prompt, gold):
         if not 0 <= g < len(options):
             raise ValueError(f"candidate_batch: gold index {g} is not one of the {len(options)} choices")
-        examples.append(_example(prefix, _encode(tokenizer, prompt), [_encode(tokenizer, o) for o in options], g, cutoff_len))
-    return _candidate_batch(examples, _pad_id(tokenizer), length_normalised, shared)
+        tokens = _scored_tokens(tokenizer, options, scoring == "first", "candidate_batch: scoring first: choices")
+        examples.append(_example(prefix, _encode(tokenizer, prompt), tokens, g, cutoff_len))
+    return _candidate_batch(examples, _pad_id(tokenizer), scoring == "mean", shared)
+
+
+def _scored_tokens(tokenizer: Any, words: list[str], first: bool, what: str) -> list[list[int]]:
+    """Each word's tokens, or (``first``) its first token alone, refusing two words that share it."""
+    tokens = [_encode(tokenizer, w) for w in words]
+    if not first:
+        return tokens
+    seen: dict[int, str] = {}
+    for word, ids in zip(words, tokens):
+        if ids and ids[0] in seen:
+            raise ValueError(f"{what} {seen[ids[0]]!r} and {word!r} both start with the token "
+                             f"{tokenizer.decode(ids[:1])!r}; use sum or mean, or other words")
+        seen.update({ids[0]: word} if ids else {})
+    return [ids[:1] for ids in tokens]
 
 
 @dataclass
@@ -288,9 +310,6 @@ class _CandidateTask:
                 "n": len(examples), **metrics}
 
 
-LABEL_WORD_SCORINGS = ("sum", "mean", "first")
-
-
 @dataclass
 class ClassificationTask(_CandidateTask):
     """Prompt + label words on a causal LM; eval picks the label word with the highest score.
@@ -322,16 +341,8 @@ class ClassificationTask(_CandidateTask):
 
     def word_tokens(self, tokenizer: Any) -> list[list[int]]:
         """Each label word's tokens as scored: all of them, or (``first``) the first alone."""
-        words = [_encode(tokenizer, w) for w in self.words]
-        if self.label_word_scoring != "first":
-            return words
-        seen: dict[int, str] = {}
-        for word, tokens in zip(self.words, words):
-            if tokens and tokens[0] in seen:
-                raise ValueError(f"label_word_scoring: first: label words {seen[tokens[0]]!r} and {word!r} both start "
-                                 f"with the token {tokenizer.decode(tokens[:1])!r}; use sum or mean, or other words")
-            seen.update({tokens[0]: word} if tokens else {})
-        return [tokens[:1] for tokens in words]
+        return _scored_tokens(tokenizer, self.words, self.label_word_scoring == "first",
+                              "label_word_scoring: first: label words")
 
     def check(self, record: dict) -> None:
         prompt_text(record, self.template, self.text_fields, self.kind)
