@@ -138,3 +138,24 @@ def test_cli_guard_rolls_back_a_diverging_run_stops_it_and_replay_repeats_it(tmp
     assert replayed.exit_code == 0, replayed.output
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "replayed" / "model.safetensors"))
     assert a.keys() == b.keys() and all(__import__("torch").equal(a[k], b[k]) for k in a)
+
+
+def test_cli_rollbacks_judged_on_evaluations_reach_the_step_log(tmp_path, monkeypatch):
+    """watch: eval rolls back after an evaluation; zo_steps.jsonl holds the rollback, so replay rebuilds the run."""
+    import json
+
+    from test_cli import invoke, write_recipe
+
+    scores = iter([0.9, 0.5, 0.4])  # the evaluations after steps 2, 4 and 6: each one after the first is worse
+    monkeypatch.setattr(zopeft.Guard, "observe_metrics", lambda self, metrics, prefix="": self.observe_eval(next(scores)))
+    recipe = write_recipe(tmp_path, max_steps=8, eval_steps=2, zo={
+        "optimizer": "mezo", "guard": {"watch": "eval", "patience": 1, "smoothing": 0.0, "margin": 0.0, "max_rollbacks": 5}})
+    result = invoke("train", str(recipe))
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    records = [json.loads(line) for line in (out / "zo_steps.jsonl").read_text().splitlines()]
+    assert [r["rollback_to"] for r in records if "rollback_to" in r] == [1, 1]  # back to the weights after step 2
+    assert [r["step"] for r in records if "losses" in r] == list(range(8))
+    replayed = invoke("replay", str(out), "--out", str(tmp_path / "replayed"))
+    assert replayed.exit_code == 0, replayed.output
+    assert "bit-identical to" in replayed.output

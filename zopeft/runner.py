@@ -249,9 +249,6 @@ def _train(
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", fwd=forward_passes)
             going = judged(lambda g: g.observe_step(), done)
-            if step_log is not None:  # before the checkpoint: the step log never lags behind it
-                for record in opt.step_log[logged:]:  # the step's record, and a rollback's
-                    step_log.write(record)
             if main and (done % recipe.logging_steps == 0 or done == recipe.max_steps):
                 write(done, {"lr": lr, **{k: v for k, v in stats.items() if k not in ("step", "lr", "forward_passes")},
                              "loss_ema": ema.value})
@@ -261,6 +258,9 @@ def _train(
             if going and recipe.eval_steps and done % recipe.eval_steps == 0 and done != recipe.max_steps:
                 metrics = run_eval(done)
                 going = judged(lambda g: g.observe_metrics(metrics), done)
+            if step_log is not None:  # before the checkpoint: the step log never lags behind it
+                for record in opt.step_log[logged:]:  # the step's record, and the guard's rollbacks
+                    step_log.write(record)
             if main and recipe.save_steps and done % recipe.save_steps == 0:
                 position = done * recipe.gradient_accumulation_steps * recipe.per_device_train_batch_size * shards
                 run.save_checkpoint(done, recipe, model, opt, sched, {
