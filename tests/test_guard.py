@@ -58,16 +58,18 @@ def test_rollbacks_without_progress_stop_cleanly_with_the_best_weights():
         run(100, spike=range(10, 100), guard={"max_rollbacks": 2})
 
 
+@pytest.mark.parametrize("max_copy_bytes", [1 << 30, 0], ids=["copy", "replay"])
 @pytest.mark.parametrize("name", ["mezo", "adamezo"])
-def test_state_round_trip_continues_bit_identically(name):
-    full, _, guard, saved = run(40, spike=range(10, 16), guard={}, name=name, state_at=12)
+def test_state_round_trip_continues_bit_identically(name, max_copy_bytes):
+    """Resumed between the best step (9) and the rollback (14): the rollback lands on the same weights."""
+    full, _, guard, saved = run(40, spike=range(10, 16), guard={"max_copy_bytes": max_copy_bytes}, name=name, state_at=12)
     assert guard.rollbacks == 1
     weights, opt_state, guard_state = saved
     w = torch.nn.Parameter(weights.clone())
     kw = {"mezo": dict(lr=0.02), "adamezo": dict(lr=2e-4, window=3)}[name]
     opt = zopeft.get_optimizer(name, [w], seed=99, **kw)
     opt.load_state_dict(opt_state)
-    g = zopeft.Guard(opt)
+    g = zopeft.Guard(opt, max_copy_bytes=max_copy_bytes)
     g.load_state_dict(guard_state)
     for _ in range(40 - 12):
         jump = 100.0 if opt.step_index in range(10, 16) else 0.0

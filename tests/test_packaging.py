@@ -53,6 +53,8 @@ def test_recipes_ship_in_the_wheel_and_work_without_the_repository(tmp_path):
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "dist").glob("zopeft-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    modules = sorted(str(p.relative_to(REPO)) for p in (REPO / "zopeft").rglob("*.py") if "bundled_data" not in p.parts)
+    assert [m for m in modules if m not in names] == []  # every subpackage is listed in pyproject.toml
     bundled = sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
     assert sorted(n.split("/")[-1] for n in names if n.startswith("zopeft/recipes/")) == bundled
 
@@ -62,6 +64,8 @@ def test_recipes_ship_in_the_wheel_and_work_without_the_repository(tmp_path):
     where = run_python("import zopeft.recipe as r; print(r.__file__); print(r.bundled_recipes_dir())", env=env, cwd=tmp_path)
     module, recipes = where.stdout.split()
     assert module.startswith(str(site)) and recipes == str(site / "zopeft" / "recipes")
+    imported = run_python("import zopeft; zopeft.loss_closure; import zopeft.batched.adapters.lora", env=env, cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr
     listed = run_python(CLI, "recipes", env=env, cwd=tmp_path)
     assert listed.returncode == 0 and all(Path(b).stem in listed.stdout for b in bundled)
     copied = run_python(CLI, "recipes", "cp", "llama3_lora_fzoo", str(tmp_path), env=env, cwd=tmp_path)

@@ -95,6 +95,7 @@ class Guard:
         self._best: dict[str, Any] | None = None  # the state after best_step (in memory)
         self._origin: dict[str, Any] | None = None  # replay mode: a state to replay from (on disk) and its step
         self._origin_dir: tempfile.TemporaryDirectory | None = None
+        self._carried: list[dict[str, Any]] = []  # replay mode: step records since the origin, from before a resume
         self._remember_best()
 
     # ----- observing -------------------------------------------------------------------------
@@ -186,6 +187,12 @@ class Guard:
         path = Path(self._origin_dir.name) / "origin.safetensors"
         save_file({str(i): v.cpu() for i, v in enumerate(values)}, str(path))
         self._origin = {"file": path, "step": step, "extra": extra}
+        self._carried = []
+
+    def _since_origin(self) -> list[dict[str, Any]]:
+        """Replay mode: the steps logged since the origin (those carried over a resume, then this run's)."""
+        start = self._origin["step"]
+        return [r for r in (*self._carried, *self.optimizer.step_log) if "rollback_to" not in r and r["step"] > start]
 
     def _best_state(self) -> dict[str, Any]:
         """The state after ``best_step``: the in-memory copy, or the origin with the log's updates since reapplied."""
@@ -196,7 +203,7 @@ class Guard:
         values = [loaded[str(i)].to(b.device) for i, b in enumerate(opt.points.buffers)]
         opt.points.load(values)
         opt.load_extra_state(copy.deepcopy(origin["extra"]))
-        opt.reapply(r for r in opt.step_log if "rollback_to" not in r and origin["step"] < r["step"] <= self.best_step)
+        opt.reapply(r for r in self._since_origin() if r["step"] <= self.best_step)
         return opt.snapshot()
 
     # ----- state -------------------------------------------------------------------------------
@@ -210,7 +217,7 @@ class Guard:
         else:
             loaded = load_file(str(self._origin["file"]))
             state["origin"] = {"values": [loaded[str(i)] for i in range(len(loaded))], "step": self._origin["step"],
-                               "extra": self._origin["extra"]}
+                               "extra": self._origin["extra"], "log": self._since_origin()}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -222,3 +229,4 @@ class Guard:
         else:
             origin = state["origin"]
             self._keep_origin(origin["values"], origin["step"], origin["extra"])
+            self._carried = origin.get("log", [])  # the optimizer's step_log starts empty on resume
