@@ -247,6 +247,8 @@ def test_construction_errors_are_clear():
         FZOO([torch.nn.Parameter(torch.zeros(1))], n_perturbations=1)
     with pytest.raises(ValueError, match="unknown noise"):
         MeZO([torch.nn.Parameter(torch.zeros(1))], noise="uniform")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_perturbation'"):  # a misspelled setting
+        FZOO([torch.nn.Parameter(torch.zeros(1))], n_perturbation=4)
 
 
 def test_register_optimizer_adds_to_registry():

@@ -164,8 +164,9 @@ def test_max_memory_bounds_the_replicas_per_forward_pass():
     tight = replicas_per_pass(model, config, cpu, rows=2 * 8, length=8, max_memory=_resident_bytes() + (1 << 20))
     assert tight == 1
     assert parse_memory("12GB") == 12 * 10**9 and parse_memory("1.5GiB") == 3 << 29 and parse_memory(None) is None
-    with pytest.raises(ValueError, match="12GB"):
-        parse_memory("twelve")
+    for bad in ("twelve", "12G", "1.5Gi"):  # units as accelerate's max_memory: B, KB..TB, KiB..TiB
+        with pytest.raises(ValueError, match="12GB"):
+            parse_memory(bad)
     batch = fixed_batch("llama", batch=2, length=8)
     passes = []
     hook = model.register_forward_pre_hook(lambda *_: passes.append(1))

@@ -112,7 +112,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         max_memory: int | str | None = BASE["max_memory"].default,
         parallel: str | ZOComm | None = BASE["parallel"].default,
         sync_check_steps: int = BASE["sync_check_steps"].default,
-        **defaults: Any,
     ) -> None:
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr must be a finite number >= 0, got {lr}")
@@ -127,7 +126,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._module = params if isinstance(params, nn.Module) else None
         if self._module is not None:
             require_exact_4bit_cpu_path(self._module)
-        super().__init__(_trainable_groups(params), dict(lr=lr, weight_decay=weight_decay, **defaults))
+        super().__init__(_trainable_groups(params), dict(lr=lr, weight_decay=weight_decay))
         self.points = Points(
             [g["params"] for g in self.param_groups], eps=eps, seed=seed, noise=noise, master_weights=master_weights
         )

@@ -59,7 +59,7 @@ def parse_memory(value: int | float | str | None) -> int | None:
         if value is not None and not value > 0:
             raise ValueError(f"max_memory must be > 0, got {value}")
         return None if value is None else int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT]?I?B?)\s*", value.upper())
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*((?:[KMGT]I?)?B|)\s*", value.upper())
     if not match or not float(match.group(1)) > 0:
         raise ValueError(f"max_memory {value!r}: give bytes or a size such as '12GB' or '11.5GiB'")
     return int(float(match.group(1)) * _UNITS[match.group(2)])
