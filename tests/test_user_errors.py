@@ -200,6 +200,10 @@ def test_eval_and_merge_of_an_adapter_trained_on_another_base(run_dir, tmp_path)
                    "use the recipe it was trained with")
     one_error_line(invoke("merge", "--adapter", run_dir, "--out", tmp_path / "merged", "--recipe", recipe),
                    "does not fit", "size mismatch")
+    one_error_line(invoke("merge", "--adapter", run_dir, "--out", tmp_path / "merged", "--recipe", tmp_path / "nope.yaml"),
+                   "--recipe:", "nope.yaml does not exist")
+    one_error_line(invoke("merge", "--adapter", run_dir, "--out", tmp_path / "merged", "--dtype", "int8"),
+                   "--dtype 'int8' is not one of bf16, fp16, fp32, bfloat16")
     assert not (tmp_path / "merged").exists()
 
 

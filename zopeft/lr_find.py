@@ -109,9 +109,9 @@ def _find(
         values = [float(closure(probe[i : i + size])()) for i in range(0, len(probe), size)]
         return sum(values) / len(values)
 
-    first = make_optimizer(recipe, model)
-    evals = len(first.evaluations())
-    check = first.check_eps(closure([train_records[i] for i in batch_indices(recipe, 0, 0, n)]))
+    checker = make_optimizer(recipe, model)
+    evals = len(checker.evaluations())
+    check = checker.check_eps(closure([train_records[i] for i in batch_indices(recipe, 0, 0, n)]))
     echo(("" if check.ok else "warning: ") + check.line())
     rates = grid(recipe.learning_rate, points, span)
     echo(f"lr-find: {len(rates)} learning rates x {steps} steps ({steps * evals} forward passes each, "
@@ -130,10 +130,10 @@ def _find(
             peak = max(peak, smoothed) if math.isfinite(smoothed) else math.inf
             bar.update(1)
         after = probe_value()
-        first = opt.step_log[0]["losses"][0] if opt.step_log else before
+        initial = opt.loss_at_theta(opt.step_log[0]["losses"]) if opt.step_log else before  # where `smoothed` began
         refused = sum(r.get("skipped", "").startswith("non-finite") for r in opt.step_log)
         diverged = (refused > 0 or not math.isfinite(after) or after > before + DIVERGED * abs(before)
-                    or peak > first + SPIKE * abs(first))
+                    or peak > initial + SPIKE * abs(initial))
         stalled = not diverged and opt.skipped_steps > steps / 2  # the loss stopped responding to perturbations
         rows.append({"lr": lr, "probe_before": before, "probe_after": after, "change": after - before,
                      "status": "diverged" if diverged else "stalled" if stalled else "ok",

@@ -30,7 +30,7 @@ def merge_adapter(
     unless ``overwrite``; a directory holding a run or an adapter is never replaced.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not one of bf16, fp16, fp32")
+        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"--adapter {adapter_dir}: no adapter_config.json there (pass a training output_dir or checkpoint-N)")
@@ -38,6 +38,8 @@ def merge_adapter(
     if problem:
         raise ValueError(f"--adapter: {problem}; pass a complete adapter (e.g. an earlier checkpoint-N)")
     recipe_file = Path(recipe_path) if recipe_path else adapter_dir / RECIPE_NAME
+    if recipe_path and not recipe_file.exists():
+        raise RecipeError([f"--recipe: {recipe_file} does not exist; pass the recipe the adapter was trained with"])
     if not recipe_file.exists():
         raise RecipeError([f"--recipe: no {RECIPE_NAME} beside the adapter; pass the training recipe with --recipe"])
     recipe = load_recipe(recipe_file, check_files=False)
