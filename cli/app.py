@@ -66,7 +66,7 @@ def _user_errors(debug: bool) -> Iterator[None]:
         for line in err.errors:
             typer.secho(f"error: {line}", fg="red", err=True)
         raise typer.Exit(2) from None
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, OSError) as err:  # FileNotFoundError is an OSError
         if debug:
             raise
         typer.secho(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", fg="red", err=True)
@@ -272,21 +272,26 @@ def list_recipes(ctx: typer.Context) -> None:
 
 
 @recipes_app.command("cp")
-def copy_recipe(name: str, dest: Path) -> None:
+def copy_recipe(name: str, dest: Path, overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace DEST's recipe of that name (your edits are lost)")] = False) -> None:
     """Copy the bundled recipe NAME to DEST (a file or a directory) to edit it."""
-    from zopeft.recipe import bundled_recipes_dir
+    from zopeft.recipe import RecipeError, bundled_recipes_dir
 
-    source = bundled_recipes_dir() / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if not source.exists():
-        import difflib
+    with _user_errors(False):
+        source = bundled_recipes_dir() / (name if name.endswith(".yaml") else f"{name}.yaml")
+        if not source.exists():
+            import difflib
 
-        names = [p.stem for p in bundled_recipes_dir().glob("*.yaml")]
-        hint = difflib.get_close_matches(name, names, n=1)
-        typer.secho(f"error: no bundled recipe {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                    + "; see `zopeft recipes`", fg="red", err=True)
-        raise typer.Exit(2)
-    target = dest / source.name if dest.is_dir() else dest
-    shutil.copyfile(source, target)
+            names = [p.stem for p in bundled_recipes_dir().glob("*.yaml")]
+            hint = difflib.get_close_matches(name, names, n=1)
+            raise RecipeError([f"no bundled recipe {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                               + "; see `zopeft recipes`"])
+        target = dest / source.name if dest.is_dir() else dest
+        if not target.parent.is_dir():
+            raise RecipeError([f"DEST: {target.parent} is not a directory; create it or copy into an existing one"])
+        if target.exists() and not overwrite:
+            raise RecipeError([f"DEST: {target} exists; pass --overwrite to replace it, or choose another path"])
+        shutil.copyfile(source, target)
     typer.echo(f"copied {source.name} -> {target}")
 
 

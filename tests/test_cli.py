@@ -274,6 +274,14 @@ def test_recipes_list_and_copy(tmp_path):
         bundled_recipes_dir() / "llama3_lora_fzoo.yaml").read_text()
     missing = invoke("recipes", "cp", "llama3_lora_fzo", tmp_path)
     assert missing.exit_code == 2 and "did you mean 'llama3_lora_fzoo'" in missing.output
+    copy = tmp_path / "llama3_lora_fzoo.yaml"
+    copy.write_text("# my edits\n")
+    kept = invoke("recipes", "cp", "llama3_lora_fzoo", tmp_path)  # never over a user's edits without --overwrite
+    assert kept.exit_code == 2 and "exists; pass --overwrite" in kept.output and copy.read_text() == "# my edits\n"
+    assert invoke("recipes", "cp", "llama3_lora_fzoo", tmp_path, "--overwrite").exit_code == 0
+    assert copy.read_text() == (bundled_recipes_dir() / "llama3_lora_fzoo.yaml").read_text()
+    nowhere = invoke("recipes", "cp", "llama3_lora_fzoo", tmp_path / "no" / "such.yaml")
+    assert nowhere.exit_code == 2 and "error: DEST:" in nowhere.output and "is not a directory" in nowhere.output
 
 
 def test_env_lists_versions():
