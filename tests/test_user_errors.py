@@ -263,6 +263,41 @@ def test_one_train_per_output_dir_and_a_dead_runs_lock_and_temporaries_are_taken
     (tmp_path / f".checkpoint-4.tmp-{pid}").mkdir()  # outside output_dir: not touched
     result = invoke("train", path)
     assert result.exit_code == 0, result.output
-    assert f"took over the lock of pid {pid}" in result.output and "removed what killed runs left" in result.output
+    assert f"took over the lock of pid {pid}" in result.output and "cleaned up what killed runs left unfinished: " in result.output
     assert sorted(p.name for p in out.glob(".*")) == [".notes.tmp-keep"]
     assert (tmp_path / f".checkpoint-4.tmp-{pid}").exists()
+
+
+def test_a_checkpoint_replaced_when_its_writer_was_killed_between_the_renames_is_put_in_place(tmp_path):
+    """atomic_directory moved checkpoint-4 aside (.old) and died before renaming its complete .tmp into place."""
+    from zopeft.checkpoint import remove_stale_temporaries
+
+    pid = dead_pid()
+    for name, text in ((f".checkpoint-4.old-{pid}", "previous"), (f".checkpoint-4.tmp-{pid}", "new"),
+                       ("checkpoint-6", "kept"), (f".checkpoint-6.tmp-{pid}", "half-written")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text(text)
+    done = remove_stale_temporaries(tmp_path)
+    assert done == [f".checkpoint-4.tmp-{pid} (complete: now checkpoint-4)", f".checkpoint-4.old-{pid}",
+                    f".checkpoint-6.tmp-{pid}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert (tmp_path / "checkpoint-4" / "state.json").read_text() == "new"
+    assert (tmp_path / "checkpoint-6" / "state.json").read_text() == "kept"
+
+
+def test_state_files_appear_whole_or_not_at_all(tmp_path, monkeypatch):
+    """save_state writes the tensors first, each file by rename: a crash while writing them leaves no NAME.json."""
+    import zopeft.checkpoint as checkpoint
+
+    def crash(tensors, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_state({"step": 3, "window": torch.ones(2)}, tmp_path, "zo_optimizer")
+    assert list(tmp_path.iterdir()) == []  # no state, and no temporary left
+    monkeypatch.undo()
+    checkpoint.save_state({"step": 3, "window": torch.ones(2)}, tmp_path, "zo_optimizer")
+    assert checkpoint.load_state(tmp_path, "zo_optimizer")["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zo_optimizer.json", "zo_optimizer.safetensors"]

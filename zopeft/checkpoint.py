@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 _TENSOR, _DICT = "__tensor__", "__dict__"
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)")
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
 
 
 @contextlib.contextmanager
@@ -92,15 +92,23 @@ def remove_stale_temporaries(directory: str | Path) -> list[str]:
     """Remove the ``.NAME.tmp-PID`` / ``.NAME.old-PID`` entries directly in ``directory`` whose process is gone.
 
     These are what a process killed in the middle of :func:`atomic_directory` or
-    :func:`write_text_atomic` leaves; nothing else is touched.  Returns the removed names.
+    :func:`write_text_atomic` leaves; nothing else is touched.  One killed between
+    :func:`atomic_directory`'s two renames (``NAME`` already moved aside to ``.NAME.old-PID``) left
+    a complete ``.NAME.tmp-PID``: that one is put in place as ``NAME``.  Returns what was done, a
+    name each.
     """
-    removed = []
-    for path in sorted(Path(directory).glob(".*")):
+    done = []
+    for path in sorted(Path(directory).glob(".*")):  # .NAME.old-PID sorts before .NAME.tmp-PID
         match = _TEMPORARY.fullmatch(path.name)
-        if match and int(match["pid"]) != os.getpid() and not _process_alive(int(match["pid"])):
-            _remove(path)
-            removed.append(path.name)
-    return removed
+        if not match or not path.exists() or int(match["pid"]) == os.getpid() or _process_alive(int(match["pid"])):
+            continue
+        final, new = path.with_name(match["name"]), path.with_name(f".{match['name']}.tmp-{match['pid']}")
+        if match["kind"] == "old" and new.exists() and not final.exists():
+            os.replace(new, final)
+            done.append(f"{new.name} (complete: now {final.name})")
+        _remove(path)
+        done.append(path.name)
+    return done
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file via a temporary file and rename."""
@@ -111,7 +119,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def save_state(state: Any, directory: str | Path, name: str) -> None:
-    """Write a nested structure of dicts, lists, scalars and tensors as NAME.json (+ NAME.safetensors)."""
+    """Write a nested structure of dicts, lists, scalars and tensors as NAME.json (+ NAME.safetensors).
+
+    Each file is written under a temporary name and renamed, the tensors first: a ``NAME.json`` in
+    a checkpoint (e.g. one the HF Trainer writes in place) means its tensors are there in full.
+    """
     tensors: dict[str, torch.Tensor] = {}
 
     def encode(x: Any, path: str) -> Any:
@@ -125,9 +137,16 @@ def save_state(state: Any, directory: str | Path, name: str) -> None:
         return x
 
     directory = Path(directory)
-    (directory / f"{name}.json").write_text(json.dumps(encode(state, name), indent=1))
-    if tensors:
-        save_file(tensors, str(directory / f"{name}.safetensors"))
+    text = json.dumps(encode(state, name), indent=1)
+    if tensors:  # first, and each file by rename: a NAME.json on disk means its tensors are complete
+        path = directory / f"{name}.safetensors"
+        try:
+            save_file(tensors, str(_temporary(path)))
+        except BaseException:
+            _temporary(path).unlink(missing_ok=True)
+            raise
+        os.replace(_temporary(path), path)
+    write_text_atomic(directory / f"{name}.json", text)
 
 
 def load_state(directory: str | Path, name: str) -> Any:

@@ -178,7 +178,7 @@ class RunDir:
             fd = _acquire(lock, echo)
             removed = remove_stale_temporaries(self.path)
             if removed:
-                echo(f"output_dir: removed what killed runs left unfinished: {', '.join(removed)}")
+                echo(f"output_dir: cleaned up what killed runs left unfinished: {', '.join(removed)}")
             yield
         finally:
             if fd is not None:
