@@ -10,11 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.figure import Figure  # no pyplot: the caller's backend and figure list are left alone
 
 __all__ = ["curves", "plot_log"]
 
@@ -30,7 +26,8 @@ def curves(records: list[dict]) -> Figure:
     """The figure of a training log's records: losses (left) and eval metrics (right)."""
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if any(k.startswith("eval_") for k in r)]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
     left.plot([_x(r) for r in train], [r["loss"] for r in train], color="tab:blue", alpha=0.35, lw=1, label="train (batch)")
     smooth = [r for r in train if r.get("loss_ema") is not None]
     left.plot([_x(r) for r in smooth], [r["loss_ema"] for r in smooth], color="tab:blue", lw=2, label="train (EMA)")
@@ -53,5 +50,4 @@ def plot_log(log_path: str | Path, png_path: str | Path) -> Path:
     """Write :func:`curves` of a ``trainer_log.jsonl`` to ``png_path``."""
     fig = curves([json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()])
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)
     return Path(png_path)

@@ -234,42 +234,42 @@ def _train(
             echo(("" if check.ok else "warning: ") + check.line())
             write(0, {"eps_check": check.to_dict()})
         show_bar = main and (sys.stderr.isatty() if progress is None else progress)
-        bar = tqdm(total=recipe.max_steps, initial=start, disable=not show_bar, unit="step", dynamic_ncols=True)
-        loop_began, eval_before_loop = time.perf_counter(), eval_seconds
-        last = start  # the last step done (the guard may stop the run early)
-        for step in range(start, recipe.max_steps):
-            batches = batches_of(step)
-            lr = opt.param_groups[0]["lr"] * opt.param_groups[0].get("lr_scale", 1.0)
-            logged = len(getattr(opt, "step_log", ()))
-            stats = _train_step(opt, model, batches, target)
-            forward_passes = stats.get("forward_passes", forward_passes + len(batches))
-            ema.update(stats["loss"])
-            sched.step()
-            done = last = step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", fwd=forward_passes)
-            going = judged(lambda g: g.observe_step(), done)
-            if main and (done % recipe.logging_steps == 0 or done == recipe.max_steps):
-                write(done, {"lr": lr, **{k: v for k, v in stats.items() if k not in ("step", "lr", "forward_passes")},
-                             "loss_ema": ema.value})
-                if not show_bar:
-                    smoothed = f" (ema {ema.value:.4f})" if ema.value is not None else ""
-                    echo(f"step {done}/{recipe.max_steps} loss={stats['loss']:.4f}{smoothed} fwd={forward_passes} lr={lr:.3g}")
-            if going and recipe.eval_steps and done % recipe.eval_steps == 0 and done != recipe.max_steps:
-                metrics = run_eval(done)
-                going = judged(lambda g: g.observe_metrics(metrics), done)
-            if step_log is not None:  # before the checkpoint: the step log never lags behind it
-                for record in opt.step_log[logged:]:  # the step's record, and the guard's rollbacks
-                    step_log.write(record)
-            if main and recipe.save_steps and done % recipe.save_steps == 0:
-                position = done * recipe.gradient_accumulation_steps * recipe.per_device_train_batch_size * shards
-                run.save_checkpoint(done, recipe, model, opt, sched, {
-                    "forward_passes": forward_passes, "epoch": position // n, "example_position": position % n,
-                    "world_size": world_size, "loss_ema": ema.value, "train_data": train_data,
-                }, guard)
-            if not going:
-                break
-        bar.close()
+        with tqdm(total=recipe.max_steps, initial=start, disable=not show_bar, unit="step", dynamic_ncols=True) as bar:
+            loop_began, eval_before_loop = time.perf_counter(), eval_seconds
+            last = start  # the last step done (the guard may stop the run early)
+            for step in range(start, recipe.max_steps):
+                batches = batches_of(step)
+                lr = opt.param_groups[0]["lr"] * opt.param_groups[0].get("lr_scale", 1.0)
+                logged = len(getattr(opt, "step_log", ()))
+                stats = _train_step(opt, model, batches, target)
+                forward_passes = stats.get("forward_passes", forward_passes + len(batches))
+                ema.update(stats["loss"])
+                sched.step()
+                done = last = step + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", fwd=forward_passes)
+                going = judged(lambda g: g.observe_step(), done)
+                if main and (done % recipe.logging_steps == 0 or done == recipe.max_steps):
+                    shown = {k: v for k, v in stats.items() if k not in ("step", "lr", "forward_passes")}
+                    write(done, {"lr": lr, **shown, "loss_ema": ema.value})
+                    if not show_bar:
+                        smoothed = f" (ema {ema.value:.4f})" if ema.value is not None else ""
+                        echo(f"step {done}/{recipe.max_steps} loss={stats['loss']:.4f}{smoothed} "
+                             f"fwd={forward_passes} lr={lr:.3g}")
+                if going and recipe.eval_steps and done % recipe.eval_steps == 0 and done != recipe.max_steps:
+                    metrics = run_eval(done)
+                    going = judged(lambda g: g.observe_metrics(metrics), done)
+                if step_log is not None:  # before the checkpoint: the step log never lags behind it
+                    for record in opt.step_log[logged:]:  # the step's record, and the guard's rollbacks
+                        step_log.write(record)
+                if main and recipe.save_steps and done % recipe.save_steps == 0:
+                    position = done * recipe.gradient_accumulation_steps * recipe.per_device_train_batch_size * shards
+                    run.save_checkpoint(done, recipe, model, opt, sched, {
+                        "forward_passes": forward_passes, "epoch": position // n, "example_position": position % n,
+                        "world_size": world_size, "loss_ema": ema.value, "train_data": train_data,
+                    }, guard)
+                if not going:
+                    break
         train_seconds = time.perf_counter() - loop_began - (eval_seconds - eval_before_loop)
         if isinstance(opt, ZOOptimizer):
             opt.check_replicas()

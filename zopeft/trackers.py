@@ -79,7 +79,13 @@ class Trackers:
     """
 
     def __init__(self, names: list[str], output_dir: Path, config: dict[str, Any], resumed_at: int = 0) -> None:
-        self.backends = [_BACKENDS[name](output_dir, config, resumed_at) for name in names]
+        self.backends: list[_Tracker] = []
+        try:
+            for name in names:
+                self.backends.append(_BACKENDS[name](output_dir, config, resumed_at))
+        except BaseException:  # e.g. wandb failing to start: the backends already started are closed
+            self.close()
+            raise
 
     def log(self, record: dict[str, Any]) -> None:
         metrics = scalars(record)
