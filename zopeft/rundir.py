@@ -97,7 +97,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
             return f"{path} is not valid JSON (truncated?)"
     weights = sorted(checkpoint.glob("*.safetensors"))
     if not any(w.name.startswith(("adapter_model", "model")) for w in weights):
-        return f"{checkpoint} holds no adapter_model.safetensors"
+        return f"{checkpoint} holds no weights (adapter_model.safetensors or model*.safetensors)"
     return next((p for p in map(check_safetensors, weights) if p), None)
 
 

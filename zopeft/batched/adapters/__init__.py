@@ -1,6 +1,6 @@
 """The adapter kinds the batched path replicates, one module each (PEFT's one room per tuner).
 
-Every module of this package is imported here; a kind registers itself with :func:`register`.
+Every module of this package is imported here; a kind registers itself with :func:`~.base.register`.
 Adding a kind is one new file: a subclass of :class:`~.base.AdapterKind` decorated with ``@register``.
 """
 
@@ -9,18 +9,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import AdapterKind
+from .base import KINDS, register
 
 __all__ = ["KINDS", "register"]
-
-KINDS: list[AdapterKind] = []
-
-
-def register(cls: type[AdapterKind]) -> type[AdapterKind]:
-    """Class decorator: add an instance of ``cls`` to :data:`KINDS`."""
-    KINDS.append(cls())
-    return cls
-
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name != "base":

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "AdapterKind", "ModelContext", "Patch", "Unsupported", "applied", "bind", "embedding_forward", "linear_forward",
-    "module_patch", "peft_linear_types", "plain_linear_or_embedding", "split_replicas",
+    "KINDS", "AdapterKind", "ModelContext", "Patch", "Unsupported", "applied", "bind", "embedding_forward",
+    "linear_forward", "module_patch", "peft_linear_types", "plain_linear_or_embedding", "register", "split_replicas",
 ]
 
 
@@ -68,7 +68,7 @@ class AdapterKind:
     """One kind of trainable tensor the batched path replicates (PEFT's one room per tuner).
 
     Subclasses say which modules they own (:meth:`claims`) and how a module computes R
-    replicas at once (:meth:`patches`); :func:`zopeft.batched.adapters.register` adds them.
+    replicas at once (:meth:`patches`); :func:`register` adds them.
     """
 
     name = "adapter"
@@ -85,6 +85,15 @@ class AdapterKind:
     ) -> list[Patch]:
         """The patches that make ``module`` compute R replicas with ``values`` (name -> ``[R, *shape]``)."""
         raise NotImplementedError
+
+
+KINDS: list[AdapterKind] = []  # filled as the package imports its modules
+
+
+def register(cls: type[AdapterKind]) -> type[AdapterKind]:
+    """Class decorator: add an instance of ``cls`` to :data:`KINDS`."""
+    KINDS.append(cls())
+    return cls
 
 
 def split_replicas(x: torch.Tensor, replicas: int, keep_last: bool = True) -> torch.Tensor:

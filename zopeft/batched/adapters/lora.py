@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import register
-from .base import AdapterKind, ModelContext, Patch, Unsupported, module_patch, peft_linear_types
+from .base import AdapterKind, ModelContext, Patch, Unsupported, module_patch, peft_linear_types, register
 
 
 @register

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import register
-from .base import AdapterKind, ModelContext, Patch, module_patch, plain_linear_or_embedding
+from .base import AdapterKind, ModelContext, Patch, module_patch, plain_linear_or_embedding, register
 
 
 @register

@@ -7,8 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import register
-from .base import AdapterKind, ModelContext, Patch, Unsupported
+from .base import AdapterKind, ModelContext, Patch, Unsupported, register
 
 
 @register
