@@ -126,6 +126,21 @@ def test_bf16_adapters_keep_an_fp32_master_so_small_updates_accumulate():
     assert "masters" in opt.state_dict()
 
 
+def test_weights_changed_outside_the_optimizer_need_sync_masters():
+    """The fp32 masters are the truth: an edit of a bf16 tensor is undone by the next step unless synced."""
+    kept = []
+    for sync in (False, True):
+        w = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+        opt = MeZO([w], lr=0.0, eps=1e-3)
+        with torch.no_grad():
+            w.fill_(1.0)  # e.g. loading other adapter weights into the model
+        if sync:
+            opt.sync_masters()
+        opt.step(lambda: (w.float() ** 2).sum())
+        kept.append(w.detach().tolist())
+    assert kept == [[0.0] * 4, [1.0] * 4]
+
+
 @pytest.mark.parametrize("name", ["mezo", "fzoo", "adamezo", "hizoo"])
 def test_same_seed_gives_bit_identical_weights(name):
     runs = []

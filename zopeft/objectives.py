@@ -105,6 +105,7 @@ class CandidateBatch:
     length_normalised: bool = False
 
     def to(self, device: torch.device | str) -> CandidateBatch:
+        """This batch with every tensor on ``device``."""
         move = {k: v.to(device) for k, v in self.inputs.items()}
         opt = {k: getattr(self, k) for k in ("candidate_tokens", "row_example", "row_candidate")}
         return CandidateBatch(move, self.gold.to(device), self.num_candidates,

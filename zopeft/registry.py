@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .optim.settings import BASE, BUILTIN, Setting
 
@@ -25,13 +26,22 @@ _BUILTIN = {
     "hizoo": "zopeft.optim.hizoo:HiZOO",
 }
 _REGISTRY: dict[str, type[ZOOptimizer]] = {}
+Z = TypeVar("Z", bound="ZOOptimizer")
 
 
-def register_optimizer(name: str, cls: type[ZOOptimizer] | None = None) -> Any:
+@overload
+def register_optimizer(name: str) -> Callable[[type[Z]], type[Z]]: ...
+
+
+@overload
+def register_optimizer(name: str, cls: type[Z]) -> type[Z]: ...
+
+
+def register_optimizer(name: str, cls: type[Z] | None = None) -> type[Z] | Callable[[type[Z]], type[Z]]:
     """Register ``cls`` under ``name`` (case-insensitive); usable as a decorator."""
     from .optim.base import ZOOptimizer
 
-    def add(klass: type[ZOOptimizer]) -> type[ZOOptimizer]:
+    def add(klass: type[Z]) -> type[Z]:
         if not (isinstance(klass, type) and issubclass(klass, ZOOptimizer)):
             raise TypeError(f"{klass!r} is not a ZOOptimizer subclass")
         _REGISTRY[name.lower()] = klass

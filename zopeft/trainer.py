@@ -73,6 +73,7 @@ class ZOTrainer(Trainer):
         self.add_callback(_GuardCallback(self))
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """The ZO optimizer (``zo_optimizer``: a name from the registry or an instance), not AdamW."""
         if self.optimizer is None:
             if isinstance(self.zo_optimizer, ZOOptimizer):
                 self.optimizer = self.zo_optimizer
@@ -87,6 +88,8 @@ class ZOTrainer(Trainer):
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
+        """The ZO estimate on one micro-batch (forward passes only; the update comes at ``optimizer.step()``);
+        returns its loss, scaled for gradient accumulation as HF's is."""
         inputs = self._prepare_inputs(inputs)
         closure = self._loss_closure(model, inputs)
         with self.compute_loss_context_manager():

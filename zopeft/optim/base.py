@@ -170,6 +170,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Hook run after an update was applied (AdaMeZO records its window here)."""
 
     def extra_state(self) -> dict[str, Any]:
+        """The method's own state for :meth:`state_dict` (tensors are saved as safetensors); none here."""
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -178,14 +179,17 @@ class ZOOptimizer(torch.optim.Optimizer):
     # ----- the point owner's settings, as torch.optim-style attributes -----------------------
     @property
     def eps(self) -> float:
+        """The perturbation scale ε."""
         return self.points.eps
 
     @property
     def seed(self) -> int:
+        """The run seed every step's noise is derived from."""
         return self.points.seed
 
     @property
     def noise(self) -> str:
+        """The noise distribution: ``rademacher`` or ``gaussian``."""
         return self.points.noise
 
     @property

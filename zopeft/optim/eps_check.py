@@ -97,6 +97,7 @@ class EpsCheck:
         return f"{head}: a run needs about {_cost(r)} the steps of exact arithmetic; {fix}"
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record (the ``eps_check`` entry of a training log or of lr-find's output)."""
         return {**asdict(self), "noise": {f"{e:g}": d for e, d in self.noise.items()},
                 "ok": self.ok, "suggested": self.suggested}
 

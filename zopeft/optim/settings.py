@@ -36,9 +36,11 @@ class Setting:
 
     @property
     def type(self) -> Any:
+        """The value's type: ``kind``, else the default's type."""
         return self.kind if self.kind is not None else type(self.default)
 
     def bounds(self) -> dict[str, float]:
+        """The numeric limits given (``ge``, ``gt``, ``le``, ``lt``)."""
         return {k: v for k in ("ge", "gt", "le", "lt") if (v := getattr(self, k)) is not None}
 
     def describe(self, name: str) -> str:
