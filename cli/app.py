@@ -160,7 +160,7 @@ def evaluate(
 def merge(
     adapter: Annotated[Path, typer.Option(help="adapter directory (a training output_dir or checkpoint)")],
     out: Annotated[Path, typer.Option(help="directory for the merged model")],
-    dtype: Annotated[str, typer.Option(help="bf16 | fp16 | fp32")] = "bf16",
+    dtype: Annotated[str, typer.Option(help="bf16 | fp16 | fp32 (or bfloat16 | float16 | float32)")] = "bf16",
     max_shard_size: Annotated[str, typer.Option(help="largest safetensors shard, e.g. 5GB")] = "5GB",
     recipe: Annotated[Optional[Path], typer.Option(help="recipe (default: recipe.yaml beside the adapter)")] = None,
     overwrite: Overwrite = False,
