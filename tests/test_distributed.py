@@ -105,6 +105,21 @@ def test_cli_under_torchrun_matches_single_process_and_resumes(tmp_path):
     assert refused.returncode != 0 and "written by 2 process(es)" in refused.stdout + refused.stderr
 
 
+def test_a_guard_watching_evaluations_rolls_back_every_rank(tmp_path):
+    """Only rank 0 evaluates; every rank's guard judges its metrics, so the replicas roll back together."""
+    keys = dict(max_steps=6, eval_steps=1, learning_rate=0.1, zo__batched=False, zo__sync_check_steps=1,
+                zo__guard={"watch": "eval", "patience": 1, "smoothing": 0.0, "margin": 0.0, "max_rollbacks": 10})
+    ends = {}
+    for run, nproc in (("single", 1), ("pair", 2)):
+        (tmp_path / run).mkdir()
+        recipe = write_recipe(tmp_path / run, output_dir=str(tmp_path / run / "out"), **keys)
+        torchrun(nproc, "--no-python", BIN / "zopeft", "train", recipe)  # a replica that differs is an error
+        log = [json.loads(x) for x in (tmp_path / run / "out" / "trainer_log.jsonl").read_text().splitlines()]
+        assert [r["rollback_to"] for r in log if r.get("guard") == "rollback"] == [1, 1]
+        ends[run] = adapter_tensors(tmp_path / run / "out")
+    assert all(torch.equal(ends["single"][k], ends["pair"][k]) for k in ends["single"])
+
+
 def test_data_parallel_ranks_read_disjoint_slices_of_one_stream(tmp_path):
     from zopeft.recipe import load_recipe
     from zopeft.components import batch_indices

@@ -143,12 +143,13 @@ def test_cli_guard_rolls_back_a_diverging_run_stops_it_and_replay_repeats_it(tmp
 
 
 def test_cli_rollbacks_judged_on_evaluations_reach_the_step_log(tmp_path, monkeypatch):
-    """watch: eval rolls back after an evaluation; zo_steps.jsonl holds the rollback, so replay rebuilds the run."""
+    """watch: eval judges the start too and rolls back after an evaluation; zo_steps.jsonl holds the rollbacks, so
+    replay rebuilds the run."""
     import json
 
     from test_cli import invoke, write_recipe
 
-    scores = iter([0.9, 0.5, 0.4])  # the evaluations after steps 2, 4 and 6: each one after the first is worse
+    scores = iter([0.9, 0.5, 0.4, 0.3])  # the evaluations at the start and after steps 2, 4, 6: each worse than the start
     monkeypatch.setattr(zopeft.Guard, "observe_metrics", lambda self, metrics, prefix="": self.observe_eval(next(scores)))
     recipe = write_recipe(tmp_path, max_steps=8, eval_steps=2, zo={
         "optimizer": "mezo", "guard": {"watch": "eval", "patience": 1, "smoothing": 0.0, "margin": 0.0, "max_rollbacks": 5}})
@@ -156,8 +157,21 @@ def test_cli_rollbacks_judged_on_evaluations_reach_the_step_log(tmp_path, monkey
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
     records = [json.loads(line) for line in (out / "zo_steps.jsonl").read_text().splitlines()]
-    assert [r["rollback_to"] for r in records if "rollback_to" in r] == [1, 1]  # back to the weights after step 2
+    assert [r["rollback_to"] for r in records if "rollback_to" in r] == [-1, -1, -1]  # back to the start, each time
     assert [r["step"] for r in records if "losses" in r] == list(range(8))
     replayed = invoke("replay", str(out), "--out", str(tmp_path / "replayed"))
     assert replayed.exit_code == 0, replayed.output
     assert "bit-identical to" in replayed.output
+
+
+def test_a_recipe_whose_guard_cannot_watch_its_evaluations_is_refused_or_noted():
+    from zopeft.recipe import RecipeError, load_recipe
+
+    base = ["model_name_or_path=m", "dataset=sst2", "zo.guard.watch=eval", "max_steps=80"]
+    with pytest.raises(RecipeError, match="zo.guard.watch: eval judges the evaluations every eval_steps, but eval_steps "
+                                          "is not set"):
+        load_recipe(None, base, check_files=False)
+    few = load_recipe(None, [*base, "eval_steps=40"], check_files=False)  # judged: the start and step 40
+    assert any("rolls back after 5 in a row above its best, and this run makes 2" in n for n in few.notes())
+    assert load_recipe(None, [*base, "eval_steps=10"], check_files=False).notes() == []  # 8 evaluations
+    assert load_recipe(None, [*base[:-1], "zo.guard=false"], check_files=False).notes() == []

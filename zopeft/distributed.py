@@ -25,14 +25,17 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["PARALLEL_MODES", "ReplicaDivergence", "ZOComm", "barrier", "distributed_session", "init_distributed"]
+__all__ = [
+    "PARALLEL_MODES", "ReplicaDivergence", "ZOComm", "barrier", "distributed_session", "from_rank0", "init_distributed",
+]
 
 PARALLEL_MODES = ("perturbation", "data")
+T = TypeVar("T")
 
 
 class ReplicaDivergence(RuntimeError):
@@ -71,6 +74,15 @@ def barrier() -> None:
     """Wait for every rank (a no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def from_rank0(value: T) -> T:
+    """Rank 0's ``value`` on every rank (e.g. what only rank 0 evaluated), after every rank got there."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @dataclass

@@ -353,6 +353,10 @@ class Recipe(_Strict):
         if self.val_size is not None and self.eval_dataset is not None:
             raise ValueError("val_size: holds records out of dataset for evaluation, but eval_dataset is given; "
                              "drop one of them")
+        guard = self.zo.guard
+        if self.is_zeroth_order and guard.enabled and guard.watch == "eval" and not self.eval_steps:
+            raise ValueError("zo.guard.watch: eval judges the evaluations every eval_steps, but eval_steps is not set "
+                             "(the run evaluates at its start and end only); set eval_steps, or zo.guard.watch: loss")
         if self.task not in (None, "classification") and self.label_word_scoring != "sum":
             raise ValueError(f"label_word_scoring: ranks the label words of task classification; {self.task} has none "
                              "(multiple_choice ranks its choices by their mean log-prob per token); drop it")
@@ -365,6 +369,14 @@ class Recipe(_Strict):
     def notes(self) -> list[str]:
         """One line per setting that is valid but probably not what was meant."""
         notes = self.zo.notes()
+        guard = self.zo.guard
+        if self.is_zeroth_order and guard.enabled and guard.watch == "eval" and self.eval_steps:
+            judged = 1 + (self.max_steps - 1) // self.eval_steps  # the start and every eval_steps before the end
+            if judged <= guard.patience:
+                notes.append(f"zo.guard: watching the evaluations, it rolls back after {guard.patience} in a row above "
+                             f"its best, and this run makes {judged} before its end (eval_steps {self.eval_steps}, "
+                             f"max_steps {self.max_steps}): it can act only on a non-finite step; lower "
+                             "zo.guard.patience or eval_steps")
         if self.template is not None and re.search(r"\\[nt]", self.template):
             notes.append("template: holds a backslash + n or t as two characters, not a newline or tab; in YAML "
                          'write the template in double quotes ("Q: {q}\\nA:"); on the command line \\n is a newline')

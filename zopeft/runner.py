@@ -32,7 +32,7 @@ from .components import (
     adapter_spec, batch_indices, eval_data, forward_equivalents, make_optimizer, model_spec, objective, torch_threads,
     training_batch, training_data, zo_closure,
 )
-from .distributed import barrier, distributed_session
+from .distributed import barrier, distributed_session, from_rank0
 from .guard import Guard, rollback_line
 from .metrics import EMA, collapse_warning, predicted_counts
 from .models import load_adapter_model, load_model, trainable_summary
@@ -187,7 +187,7 @@ def _train(
         trackers.log(record)
 
     def run_eval(step: int) -> dict[str, Any]:
-        """Rank 0 evaluates while the other ranks wait."""
+        """Rank 0 evaluates while the other ranks wait; every rank gets the metrics (the guard judges them)."""
         nonlocal eval_seconds
         metrics: dict[str, Any] = {}
         if main and evaluated is not None:
@@ -201,8 +201,7 @@ def _train(
             warning = collapse_warning(metrics)
             if warning:
                 echo(f"warning: {warning}")
-        barrier()
-        return metrics
+        return from_rank0(metrics)
 
     def judged(observe: Callable[[Guard], None], step: int) -> bool:
         """Let the guard judge; log its rollbacks; False once it stops the run (the best weights in place)."""
@@ -229,6 +228,7 @@ def _train(
     # ----- train ---------------------------------------------------------------------------------
     try:
         eval_before = run_eval(0) if start == 0 else {}
+        judged(lambda g: g.observe_metrics(eval_before), 0)  # watch: eval: the start is a state to roll back to
         if main and start == 0 and isinstance(opt, ZOOptimizer) and _checks_eps(recipe):
             check = opt.check_eps(zo_closure(model, batches_of(0)[0], target))
             echo(("" if check.ok else "warning: ") + check.line())
