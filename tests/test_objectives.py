@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import zopeft
 from zopeft.data import load_records
 from zopeft.objectives import accuracy_error, clipped_margin, resolve_objective
+from zopeft.optim.evaluation_log import evaluation_path
 from zopeft.tasks import build_task
 
 TEMPLATE = "Review: {sentence}\nSentiment:"
@@ -101,6 +102,7 @@ def test_batched_objective_equals_sequential(case):
                 p.copy_(s)
         opt = zopeft.FZOO(model, lr=1e-3, eps=5e-2, n_perturbations=4, seed=1, batched=batched)
         opt.step(zopeft.metric_closure(model, batch, "margin"))
+        assert evaluation_path(opt) == ("batched" if batched else None)  # no silent fallback to sequential
         losses[batched] = opt.step_log[-1]["losses"]
     assert len(set(losses[False])) > 1
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-6)

@@ -6,10 +6,10 @@ import logging
 import weakref
 from typing import Any
 
-__all__ = ["report_path"]
+__all__ = ["evaluation_path", "report_path"]
 
 logger = logging.getLogger("zopeft")
-_last: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_last: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()  # (path, message)
 
 
 def report_path(optimizer: Any, path: str, detail: str, *, slower: bool = False) -> None:
@@ -20,9 +20,15 @@ def report_path(optimizer: Any, path: str, detail: str, *, slower: bool = False)
     """
     message = f"{type(optimizer).__name__}: {path} evaluation ({detail})"
     try:
-        changed = _last.get(optimizer) != message
-        _last[optimizer] = message
+        changed = _last.get(optimizer, ("", ""))[1] != message
+        _last[optimizer] = (path, message)
     except TypeError:  # not weak-referenceable
         changed = True
     level = (logging.WARNING if slower else logging.INFO) if changed else logging.DEBUG
     logger.log(level, message)
+
+
+def evaluation_path(optimizer: Any) -> str | None:
+    """How ``optimizer`` last evaluated its points with batching asked for: ``"batched"`` or ``"sequential"``
+    (a fallback, logged as a WARNING); None before that, or without batching."""
+    return _last[optimizer][0] if optimizer in _last else None
