@@ -116,13 +116,17 @@ def test_peers(tmp_path: Path) -> None:
     assert row["exact"] == "yes"  # fp32 master copies: an lr = 0 step leaves every tensor bit-identical
 
 
-@pytest.mark.parametrize("impl", ["zopeft-inplace", "mezo-pypi"])
+@pytest.mark.parametrize("impl", ["zopeft-inplace", "mezo-pypi", "zopeft"])
 def test_peer_implementations(impl: str) -> None:  # in this process
     if impl == "mezo-pypi" and not bench_peers.mezo_installed():
         pytest.skip("the mezo package is not installed")
     row = bench_peers.child(_tiny_config(impl=impl, adapter="full"))
     assert row["step_s"] > 0 and row["tensors"] == 21 and row["trainable"] > 0
-    assert row["exact"] == ("yes" if row["tensors_changed"] == 0 else f"no ({row['tensors_changed']}/21)")
+    # an lr = 0 step: perturbing fp32 weights in place and back leaves rounding in most tensors; masters leave none
+    if impl == "zopeft":
+        assert row["tensors_changed"] == 0 and row["exact"] == "yes"
+    else:
+        assert row["tensors_changed"] >= 10 and row["exact"] == f"no ({row['tensors_changed']}/21)"
 
 
 def test_mezo_package_noise_check() -> None:

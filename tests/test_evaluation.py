@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -67,10 +68,20 @@ def test_validate_checks_field_names_against_the_first_record(user_csv, tmp_path
     one_error_line(invoke("validate", user_csv, "num_labels=2"), "num_labels: 2, but label_words name 6 labels")
 
 
-def test_train_and_eval_on_a_users_csv_hold_out_and_report_per_class(user_csv, tmp_path):
+def test_train_and_eval_on_a_users_csv_hold_out_and_report_per_class(user_csv, tmp_path, monkeypatch):
+    from zopeft.tasks import ClassificationTask
+
+    evaluate = ClassificationTask.evaluate
+
+    def slow(self, *args, **kwargs):  # each evaluation takes a second more: the time line must say where it went
+        time.sleep(1.0)
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClassificationTask, "evaluate", slow)
     threads = torch.get_num_threads()
     result = invoke("train", user_csv, "zo.optimizer=adamw", "learning_rate=1e-3",
                     "--threads", "1")
+    monkeypatch.undo()
     assert result.exit_code == 0, result.output
     out = result.output
     assert "note: val_size: mine.csv has no dev split" in out and "| torch threads: 1\n" in out
@@ -79,7 +90,7 @@ def test_train_and_eval_on_a_users_csv_hold_out_and_report_per_class(user_csv, t
     assert "done: 2 steps, 2 forward + 2 backward passes = 6 forward-pass equivalents (a backward ≈ 2 forwards)" in out
     wall, training, evaluation, rest = map(float, re.search(
         r"time: ([\d.]+)s wall = ([\d.]+)s training \+ ([\d.]+)s evaluation \+ ([\d.]+)s loading", out).groups())
-    assert training > 0 and evaluation > 0 and rest > 0 and wall == pytest.approx(training + evaluation + rest, abs=0.2)
+    assert evaluation >= 2.0 and 0 < training < 1.0 and rest > 0  # two evaluations (start, end), not in training
 
     log = [json.loads(line) for line in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]
     steps, evals = [r for r in log if "loss" in r], [r for r in log if "eval_accuracy" in r]

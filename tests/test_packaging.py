@@ -80,3 +80,5 @@ def test_library_noise_is_hidden_unless_debug(tmp_path):
     for noise in ("kernels-community", "FutureWarning", "Loading weights"):
         assert noise not in done.stderr, done.stderr
     assert "\naccuracy " in done.stdout
+    loud = run_python(CLI, "eval", str(path), "--output", str(tmp_path / "m.json"), "--debug")
+    assert loud.returncode == 0 and "Loading weights" in loud.stderr  # what the quieting hides is really there

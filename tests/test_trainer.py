@@ -24,7 +24,7 @@ class Rows(torch.utils.data.Dataset):
 
 
 def test_zo_trainer_trains_logs_schedules_and_checkpoints(tmp_path):
-    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear"))
+    model = lora_model()
     data = Rows(fixed_batch("llama", batch=8))
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=4, gradient_accumulation_steps=2,
@@ -82,9 +82,18 @@ def test_zo_trainer_checkpoints_without_pickle_resume_bit_identically_and_log_no
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_zo_trainer_trains_a_classifier_on_an_objective(tmp_path):
+def test_zo_trainer_trains_a_classifier_on_an_objective(tmp_path, monkeypatch):
     from peft import TaskType
 
+    from zopeft.objectives import OBJECTIVES, clipped_margin
+
+    seen = []  # every value the named objective returned: the step's losses are these, not the model's loss
+
+    def spy(scores, gold):
+        seen.append(clipped_margin(scores, gold))
+        return seen[-1]
+
+    monkeypatch.setitem(OBJECTIVES, "margin", spy)
     torch.manual_seed(0)
     model = get_peft_model(tiny_model("bert"), LoraConfig(r=4, target_modules=["query", "value"],
                                                           task_type=TaskType.SEQ_CLS))
@@ -92,7 +101,8 @@ def test_zo_trainer_trains_a_classifier_on_an_objective(tmp_path):
     trainer = trainer_for(tmp_path, model, data, zo_objective="margin")
     trainer.train()
     opt = trainer.zo_optimizer
-    assert opt.step_index == 12 and all(-1 <= r["losses"][0] <= 1 for r in opt.step_log)  # margins, not losses
+    assert opt.step_index == 12 and len(seen) == 12 * 4  # N + 1 = 4 points a step
+    assert [x for r in opt.step_log for x in r["losses"]] == seen
 
 
 def test_zo_trainer_checks_eps_first_on_a_bfloat16_model(tmp_path, caplog):
