@@ -66,7 +66,7 @@ def _user_errors(debug: bool) -> Iterator[None]:
         for line in err.errors:
             typer.secho(f"error: {line}", fg="red", err=True)
         raise typer.Exit(2) from None
-    except (ValueError, OSError) as err:  # FileNotFoundError is an OSError
+    except (ValueError, OSError, ImportError) as err:  # OSError: FileNotFoundError; ImportError: an optional package
         if debug:
             raise
         typer.secho(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", fg="red", err=True)

@@ -258,7 +258,8 @@ def test_format_table_marks_missing_values() -> None:
     ]
 
 
-def test_suite_runs_the_chosen_benchmarks_and_reports_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_suite_runs_the_chosen_benchmarks_and_reports_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
     calls = []
 
     def fake_main(name: str):
@@ -277,5 +278,6 @@ def test_suite_runs_the_chosen_benchmarks_and_reports_failures(tmp_path: Path, m
     summary = json.loads((tmp_path / "suite_cpu_quick.json").read_text())
     assert summary["benchmarks"]["memory"]["error"] == "RuntimeError: boom"
     assert summary["benchmarks"]["anatomy"]["json"].endswith("anatomy.json")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         suite.main(_args(tmp_path, "--only", "nonsense"))
+    assert refused.value.code == 2 and "--only: unknown benchmark(s) nonsense; choose from" in capsys.readouterr().err

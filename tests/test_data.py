@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,18 @@ def test_datasets_directory(tmp_path: Path) -> None:
     assert load_records(tmp_path / "dd", "dev") == ROWS[:1]
     with pytest.raises(ValueError, match="did you mean 'dev'"):
         load_records(tmp_path / "dd", "deb")
+
+
+def test_a_directory_without_the_datasets_package_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed (an import of it raises ImportError)
+    (tmp_path / "dd").mkdir()
+    with pytest.raises(ImportError, match=r"dd is a directory: reading it needs the `datasets` package \(pip install"):
+        load_records(tmp_path / "dd")
+    from test_cli import invoke, write_recipe  # the CLI: one error line, no traceback
+
+    result = invoke("validate", write_recipe(tmp_path, dataset=str(tmp_path / "dd"), task="classification"))
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        f"error: {tmp_path / 'dd'} is a directory: reading it needs the `datasets` package (pip install datasets)"]
 
 
 # ----- errors --------------------------------------------------------------------------------

@@ -134,7 +134,14 @@ def test_data_parallel_ranks_read_disjoint_slices_of_one_stream(tmp_path):
 
 
 def test_cli_data_parallel_mezo_doubles_the_batch(tmp_path):
+    """Two ranks on disjoint slices = one process accumulating the same two micro-batches a step."""
     recipe = write_recipe(tmp_path, max_steps=2, zo__optimizer="mezo", zo__parallel="data")
     torchrun(2, "--no-python", BIN / "zopeft", "train", recipe)
     log = [json.loads(x) for x in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]
     assert [r["forward_passes"] for r in log if "loss" in r] == [4, 8]  # 2 ranks x 2 points per step
+    (tmp_path / "single").mkdir()
+    single = write_recipe(tmp_path / "single", max_steps=2, zo__optimizer="mezo", zo__parallel="data",
+                          gradient_accumulation_steps=2, output_dir=str(tmp_path / "single" / "out"))
+    torchrun(1, "--no-python", BIN / "zopeft", "train", single)
+    pair, one = adapter_tensors(tmp_path / "out"), adapter_tensors(tmp_path / "single" / "out")
+    assert all(torch.equal(pair[k], one[k]) for k in one)

@@ -112,6 +112,24 @@ def test_watching_evaluations_rolls_back_to_the_best_evaluated_weights():
     assert event["rollback_to"] == 1 and torch.equal(w.detach(), snapshots[1])
 
 
+def test_evaluation_metrics_are_judged_by_accuracy_else_by_loss():
+    """observe_metrics: the accuracy (higher is better; the HF Trainer's eval_ prefix), else the loss (lower is)."""
+    w = torch.nn.Parameter(torch.zeros(6))
+    guard = zopeft.Guard(zopeft.MeZO([w], lr=0.02), watch="eval", smoothing=0.0)
+    guard.observe_metrics({"eval_accuracy": 0.7, "eval_loss": 9.0}, prefix="eval_")
+    assert guard.best == -0.7
+    guard.observe_metrics({"loss": 0.4})  # no accuracy: the loss
+    assert guard.best == -0.7  # a value of 0.4 is worse than -0.7
+    guard.observe_metrics({"accuracy": 0.8})
+    assert guard.best == pytest.approx(-0.8)
+    fresh = zopeft.Guard(zopeft.MeZO([w], lr=0.02), watch="eval", smoothing=0.0)
+    fresh.observe_metrics({"perplexity": 3.0, "loss": 1.1})
+    assert fresh.best == 1.1
+    watching_loss = zopeft.Guard(zopeft.MeZO([w], lr=0.02))
+    watching_loss.observe_metrics({"accuracy": 0.1})
+    assert watching_loss.best == float("inf")  # watch="loss": evaluations are ignored
+
+
 def test_guard_settings_are_validated():
     opt = zopeft.MeZO([torch.nn.Parameter(torch.zeros(2))])
     with pytest.raises(ValueError, match="backoff"):
