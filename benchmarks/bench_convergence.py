@@ -143,9 +143,7 @@ class _ZOTrainer:
 
         self.model = model
         self.opt = zopeft.get_optimizer(name, model, lr=lr, seed=seed, batched=True, **OPTIMIZERS[name].kwargs)
-        # watching evaluations: one bad evaluation is a spike (they are few and already averages)
-        settings = {"watch": "eval", "smoothing": 0.0, "patience": 1, "margin": 0.05} if watch == "eval" else {}
-        self.guard = zopeft.Guard(self.opt, **settings) if guard else None
+        self.guard = zopeft.Guard(self.opt, watch=watch) if guard else None  # each watch with its own defaults
         self.stopped: str | None = None  # the guard's reason to stop
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:

@@ -112,6 +112,19 @@ def test_watching_evaluations_rolls_back_to_the_best_evaluated_weights():
     assert event["rollback_to"] == 1 and torch.equal(w.detach(), snapshots[1])
 
 
+def test_watching_evaluations_has_its_own_defaults():
+    """One evaluation 5% below the best is acted on; the loss defaults (50% for 5 steps) would never see a collapse."""
+    w = torch.nn.Parameter(torch.zeros(6))
+    guard = zopeft.Guard(zopeft.MeZO([w], lr=0.02), watch="eval")
+    assert (guard.smoothing, guard.margin, guard.patience) == (0.0, 0.05, 1)
+    guard.observe_eval(0.80)
+    guard.observe_eval(0.77)  # within 5%: kept
+    assert guard.rollbacks == 0
+    guard.observe_eval(0.50)  # predictions collapsed to chance
+    assert guard.rollbacks == 1
+    assert zopeft.Guard(zopeft.MeZO([w], lr=0.02), watch="eval", patience=3).patience == 3
+
+
 def test_evaluation_metrics_are_judged_by_accuracy_else_by_loss():
     """observe_metrics: the accuracy (higher is better; the HF Trainer's eval_ prefix), else the loss (lower is)."""
     w = torch.nn.Parameter(torch.zeros(6))
@@ -189,7 +202,13 @@ def test_a_recipe_whose_guard_cannot_watch_its_evaluations_is_refused_or_noted()
     with pytest.raises(RecipeError, match="zo.guard.watch: eval judges the evaluations every eval_steps, but eval_steps "
                                           "is not set"):
         load_recipe(None, base, check_files=False)
-    few = load_recipe(None, [*base, "eval_steps=40"], check_files=False)  # judged: the start and step 40
-    assert any("rolls back after 5 in a row above its best, and this run makes 2" in n for n in few.notes())
-    assert load_recipe(None, [*base, "eval_steps=10"], check_files=False).notes() == []  # 8 evaluations
+    few = load_recipe(None, [*base, "eval_steps=40", "zo.guard.patience=2"], check_files=False)  # the start, step 40
+    assert any("rolls back after 2 in a row above its best, and this run makes 2" in n for n in few.notes())
+    assert load_recipe(None, [*base, "eval_steps=10", "zo.guard.patience=2"], check_files=False).notes() == []
+    watching = load_recipe(None, [*base, "eval_steps=40"], check_files=False)  # the evaluations' own defaults
+    assert (watching.zo.guard.smoothing, watching.zo.guard.margin, watching.zo.guard.patience) == (0.0, 0.05, 1)
+    assert watching.notes() == []
+    kept = load_recipe(None, [*base, "eval_steps=40", "zo.guard.smoothing=0.5"], check_files=False).zo.guard
+    assert (kept.smoothing, kept.patience) == (0.5, 1)  # what the recipe sets wins
+    assert load_recipe(None, base[:2], check_files=False).zo.guard.patience == 5  # watching the loss
     assert load_recipe(None, [*base[:-1], "zo.guard=false"], check_files=False).notes() == []

@@ -38,6 +38,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from .optim.base import ZOOptimizer
+from .optim.settings import GUARD_DEFAULTS
 
 __all__ = ["Guard", "GuardStop", "rollback_line"]
 
@@ -63,6 +64,8 @@ class Guard:
         margin: a spike is the average above ``best + margin·|best|`` ...
         tolerance: ... or above ``best + tolerance``, whichever is larger (for values near 0).
         patience: ... for this many consecutive observations.
+            ``smoothing``, ``margin``, ``patience``: None takes the default of what is watched
+            (:data:`~zopeft.optim.settings.GUARD_DEFAULTS`; loss: 0.9, 0.5, 5; eval: 0, 0.05, 1).
         backoff: factor on every group's learning rate at each rollback.
         max_rollbacks: rollbacks in a row without a new best before :class:`GuardStop`.
         watch: ``"loss"`` (every step's loss) or ``"eval"`` (:meth:`observe_eval` values).
@@ -71,16 +74,20 @@ class Guard:
     """
 
     def __init__(
-        self, optimizer: ZOOptimizer, *, smoothing: float = 0.9, margin: float = 0.5, tolerance: float = 0.0,
-        patience: int = 5, backoff: float = 0.5, max_rollbacks: int = 3, watch: str = "loss",
-        max_copy_bytes: int = 1 << 30,
+        self, optimizer: ZOOptimizer, *, smoothing: float | None = None, margin: float | None = None,
+        tolerance: float = 0.0, patience: int | None = None, backoff: float = 0.5, max_rollbacks: int = 3,
+        watch: str = "loss", max_copy_bytes: int = 1 << 30,
     ) -> None:
+        if watch not in GUARD_DEFAULTS:
+            raise ValueError(f"watch must be 'loss' or 'eval', got {watch!r}")
+        defaults = GUARD_DEFAULTS[watch]
+        smoothing = defaults["smoothing"] if smoothing is None else smoothing
+        margin = defaults["margin"] if margin is None else margin
+        patience = defaults["patience"] if patience is None else patience
         if not 0 <= smoothing < 1:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
         if not (margin >= 0 and tolerance >= 0 and patience >= 1 and 0 < backoff < 1 and max_rollbacks >= 1):
             raise ValueError("margin and tolerance must be >= 0, patience and max_rollbacks >= 1, backoff in (0, 1)")
-        if watch not in ("loss", "eval"):
-            raise ValueError(f"watch must be 'loss' or 'eval', got {watch!r}")
         self.optimizer = optimizer
         self.smoothing, self.margin, self.tolerance, self.patience = smoothing, margin, tolerance, patience
         self.backoff, self.max_rollbacks, self.watch = backoff, max_rollbacks, watch

@@ -21,6 +21,7 @@ from pydantic import (
     field_validator, model_validator,
 )
 
+from .optim.settings import GUARD_DEFAULTS
 from .registry import available_optimizers
 
 __all__ = [
@@ -61,13 +62,19 @@ class _Strict(BaseModel):
 
 
 class GuardSettings(_Strict):
-    """``zo.guard``: the loss-spike guard (:class:`zopeft.Guard`); ``zo.guard: false`` turns it off."""
+    """``zo.guard``: the loss-spike guard (:class:`zopeft.Guard`); ``zo.guard: false`` turns it off.
+
+    ``smoothing``, ``margin`` and ``patience`` default to those of what is watched (GUARD_DEFAULTS).
+    """
 
     enabled: bool = True
-    smoothing: float = Field(0.9, ge=0, lt=1, description="β of the moving average of the step losses")
-    margin: float = Field(0.5, ge=0, le=100, description="a spike: the average above best + margin·|best| ...")
+    smoothing: float = Field(0.9, ge=0, lt=1, description="β of the moving average of the watched values "
+                             "(default: loss 0.9, eval 0)")
+    margin: float = Field(0.5, ge=0, le=100, description="a spike: the average above best + margin·|best| ... "
+                          "(default: loss 0.5, eval 0.05)")
     tolerance: float = Field(0.0, ge=0, le=1e6, description="... or above best + tolerance, whichever is larger")
-    patience: int = Field(5, ge=1, le=10**6, description="... for this many consecutive steps")
+    patience: int = Field(5, ge=1, le=10**6, description="... for this many consecutive observations "
+                          "(default: loss 5 steps, eval 1 evaluation)")
     backoff: float = Field(0.5, gt=0, lt=1, description="factor on the learning rate at each rollback")
     max_rollbacks: int = Field(3, ge=1, le=1000, description="rollbacks without a new best before the run stops")
     watch: Literal["loss", "eval"] = Field("loss", description="judge the step losses or the evaluations (eval_steps)")
@@ -77,7 +84,10 @@ class GuardSettings(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _switch(cls, value: Any) -> Any:
-        return {"enabled": value} if isinstance(value, bool) else value
+        value = {"enabled": value} if isinstance(value, bool) else value
+        if isinstance(value, dict):  # the defaults of what is watched, under what the recipe sets
+            value = {**GUARD_DEFAULTS.get(value.get("watch", "loss"), {}), **value}
+        return value
 
     def kwargs(self) -> dict[str, Any]:
         """:class:`zopeft.Guard` keyword arguments."""

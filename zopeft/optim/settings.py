@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ADAMEZO", "BASE", "BUILTIN", "FZOO", "HIZOO", "MEZO", "Setting", "parse_memory"]
+__all__ = ["ADAMEZO", "BASE", "BUILTIN", "FZOO", "GUARD_DEFAULTS", "HIZOO", "MEZO", "Setting", "parse_memory"]
 
 
 @dataclass(frozen=True)
@@ -98,4 +98,12 @@ HIZOO = {
     "noise": Setting("gaussian", "perturbation noise (the diagonal estimate needs Gaussian z)", choices=("gaussian",)),
 }
 BUILTIN = {"mezo": MEZO, "fzoo": FZOO, "adamezo": {**MEZO, **ADAMEZO}, "hizoo": HIZOO}
+
+# zopeft.Guard's defaults for what it watches.  Step losses are many and noisy: smooth them, and act
+# on a 50% rise that lasts 5 steps.  Evaluations are few and already averages: one that falls 5%
+# below the best is acted on (the settings of the race's guarded runs, README "Performance").
+GUARD_DEFAULTS = {
+    "loss": {"smoothing": 0.9, "margin": 0.5, "patience": 5},
+    "eval": {"smoothing": 0.0, "margin": 0.05, "patience": 1},
+}
 """The declared settings of each built-in optimizer, on top of :data:`BASE`."""
