@@ -33,7 +33,8 @@ Quick mode is a smoke test: one seed, one lr per optimizer (no tuning), 36 forwa
 equivalents, 64 report examples - it checks the machinery end to end and says nothing reliable
 about which optimizer converges faster.  Full mode: sst2-2shot and RTE, a 4-point lr grid per
 optimizer, 3 seeds, 720 forward-pass equivalents; hours on 2 CPU cores (``--resume`` reuses the
-runs already recorded in ``convergence_<device>.runs.jsonl``).  To use both cores, run disjoint
+runs already recorded in ``convergence_<device>.runs.jsonl`` and continues an interrupted one from
+its last evaluation, kept in ``convergence_<device>.runs.jsonl.partial/``).  To use both cores, run disjoint
 ``--optimizers`` subsets with ``--threads 1`` and separate ``--out-dir``s, concatenate their
 ``.runs.jsonl`` files into ``benchmarks/results/``, and rerun with every optimizer and ``--resume``
 to get the table and plot.
@@ -46,7 +47,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -155,6 +158,17 @@ class _ZOTrainer:
         except GuardStop as stop:
             self.stopped = str(stop)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"opt": self.opt.state_dict(), "guard": self.guard.state_dict() if self.guard else None,
+                "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (the model's trainable tensors already restored)."""
+        self.opt.load_state_dict(state["opt"])
+        if self.guard is not None:
+            self.guard.load_state_dict(state["guard"])
+        self.stopped = state["stopped"]
+
     def observe_eval(self, accuracy: float) -> None:
         """Let a guard watching evaluations judge one (it may roll back, or stop the run)."""
         from zopeft.guard import GuardStop
@@ -180,6 +194,13 @@ class _AdamWTrainer:
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         common.adamw_step(self.model, self.opt, batch)
         self.steps += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"opt": self.opt.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.steps = state["steps"]
 
     @property
     def forward_equivalents(self) -> int:
@@ -234,9 +255,15 @@ class Race:
         batch = task.collate([train[i] for i in indices], self.tokenizer)
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def run(self, spec: RunSpec, start: dict[str, float] | None) -> dict[str, Any]:
+    def run(self, spec: RunSpec, start: dict[str, float] | None, partial: Path | None = None) -> dict[str, Any]:
         """Train until the budget is spent, evaluating every ``eval_every`` forward-pass equivalents
-        (and at the end); ``start``: the shared step-0 evaluation, prepended to the curve."""
+        (and at the end); ``start``: the shared step-0 evaluation, prepended to the curve.
+
+        ``partial``: where the run keeps its state after each evaluation; a run interrupted (a
+        session's end) continues from there, bit for bit, when started again.
+        """
+        from zopeft.checkpoint import load_state, save_state
+
         model = self.fresh_model(spec.seed)
         trainer = (_AdamWTrainer(model, spec.lr) if spec.optimizer == "adamw"
                    else _ZOTrainer(spec.optimizer, model, spec.lr, spec.seed, spec.guard, spec.guard_watch))
@@ -244,6 +271,15 @@ class Race:
         task, train = self.task(spec.task), self.records(spec.task, "train")
         curve = [_point(0, 0, 0.0, start)] if start else []
         steps, seconds, next_eval = 0, 0.0, spec.eval_every
+        if partial is not None and (partial / "run.json").exists():
+            state = load_state(partial, "run")
+            with torch.no_grad():
+                for tensor, saved in zip(common.trainable(model), state["weights"]):
+                    tensor.copy_(saved)
+            trainer.load_state_dict(state["trainer"])
+            torch.set_rng_state(state["rng"])
+            steps, seconds, next_eval, curve = state["steps"], state["seconds"], state["next_eval"], state["curve"]
+            print(f"  continuing {spec.optimizer} lr={spec.lr:g} seed={spec.seed} after {steps} steps", flush=True)
         while trainer.forward_equivalents < spec.budget:
             batch = self.batch(task, train, spec.seed, steps, spec.batch_size)
             seconds += common.timed(lambda: trainer.step(batch), self.device)
@@ -258,6 +294,11 @@ class Race:
                     curve.append(_point(steps, trainer.forward_equivalents, seconds, metrics))
                 while next_eval <= trainer.forward_equivalents:
                     next_eval += spec.eval_every
+                if partial is not None and not done:
+                    partial.mkdir(parents=True, exist_ok=True)
+                    save_state({"weights": [t.detach() for t in common.trainable(model)],
+                                "trainer": trainer.state_dict(), "rng": torch.get_rng_state(), "steps": steps,
+                                "seconds": seconds, "next_eval": next_eval, "curve": curve}, partial, "run")
         return {
             **asdict(spec),
             "steps": steps,
@@ -290,6 +331,7 @@ class RunLog:
 
     def __init__(self, path: Path, resume: bool) -> None:
         self.path = path
+        self.partials = path.with_name(f"{path.name}.partial")  # runs in progress (see Race.run)
         self.done: dict[str, dict[str, Any]] = {}
         if resume and path.exists():
             for line in path.read_text().splitlines():
@@ -298,6 +340,7 @@ class RunLog:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("")
+            shutil.rmtree(self.partials, ignore_errors=True)
 
     @staticmethod
     def key(spec: RunSpec) -> str:
@@ -311,10 +354,15 @@ class RunLog:
     def get(self, spec: RunSpec) -> dict[str, Any] | None:
         return self.done.get(self.key(spec))
 
+    def partial(self, spec: RunSpec) -> Path:
+        """Where the run of ``spec`` keeps its state while it is in progress."""
+        return self.partials / hashlib.sha256(self.key(spec).encode()).hexdigest()[:16]
+
     def add(self, spec: RunSpec, run: dict[str, Any]) -> None:
         self.done[self.key(spec)] = run
         with self.path.open("a") as fh:
             fh.write(json.dumps({"key": self.key(spec), "run": run}) + "\n")
+        shutil.rmtree(self.partial(spec), ignore_errors=True)
 
 
 # ----- summaries ---------------------------------------------------------------------------------
@@ -484,7 +532,7 @@ class Experiment:
         done = self.log.get(spec)
         if done is None:
             began = time.perf_counter()
-            done = self.race.run(spec, start)
+            done = self.race.run(spec, start, self.log.partial(spec))
             self.log.add(spec, done)
             print(f"  {spec.task} {spec.optimizer} lr={spec.lr:g} seed={spec.seed} ({spec.eval_set}): "
                   f"acc {done['final_accuracy']:.3f} after {done['forward_equivalents']} fwd-eq, "

@@ -168,6 +168,38 @@ def test_convergence(tmp_path: Path) -> None:
     assert [r["curve"] for r in again["runs"]] == [r["curve"] for r in data["runs"]]
 
 
+def test_an_interrupted_convergence_run_continues_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run is killed once at its third batch (after an evaluation saved its state, the ZO runs' guards'
+    too); --resume continues it."""
+    argv = ["--quick", "--model", "tiny", "--optimizers", "mezo,fzoo,hizoo,adamw", "--budget", "20", "--eval-every", "2",
+            "--report-size", "8", "--guard", "eval"]
+    whole = bench_convergence.main(_args(tmp_path / "whole", *argv))
+    batch, calls = bench_convergence.Race.batch, []
+
+    def killed_once(self, task, train, seed, step, bs):  # the 1st, 3rd, ... request of step 2: one per run
+        calls.append(step)
+        if step == 2 and calls.count(2) % 2:
+            raise KeyboardInterrupt
+        return batch(self, task, train, seed, step, bs)
+
+    monkeypatch.setattr(bench_convergence.Race, "batch", killed_once)
+    interrupted = _args(tmp_path / "cut", *argv)
+    for attempt in range(5):
+        try:
+            cut = bench_convergence.main([*interrupted, *(["--resume"] if attempt else [])])
+            break
+        except KeyboardInterrupt:
+            assert any((tmp_path / "cut").glob("*.partial/*/run.json"))  # the state it continues from
+    assert calls.count(2) == 8 and calls.count(0) == 4  # 4 runs, each cut once and continued, not started over
+    def strip(run: dict) -> dict:  # all but the times, as the JSON records them
+        run = json.loads(json.dumps(run))
+        return {**run, "train_seconds": 0, "seconds_per_step": 0, "load_average": None,
+                "curve": [{**p, "train_seconds": 0} for p in run["curve"]]}
+
+    assert [strip(r) for r in cut["runs"]] == [strip(r) for r in whole["runs"]]
+    assert not any((tmp_path / "cut").glob("*.partial/*"))  # removed as each run finished
+
+
 def test_convergence_tasks_and_defaults() -> None:
     """sst2-2shot scores the bundled SST-2 records with the demo recipe's prompt; tasks carry their batch/target."""
     from zopeft.recipe import load_recipe
