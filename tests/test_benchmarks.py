@@ -169,16 +169,16 @@ def test_convergence(tmp_path: Path) -> None:
 
 
 def test_an_interrupted_convergence_run_continues_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each run is killed once at its third batch (after an evaluation saved its state, the ZO runs' guards'
+    """Each run is killed once at its second batch (after an evaluation saved its state, the ZO runs' guards'
     too); --resume continues it."""
-    argv = ["--quick", "--model", "tiny", "--optimizers", "mezo,fzoo,hizoo,adamw", "--budget", "20", "--eval-every", "2",
+    argv = ["--quick", "--model", "tiny", "--optimizers", "mezo,fzoo,hizoo,adamw", "--budget", "12", "--eval-every", "2",
             "--report-size", "8", "--guard", "eval"]
     whole = bench_convergence.main(_args(tmp_path / "whole", *argv))
     batch, calls = bench_convergence.Race.batch, []
 
-    def killed_once(self, task, train, seed, step, bs):  # the 1st, 3rd, ... request of step 2: one per run
+    def killed_once(self, task, train, seed, step, bs):  # the 1st, 3rd, ... request of step 1: one per run
         calls.append(step)
-        if step == 2 and calls.count(2) % 2:
+        if step == 1 and calls.count(1) % 2:
             raise KeyboardInterrupt
         return batch(self, task, train, seed, step, bs)
 
@@ -190,7 +190,7 @@ def test_an_interrupted_convergence_run_continues_bit_for_bit(tmp_path: Path, mo
             break
         except KeyboardInterrupt:
             assert any((tmp_path / "cut").glob("*.partial/*/run.json"))  # the state it continues from
-    assert calls.count(2) == 8 and calls.count(0) == 4  # 4 runs, each cut once and continued, not started over
+    assert calls.count(1) == 8 and calls.count(0) == 4  # 4 runs, each cut once and continued, not started over
     def strip(run: dict) -> dict:  # all but the times, as the JSON records them
         run = json.loads(json.dumps(run))
         return {**run, "train_seconds": 0, "seconds_per_step": 0, "load_average": None,
