@@ -363,8 +363,7 @@ class Recipe(_Strict):
         if self.val_size is not None and self.eval_dataset is not None:
             raise ValueError("val_size: holds records out of dataset for evaluation, but eval_dataset is given; "
                              "drop one of them")
-        guard = self.zo.guard
-        if self.is_zeroth_order and guard.enabled and guard.watch == "eval" and not self.eval_steps:
+        if self.guards_evaluations and not self.eval_steps:
             raise ValueError("zo.guard.watch: eval judges the evaluations every eval_steps, but eval_steps is not set "
                              "(the run evaluates at its start and end only); set eval_steps, or zo.guard.watch: loss")
         if self.task not in (None, "classification") and self.label_word_scoring != "sum":
@@ -376,15 +375,19 @@ class Recipe(_Strict):
     def is_zeroth_order(self) -> bool:
         return self.zo.optimizer not in FIRST_ORDER_OPTIMIZERS
 
+    @property
+    def guards_evaluations(self) -> bool:
+        """Whether the guard judges the evaluations (``zo.guard.watch: eval`` on a ZO run)."""
+        return self.is_zeroth_order and self.zo.guard.enabled and self.zo.guard.watch == "eval"
+
     def notes(self) -> list[str]:
         """One line per setting that is valid but probably not what was meant."""
         notes = self.zo.notes()
-        guard = self.zo.guard
-        if self.is_zeroth_order and guard.enabled and guard.watch == "eval" and self.eval_steps:
+        if self.guards_evaluations and self.eval_steps:
             judged = 1 + (self.max_steps - 1) // self.eval_steps  # the start and every eval_steps before the end
-            if judged <= guard.patience:
-                notes.append(f"zo.guard: watching the evaluations, it rolls back after {guard.patience} in a row above "
-                             f"its best, and this run makes {judged} before its end (eval_steps {self.eval_steps}, "
+            if judged <= self.zo.guard.patience:
+                notes.append(f"zo.guard: watching the evaluations, it rolls back after {self.zo.guard.patience} in a "
+                             f"row above its best, and this run makes {judged} before its end (eval_steps {self.eval_steps}, "
                              f"max_steps {self.max_steps}): it can act only on a non-finite step; lower "
                              "zo.guard.patience or eval_steps")
         if self.template is not None and re.search(r"\\[nt]", self.template):
