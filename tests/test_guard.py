@@ -212,3 +212,35 @@ def test_a_recipe_whose_guard_cannot_watch_its_evaluations_is_refused_or_noted()
     assert (kept.smoothing, kept.patience) == (0.5, 1)  # what the recipe sets wins
     assert load_recipe(None, base[:2], check_files=False).zo.guard.patience == 5  # watching the loss
     assert load_recipe(None, [*base[:-1], "zo.guard=false"], check_files=False).notes() == []
+
+
+def test_with_select_size_the_guard_judges_held_out_training_records_and_the_eval_set_is_only_reported(
+        tmp_path, monkeypatch):
+    import json
+
+    from test_cli import invoke, write_recipe
+
+    from zopeft.recipe import load_recipe
+    from zopeft.splits import DataSplits
+
+    seen = []
+    real = zopeft.Guard.observe_metrics
+    monkeypatch.setattr(zopeft.Guard, "observe_metrics",
+                        lambda self, metrics, prefix="": (seen.append(dict(metrics)), real(self, metrics, prefix=prefix)))
+    recipe = write_recipe(tmp_path, max_steps=4, eval_steps=2, zo={
+        "optimizer": "mezo", "guard": {"watch": "eval", "select_size": 12}})
+    result = invoke("train", str(recipe))
+    assert result.exit_code == 0, result.output
+    assert "guard judges sst2 train split, held out by zo.guard.select_size 12 with seed 42 (12 records)" in result.output
+    log = [json.loads(line) for line in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]
+    judged = [r for r in log if "select_loss" in r]
+    reported = [r for r in log if "eval_loss" in r]
+    assert [r["step"] for r in judged] == [0, 2] and [r["step"] for r in reported] == [0, 2, 4]
+    assert [m["loss"] for m in seen] == [r["select_loss"] for r in judged]  # the guard saw the held-out records
+    assert all(m["loss"] != r["eval_loss"] for m, r in zip(seen, reported))
+    data = DataSplits(load_recipe(recipe))
+    assert not {r["sentence"] for r in data.select.records} & {r["sentence"] for r in data.train.records}
+    scored = invoke("eval", str(recipe), "--split", "select", "--adapter", str(tmp_path / "out"))
+    assert scored.exit_code == 0, scored.output
+    report = json.loads((tmp_path / "out" / "eval_select.json").read_text())
+    assert report["evaluated_on"] == data.select.description and len(data.select.records) == 12

@@ -67,3 +67,8 @@ def test_curves_plot_raw_smoothed_and_eval_loss_against_forward_equivalents():
     assert list(left.lines[0].get_xdata()) == [3, 6, 9, 12]  # a backward pass counts as two forwards
     assert right.get_legend_handles_labels()[1] == ["accuracy", "macro-F1"]
     assert "forward-pass equivalents" in left.get_xlabel()
+    judged = [{"step": s, "forward_passes": s, "forward_equivalents": 3 * s, "select_accuracy": a, "select_loss": 2.0}
+              for s, a in ((0, 0.55), (4, 0.75))]  # zo.guard.select_size's records
+    right = curves(log + judged).axes[1]
+    assert right.get_legend_handles_labels()[1] == ["accuracy", "accuracy (guard's records)", "macro-F1"]
+    assert list(right.lines[1].get_xdata()) == [0, 12] and list(right.lines[1].get_ydata()) == [0.55, 0.75]

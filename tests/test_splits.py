@@ -67,6 +67,45 @@ def test_holding_out_everything_is_refused(tmp_path):
         _ = DataSplits(recipe(sorted_jsonl(tmp_path / "train.jsonl"), val_size=60)).train
 
 
+def watching(**select) -> dict:
+    return {"zo": {"guard": {"watch": "eval", **select}}, "eval_steps": 10}
+
+
+def test_the_guards_records_are_held_out_after_val_sizes_and_never_trained_on(tmp_path):
+    path = sorted_jsonl(tmp_path / "train.jsonl")
+    plain, data = DataSplits(recipe(path, val_size=6)), DataSplits(recipe(path, val_size=6, **watching(select_size=0.2)))
+    assert data.held_out == plain.held_out and data.eval.records == plain.eval.records  # val_size's records unchanged
+    assert len(data.select.records) == 12 and len(data.train.records) == 42  # ceil(20% of 60); 60 - 6 - 12
+    assert not keys_of(data.select.records) & (keys_of(data.train.records) | keys_of(data.eval.records))
+    assert keys_of(data.select.records) <= keys_of(plain.train.records)
+    assert data.select.description == "train.jsonl, held out by zo.guard.select_size 0.2 with seed 42 (12 records)"
+    assert data.train.description == "train.jsonl (42 records; 6 more held out for evaluation; 12 for the guard to judge)"
+    assert data.split("select") is data.select
+    assert plain.select is None
+    with pytest.raises(RecipeError, match="split select: the recipe holds out no records for the guard; set zo.guard"):
+        plain.split("select")
+    reseeded = DataSplits(recipe(path, val_size=6, seed=1, **watching(select_size=0.2)))
+    assert keys_of(reseeded.select.records) != keys_of(data.select.records)  # drawn with the seed
+    with pytest.raises(RecipeError, match="val_size and zo.guard.select_size: holding out 60 of the 60 records"):
+        _ = DataSplits(recipe(path, val_size=6, **watching(select_size=54))).train
+
+
+@pytest.mark.parametrize("overrides,error", [
+    (["zo.guard.select_size=100"], "zo.guard: select_size: the records the guard judges when it watches the "
+                                   "evaluations, but it watches the loss; set zo.guard.watch: eval"),
+    (["zo.guard.select_size=1.5", "zo.guard.watch=eval", "eval_steps=5"],
+     "zo.guard.select_size: a fraction below 1 (e.g. 0.1) or a count of records (e.g. 200), got 1.5"),
+])
+def test_select_size_needs_a_guard_on_the_evaluations(overrides, error):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, ["model_name_or_path=m", "dataset=sst2", *overrides], check_files=False)
+    assert err.value.errors == [error + err.value.errors[0][len(error):]], err.value.errors
+    adamw = load_recipe(None, ["model_name_or_path=m", "dataset=sst2", "zo.guard.watch=eval", "eval_steps=5",
+                               "zo.guard.select_size=100", "zo.optimizer=adamw"], check_files=False)
+    assert adamw.notes() == ["zo.guard.select_size: adamw trains without the guard: the records it holds out are not "
+                             "trained on (as in a ZO run of the recipe) and not evaluated"]
+
+
 def test_a_bundled_dataset_evaluates_its_dev_split_and_an_eval_file_is_named(tmp_path):
     data = DataSplits(Recipe(model_name_or_path="m", dataset="sst2", max_eval_samples=64))
     assert data.eval.description == "sst2 dev split (64 of 872 records: max_eval_samples, a fixed random subset)"

@@ -121,3 +121,39 @@ def test_zo_trainer_checks_eps_first_on_a_bfloat16_model(tmp_path, caplog):
     assert checks[torch.float32] is None  # fp32: not checked unless asked (zo_check_eps=True)
     assert not checks[torch.bfloat16].ok and checks[torch.bfloat16].suggested > 1e-4
     assert any("eps check: eps=0.0001 noisy" in r.getMessage() for r in caplog.records)
+
+
+def test_the_guard_judges_the_eval_dataset_that_metric_for_best_model_names(tmp_path, monkeypatch):
+    """With several eval datasets the Trainer logs eval_<name>_loss ...: metric_for_best_model names the one the
+    guard judges (and its direction); the other set's evaluations are not judged."""
+    judged = []
+    real = zopeft.Guard.observe_eval
+    monkeypatch.setattr(zopeft.Guard, "observe_eval", lambda self, value, *, higher_is_better=True: (
+        judged.append((value, higher_is_better)), real(self, value, higher_is_better=higher_is_better)))
+    select, report = (Rows(fixed_batch("llama", batch=8, seed=s)) for s in (2, 3))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2, eval_strategy="steps",
+        eval_steps=2, metric_for_best_model="select_loss", report_to=[], use_cpu=True, seed=0,
+    )
+    trainer = zopeft.ZOTrainer(model=lora_model(), args=args, train_dataset=Rows(fixed_batch("llama", batch=8)),
+                               eval_dataset={"select": select, "report": report}, zo_optimizer="mezo",
+                               zo_guard={"watch": "eval"})
+    trainer.train()
+    logged = [h["eval_select_loss"] for h in trainer.state.log_history if "eval_select_loss" in h]
+    reported = [h["eval_report_loss"] for h in trainer.state.log_history if "eval_report_loss" in h]
+    assert len(logged) == len(reported) == 3 and logged != reported
+    assert judged == [(v, False) for v in logged]  # a loss: lower is better
+
+
+def test_without_metric_for_best_model_the_guard_judges_the_eval_accuracy_else_loss(tmp_path, monkeypatch):
+    judged = []
+    monkeypatch.setattr(zopeft.Guard, "observe_eval",
+                        lambda self, value, *, higher_is_better=True: judged.append((value, higher_is_better)))
+    data = Rows(fixed_batch("llama", batch=8))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, eval_strategy="steps",
+                             eval_steps=2, report_to=[], use_cpu=True, seed=0)
+    trainer = zopeft.ZOTrainer(model=lora_model(), args=args, train_dataset=data, eval_dataset=data,
+                               zo_optimizer="mezo", zo_guard={"watch": "eval"})
+    trainer.train()
+    logged = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(logged) == 2 and judged == [(v, False) for v in logged]  # a causal LM has no accuracy

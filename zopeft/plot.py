@@ -36,8 +36,11 @@ def curves(records: list[dict]) -> Figure:
     left.set(xlabel=X_LABEL, ylabel="loss", title="loss")
     metrics = [m for m in ("eval_accuracy", "eval_macro_f1") if any(m in r for r in evals)] or ["eval_perplexity"]
     for metric, color in zip(metrics, ("tab:green", "tab:purple")):
-        points = [r for r in evals if metric in r]
-        right.plot([_x(r) for r in points], [r[metric] for r in points], "o-", color=color, label=NAMES[metric])
+        judged = "select_" + metric[len("eval_"):]  # the same metric on zo.guard.select_size's records
+        for key, style, label in ((metric, "o-", NAMES[metric]), (judged, "s--", f"{NAMES[metric]} (guard's records)")):
+            points = [r for r in records if key in r]
+            if points or key == metric:
+                right.plot([_x(r) for r in points], [r[key] for r in points], style, color=color, label=label)
     right.set(xlabel=X_LABEL, title="eval")
     for ax in (left, right):
         ax.grid(alpha=0.3)

@@ -61,6 +61,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+def _record_count(value: Any) -> Any:
+    """A fraction in [0, 1) or a count of records (LLaMA-Factory's val_size); one error line for anything else."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is not None and not (number and (0 <= value < 1 or (value >= 1 and isinstance(value, int)))):
+        raise ValueError(f"a fraction below 1 (e.g. 0.1) or a count of records (e.g. 200), got {value!r}")
+    return value
+
+
 class GuardSettings(_Strict):
     """``zo.guard``: the loss-spike guard (:class:`zopeft.Guard`); ``zo.guard: false`` turns it off.
 
@@ -80,6 +88,9 @@ class GuardSettings(_Strict):
     watch: Literal["loss", "eval"] = Field("loss", description="judge the step losses or the evaluations (eval_steps)")
     max_copy_bytes: int = Field(1 << 30, ge=0, description="largest in-memory copy of the trainable tensors; "
                                 "beyond it the best state is rebuilt by replaying the seed log")
+    select_size: int | float | None = Field(
+        None, description="watch: eval: judge records held out of dataset (a fraction or a count, drawn with seed "
+        "after val_size's, never trained on) instead of the eval set, whose scores then are not selected on")
 
     @model_validator(mode="before")
     @classmethod
@@ -89,9 +100,22 @@ class GuardSettings(_Strict):
             value = {**GUARD_DEFAULTS.get(value.get("watch", "loss"), {}), **value}
         return value
 
+    @field_validator("select_size", mode="before")
+    @classmethod
+    def _select_size(cls, value: Any) -> Any:
+        return _record_count(value)
+
+    @model_validator(mode="after")
+    def _selects_on_evaluations(self) -> GuardSettings:
+        if self.select_size is not None and not (self.enabled and self.watch == "eval"):
+            raise ValueError(f"select_size: the records the guard judges when it watches the evaluations, but "
+                             f"{'the guard is off' if not self.enabled else 'it watches the loss'}; set "
+                             "zo.guard.watch: eval (with eval_steps), or drop select_size")
+        return self
+
     def kwargs(self) -> dict[str, Any]:
         """:class:`zopeft.Guard` keyword arguments."""
-        return self.model_dump(exclude={"enabled"})
+        return self.model_dump(exclude={"enabled", "select_size"})
 
 
 class ZOSettings(_Strict):
@@ -302,11 +326,7 @@ class Recipe(_Strict):
     @field_validator("val_size", mode="before")
     @classmethod
     def _val_size(cls, value: Any) -> Any:
-        """A fraction in [0, 1) or a count (LLaMA-Factory's val_size); one error line for anything else."""
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if value is not None and not (number and (0 <= value < 1 or (value >= 1 and isinstance(value, int)))):
-            raise ValueError(f"a fraction below 1 (e.g. 0.1) or a count of records (e.g. 200), got {value!r}")
-        return value
+        return _record_count(value)
 
     @field_validator("column_names", mode="before")
     @classmethod
@@ -383,6 +403,9 @@ class Recipe(_Strict):
     def notes(self) -> list[str]:
         """One line per setting that is valid but probably not what was meant."""
         notes = self.zo.notes()
+        if self.zo.guard.select_size is not None and not self.is_zeroth_order:
+            notes.append(f"zo.guard.select_size: {self.zo.optimizer} trains without the guard: the records it holds "
+                         "out are not trained on (as in a ZO run of the recipe) and not evaluated")
         if self.guards_evaluations and self.eval_steps:
             judged = 1 + (self.max_steps - 1) // self.eval_steps  # the start and every eval_steps before the end
             if judged <= self.zo.guard.patience:

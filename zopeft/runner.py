@@ -40,6 +40,7 @@ from .objectives import Objective, flat_objective_warning
 from .optim.base import ZOOptimizer
 from .recipe import Recipe
 from .rundir import LOG_NAME, RunDir
+from .splits import Split
 from .trackers import Trackers
 
 __all__ = ["RunResult", "evaluate", "train"]
@@ -156,6 +157,8 @@ def _train(
          f"torch threads: {torch.get_num_threads()}")
     echo(f"train on {data.train.description}")
     echo(f"eval on {evaluated.description}" if evaluated else "eval: none")
+    if data.select is not None and recipe.guards_evaluations:
+        echo(f"guard judges {data.select.description}")
     n = len(train_records)
     opt = make_optimizer(recipe, model, world_size)
     guard = Guard(opt, **recipe.zo.guard.kwargs()) if recipe.is_zeroth_order and recipe.zo.guard.enabled else None
@@ -186,22 +189,31 @@ def _train(
         log.write(record)
         trackers.log(record)
 
-    def run_eval(step: int) -> dict[str, Any]:
-        """Rank 0 evaluates while the other ranks wait; every rank gets the metrics (the guard judges them)."""
+    def measure(split: Split | None, name: str, step: int) -> dict[str, Any]:
+        """Rank 0 evaluates ``split`` while the other ranks wait; every rank gets the metrics (the guard judges them)."""
         nonlocal eval_seconds
         metrics: dict[str, Any] = {}
-        if main and evaluated is not None:
+        if main and split is not None:
             clock = time.perf_counter()
-            metrics = task.evaluate(model, tokenizer, evaluated.records, batch_size=recipe.per_device_eval_batch_size)
+            metrics = task.evaluate(model, tokenizer, split.records, batch_size=recipe.per_device_eval_batch_size)
             eval_seconds += time.perf_counter() - clock
             logged = _logged(metrics)
-            write(step, {f"eval_{k}": v for k, v in logged.items()})
-            echo(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                     for k, v in logged.items()))
+            write(step, {f"{name}_{k}": v for k, v in logged.items()})
+            echo(f"{name} @ step {step}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                       for k, v in logged.items()))
             warning = collapse_warning(metrics)
             if warning:
                 echo(f"warning: {warning}")
         return from_rank0(metrics)
+
+    def run_eval(step: int, judge: bool) -> tuple[dict[str, Any], bool]:
+        """Evaluate; with ``judge``, the guard judges the evaluation, or the records of ``zo.guard.select_size``
+        (evaluated too).  Returns the eval metrics and whether the run goes on."""
+        metrics = measure(evaluated, "eval", step)
+        if not judge or guard is None:
+            return metrics, True
+        watched = measure(data.select, "select", step) if data.select is not None else metrics
+        return metrics, judged(lambda g: g.observe_metrics(watched), step)
 
     def judged(observe: Callable[[Guard], None], step: int) -> bool:
         """Let the guard judge; log its rollbacks; False once it stops the run (the best weights in place)."""
@@ -227,8 +239,7 @@ def _train(
 
     # ----- train ---------------------------------------------------------------------------------
     try:
-        eval_before = run_eval(0) if start == 0 else {}
-        judged(lambda g: g.observe_metrics(eval_before), 0)  # watch: eval: the start is a state to roll back to
+        eval_before = run_eval(0, judge=True)[0] if start == 0 else {}  # watch: eval: the start is a state to roll back to
         if main and start == 0 and isinstance(opt, ZOOptimizer) and _checks_eps(recipe):
             check = opt.check_eps(zo_closure(model, batches_of(0)[0], target))
             echo(("" if check.ok else "warning: ") + check.line())
@@ -257,8 +268,7 @@ def _train(
                         echo(f"step {done}/{recipe.max_steps} loss={stats['loss']:.4f}{smoothed} "
                              f"fwd={forward_passes} lr={lr:.3g}")
                 if going and recipe.eval_steps and done % recipe.eval_steps == 0 and done != recipe.max_steps:
-                    metrics = run_eval(done)
-                    going = judged(lambda g: g.observe_metrics(metrics), done)
+                    going = run_eval(done, judge=True)[1]
                 if step_log is not None:  # before the checkpoint: the step log never lags behind it
                     for record in opt.step_log[logged:]:  # the step's record, and the guard's rollbacks
                         step_log.write(record)
@@ -276,7 +286,7 @@ def _train(
             flat = flat_objective_warning(opt.skipped_steps, last, recipe.zo.objective, recipe.zo.eps)
             if main and flat:
                 echo(f"warning: {flat}")
-        eval_after = run_eval(last)
+        eval_after = run_eval(last, judge=False)[0]
     finally:
         if trackers is not None:
             trackers.close()

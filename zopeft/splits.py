@@ -1,12 +1,15 @@
 """The records a recipe trains and evaluates on, and what they are in words.
 
 * Training records: ``dataset`` (a bundled dataset's train split, or a file), less the records
-  ``val_size`` holds out.
+  ``val_size`` and ``zo.guard.select_size`` hold out.
 * Evaluation records: ``eval_dataset``; else the records ``val_size`` holds out of ``dataset``
   (LLaMA-Factory's key: a fraction or a count, drawn with ``seed``, never trained on); else a
   bundled dataset's dev split.  A local ``dataset`` with neither ``eval_dataset`` nor
   ``val_size`` holds out :data:`DEFAULT_VAL_SIZE` (10%) and says so (:meth:`DataSplits.notes`);
   ``val_size: 0`` holds out nothing, and a local dataset is then not evaluated.
+* The guard's records (``zo.guard.select_size``, with ``zo.guard.watch: eval``): held out of
+  ``dataset`` after val_size's records, from the same seeded order, never trained on; the guard
+  judges them instead of the evaluation records, whose scores are then not selected on.
 * ``max_train_samples`` / ``max_eval_samples`` keep a random subset drawn with a fixed seed: the
   same records for every run, seed and resume (a larger cap keeps a smaller one's records).
 
@@ -31,7 +34,7 @@ __all__ = ["DEFAULT_VAL_SIZE", "SPLITS", "DataSplits", "Split"]
 
 DEFAULT_VAL_SIZE = 0.1  # held out of a local dataset that has no eval_dataset and no val_size
 SUBSET_SEED = 0  # max_train_samples / max_eval_samples: the same subset whatever the run's seed
-SPLITS = ("dev", "train")  # dev: the evaluation records; train: the training records
+SPLITS = ("dev", "train", "select")  # the evaluation records, the training records, the guard's records
 
 
 
@@ -105,29 +108,56 @@ class DataSplits:
             return self.recipe.val_size
         return DEFAULT_VAL_SIZE if self.recipe.eval_dataset is None and not self._bundled("dataset") else 0
 
+    def _count(self, size: int | float) -> int:
+        return size if isinstance(size, int) else math.ceil(size * len(self._dataset))
+
+    @cached_property
+    def _held_out_order(self) -> list[int]:
+        """Positions in ``dataset`` in the order of ``seed``: val_size takes the first, select_size the next."""
+        n, select_size = len(self._dataset), self.recipe.zo.guard.select_size
+        count = self._count(self.val_size) + (self._count(select_size) if select_size else 0)
+        if count >= n:
+            default = "" if self.recipe.val_size is not None or not self.val_size else f" (val_size's default, {DEFAULT_VAL_SIZE})"
+            keys = " and zo.guard.select_size" if select_size else ""
+            raise RecipeError([f"val_size{keys}: holding out {count} of the {n} records of "
+                               f"{self._name('dataset', 'train')}{default} leaves none to train on; lower "
+                               f"val_size{keys} or give eval_dataset"])
+        order = list(range(n))
+        random.Random(self.recipe.seed).shuffle(order)
+        return order
+
     @cached_property
     def held_out(self) -> list[int]:
         """Positions in ``dataset`` of the records held out for evaluation (drawn with ``seed``)."""
-        if not self.val_size:
+        return sorted(self._held_out_order[: self._count(self.val_size)]) if self.val_size else []
+
+    @cached_property
+    def held_for_selection(self) -> list[int]:
+        """Positions in ``dataset`` of the records the guard judges (``zo.guard.select_size``, after val_size's)."""
+        size = self.recipe.zo.guard.select_size
+        if not size:
             return []
-        n = len(self._dataset)
-        count = self.val_size if isinstance(self.val_size, int) else math.ceil(self.val_size * n)
-        if count >= n:
-            default = "" if self.recipe.val_size is not None else f" (the default, {DEFAULT_VAL_SIZE})"
-            raise RecipeError([f"val_size: holding out {count} of the {n} records of {self._name('dataset', 'train')}"
-                               f"{default} leaves none to train on; lower val_size or give eval_dataset"])
-        order = list(range(n))
-        random.Random(self.recipe.seed).shuffle(order)
-        return sorted(order[:count])
+        first = len(self.held_out)
+        return sorted(self._held_out_order[first: first + self._count(size)])
 
     @cached_property
     def train(self) -> Split:
         """The records trained on."""
-        held = set(self.held_out)
-        records = [r for i, r in enumerate(self._dataset) if i not in held]
+        held, selection = set(self.held_out), set(self.held_for_selection)
+        records = [r for i, r in enumerate(self._dataset) if i not in held and i not in selection]
         records, count = _subset(records, self.recipe.max_train_samples, "max_train_samples")
-        more = f"; {len(held)} more held out for evaluation" if held else ""
-        return Split(records, f"{self._name('dataset', 'train')} ({count}{more})")
+        more = [f"{len(held)} more held out for evaluation"] if held else []
+        more += [f"{len(selection)} for the guard to judge"] if selection else []
+        return Split(records, f"{self._name('dataset', 'train')} ({'; '.join([count, *more])})")
+
+    @cached_property
+    def select(self) -> Split | None:
+        """The records the guard judges instead of the eval set (``zo.guard.select_size``), or None."""
+        if not self.held_for_selection:
+            return None
+        records = [self._dataset[i] for i in self.held_for_selection]
+        return Split(records, f"{self._name('dataset', 'train')}, held out by zo.guard.select_size "
+                              f"{self.recipe.zo.guard.select_size} with seed {self.recipe.seed} ({len(records)} records)")
 
     @cached_property
     def eval(self) -> Split | None:
@@ -145,20 +175,25 @@ class DataSplits:
         return Split(records, f"{name} ({count})")
 
     def split(self, name: str) -> Split:
-        """``dev`` (the evaluation records) or ``train`` (the training records)."""
+        """``dev`` (the evaluation records), ``train`` (the training records) or ``select`` (the guard's)."""
         if name not in SPLITS:
             raise RecipeError([f"split: {name!r} is not one of {', '.join(SPLITS)} (dev: the evaluation records, "
-                               "train: the training records)"])
+                               "train: the training records, select: the records the guard judges)"])
         if name == "train":
             return self.train
+        if name == "select":
+            if self.select is None:
+                raise RecipeError(["split select: the recipe holds out no records for the guard; set "
+                                   "zo.guard.select_size (with zo.guard.watch: eval)"])
+            return self.select
         if self.eval is None:
             raise RecipeError([f"split dev: {self._name('dataset', 'train')} has no evaluation records (val_size: 0 "
                                "and no eval_dataset); set val_size or eval_dataset, or evaluate the train split"])
         return self.eval
 
     def load(self) -> DataSplits:
-        """Read (and check) the records of both splits now; returns ``self``."""
-        _ = self.train, self.eval
+        """Read (and check) the records of every split now; returns ``self``."""
+        _ = self.train, self.eval, self.select
         return self
 
     def notes(self) -> list[str]:

@@ -43,7 +43,9 @@ class ZOTrainer(Trainer):
             ``lr``, ``weight_decay`` and ``seed`` default to the TrainingArguments'.
         zo_guard: ``True`` or :class:`~zopeft.Guard` keyword arguments: roll back loss spikes and
             back off the learning rate; training stops (``should_training_stop``) after its
-            ``max_rollbacks`` rollbacks without progress.
+            ``max_rollbacks`` rollbacks without progress.  With ``watch="eval"`` it judges the
+            evaluations by ``args.metric_for_best_model`` where set (e.g. ``select_loss``, one of
+            several eval datasets), else by accuracy, else by loss.
         zo_objective: train on ``"accuracy"``, ``"margin"``, ``"python:module:function"`` or a
             callable instead of the loss (see :mod:`zopeft.objectives`): a sequence classifier's
             classes, or a causal LM's single-token label words ``zo_candidate_tokens`` (each
@@ -174,7 +176,15 @@ class _GuardCallback(TrainerCallback):
         return self._judge(control, lambda guard: guard.observe_step())
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kwargs: Any) -> Any:
-        return self._judge(control, lambda guard: guard.observe_metrics(metrics or {}, prefix="eval_"))
+        """Judge ``args.metric_for_best_model`` where set (with several eval datasets, e.g. ``eval_select_loss``
+        judges the one named ``select``; the others' evaluations are not judged), else accuracy, else loss."""
+        metrics, name = metrics or {}, args.metric_for_best_model
+        if name is None:
+            return self._judge(control, lambda guard: guard.observe_metrics(metrics, prefix="eval_"))
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if key not in metrics:
+            return control
+        return self._judge(control, lambda guard: guard.observe_eval(metrics[key], higher_is_better=args.greater_is_better))
 
     def _judge(self, control: Any, observe: Callable[[Guard], None]) -> Any:
         guard = self.trainer.zo_guard
