@@ -233,6 +233,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         or the losses (data parallel) are shared with one all-reduce of a few floats.
         Returns the loss at the current weights.
         """
+        if self._pending is None:  # a step begins from the model's weights, even if changed outside
+            self.points.adopt_outside_writes()
         evaluations = self.evaluations()
         comm = self.comm
         with self.evaluation_mode(getattr(closure, "model", None)):
@@ -278,6 +280,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         :mod:`zopeft.optim.eps_check`).  The weights are restored exactly; nothing is counted in
         :attr:`forward_passes` or logged, and the next step is unchanged.
         """
+        self.points.adopt_outside_writes()
         noise: dict[float, float] = {}
         differences: list[float] = []
         spent = 0
@@ -307,6 +310,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         learning-rate scales, as the run did.
         """
         records = list(records)
+        self.points.adopt_outside_writes()
         targets = {r["rollback_to"] for r in records if "rollback_to" in r}
         kept = {self._step - 1: self.snapshot()} if self._step - 1 in targets else {}
         for record in records:
@@ -325,6 +329,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def snapshot(self) -> dict[str, Any]:
         """The trainable values and the method state (e.g. AdaMeZO's window), for :meth:`rollback`."""
+        self.points.adopt_outside_writes()
         return {"values": self.points.snapshot(), "extra": copy.deepcopy(self.extra_state())}
 
     @torch.no_grad()
@@ -418,6 +423,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         fp32 master buffers are included only where a trainable tensor is fp16/bf16
         (there the master holds bits the model's own weights cannot).
         """
+        self.points.adopt_outside_writes()
         state: dict[str, Any] = {
             "noise_format": NOISE_FORMAT,
             "layout": self.points.layout(),
@@ -471,7 +477,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.points.sync_from_model()
 
     def sync_masters(self) -> None:
-        """Re-read the master copies from the model, after its weights were changed outside the optimizer."""
+        """Re-read every master copy from the model.
+
+        Tensors written in place outside the optimizer (``load_state_dict``, ``copy_``) are re-read
+        at the next step by themselves; an assignment to ``param.data`` is not seen, hence this call.
+        """
         self.points.sync_from_model()
 
 

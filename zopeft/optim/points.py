@@ -113,9 +113,11 @@ class Points:
                         "use master_weights=True (fp32 master copies) or cast the trainable tensors to float32"
                     )
         self.buffers = _layout(groups)
+        self._versions: list[int] = []  # with masters: each tensor's version counter after the last write here
         if master_weights:
             for b in self.buffers:
                 b.set_master(b.model_values())
+            self._written()
         self._applied: list[tuple[list[torch.Tensor], float]] = []  # in-place mode: noise currently on θ
         self._noise: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()  # recent draws, LRU
         self.draws = 0  # noise vectors drawn so far (one per buffer and perturbation)
@@ -200,6 +202,7 @@ class Points:
             k, scale = point
             for t, m, u in zip(b.tensors, b.master_views, b.views(self.perturbation(step, k, b))):
                 torch.add(m, u, alpha=scale * self.eps, out=t)
+        self._written()
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -207,6 +210,7 @@ class Points:
         if self.has_masters:
             for b in self.buffers:
                 torch._foreach_copy_(b.tensors, b.master_views)
+            self._written()
             return
         for noises, alpha in reversed(self._applied):
             for b, z in zip(self.buffers, noises):
@@ -262,12 +266,35 @@ class Points:
         return True
 
     # ----- state -----------------------------------------------------------------------------
+    def _written(self) -> None:
+        # torch counts the in-place writes of every tensor (Tensor._version, which autograd reads too)
+        self._versions = [t._version for b in self.buffers for t in b.tensors]
+
+    @torch.no_grad()
+    def adopt_outside_writes(self) -> int:
+        """With masters: re-read θ₀ of the tensors written outside since this object last wrote them
+        (weights loaded into the model, a user's edit), so the model's values win, as with torch.optim.
+        Returns how many tensors were re-read.  An assignment to ``.data`` is not counted by torch:
+        :meth:`sync_from_model` re-reads every tensor."""
+        if not self.has_masters:
+            return 0  # in place, the model's tensors are θ₀
+        changed = 0
+        pairs = ((t, m) for b in self.buffers for t, m in zip(b.tensors, b.master_views))
+        for (t, m), seen in zip(pairs, self._versions):
+            if t._version != seen:
+                m.copy_(t.detach())
+                changed += 1
+        if changed:
+            self._written()
+        return changed
+
     @torch.no_grad()
     def sync_from_model(self) -> None:
         """Re-read θ₀ from the model's tensors (after their weights were loaded)."""
         for b in self.buffers:
             if b.master is not None:
                 torch._foreach_copy_(b.master_views, [t.detach() for t in b.tensors])
+        self._written()
 
     def snapshot(self) -> list[torch.Tensor]:
         """Copies of θ₀ per buffer (flat fp32), for :meth:`load`."""
