@@ -239,12 +239,17 @@ def candidate_batch(
         raise ValueError(f"candidate_batch: scoring {scoring!r} is not one of {', '.join(LABEL_WORD_SCORINGS)}")
     shared = bool(choices) and isinstance(choices[0], str)
     per_prompt = [choices] * len(prompts) if shared else choices
+
+    def scored(options: list[str]) -> list[list[int]]:
+        return _scored_tokens(tokenizer, options, scoring == "first", "candidate_batch: scoring first: choices")
+
+    shared_tokens = scored(choices) if shared else None  # label words: tokenized (and checked) once
     prefix = _special_prefix(tokenizer)
     examples = []
     for prompt, options, g in zip(prompts, per_prompt, gold):
         if not 0 <= g < len(options):
             raise ValueError(f"candidate_batch: gold index {g} is not one of the {len(options)} choices")
-        tokens = _scored_tokens(tokenizer, options, scoring == "first", "candidate_batch: scoring first: choices")
+        tokens = shared_tokens if shared_tokens is not None else scored(options)
         examples.append(_example(prefix, _encode(tokenizer, prompt), tokens, g, cutoff_len))
     return _candidate_batch(examples, _pad_id(tokenizer), scoring == "mean", shared)
 
