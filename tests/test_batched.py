@@ -377,4 +377,4 @@ def test_perturbation_batch_size_is_validated():
     with pytest.raises(ValueError, match="perturbation_batch_size"):
         zopeft.FZOO([w], perturbation_batch_size=0)
     with pytest.raises(ValueError, match="perturbation_batch_size"):
-        loss_closure(torch.nn.Linear(2, 2), {}, perturbation_batch_size=0)
+        loss_closure(torch.nn.Linear(2, 2), {"labels": torch.zeros(1)}, perturbation_batch_size=0)

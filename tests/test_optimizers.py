@@ -327,3 +327,44 @@ def test_hizoo_curvature_converges_to_the_diagonal_of_a_separable_quadratic():
 def test_hizoo_refuses_rademacher_noise():
     with pytest.raises(ValueError, match="noise='gaussian'"):
         zopeft.HiZOO([torch.nn.Parameter(torch.zeros(2))], noise="rademacher")
+
+
+def _lora():
+    from conftest import tiny_model
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize("misuse,error,message", [
+    (lambda m, b: MeZO(m, lr=1e-3).step(lambda: None), TypeError,
+     "the closure returned None instead of the loss: return it (e.g. return model(**batch).loss"),
+    (lambda m, b: MeZO(m, lr=1e-3).step(lambda: "0.5"), TypeError,
+     "the closure returned a str; return the loss as a number or a tensor"),
+    (lambda m, b: zopeft.loss_closure(m, {"input_ids": b["input_ids"]}), ValueError,
+     "loss_closure: the batch has no labels, so the model computes no loss"),
+    (lambda m, b: zopeft.loss_closure(m, [b]), TypeError, "loss_closure: batch must be a mapping of the model's keyword"),
+    (lambda m, b: zopeft.metric_closure(m, b), TypeError, "metric_closure: batch must be a CandidateBatch"),
+    (lambda m, b: MeZO(m, lr=1e-3).step(zopeft.loss_closure(_lora(), b)), ValueError,
+     "the closure's model does not hold this optimizer's trainable tensors, so its steps could not change the loss"),
+    (lambda m, b: zopeft.get_optimizer("fzoo", m, lr=1e-3, n_perturbation=4), TypeError,
+     "fzoo: unknown keyword argument 'n_perturbation' (did you mean 'n_perturbations'?); it takes lr, eps, "),
+    (lambda m, b: zopeft.Guard(torch.optim.SGD(m.parameters(), lr=1.0)), TypeError,
+     "Guard wraps a zopeft ZO optimizer (MeZO, FZOO, AdaMeZO, HiZOO or a registered one), got SGD"),
+    (lambda m, b: MeZO(m, lr=1e-3).load_state_dict({"step": 3}), ValueError,
+     "not a zopeft optimizer state (it lacks seed, eps, noise, "),
+    (lambda m, b: MeZO(m, lr=1e-3).load_state_dict(FZOO(m, lr=1e-3).state_dict()), ValueError,
+     "optimizer state was saved by FZOO, this optimizer is MeZO: continue the run with FZOO"),
+    (lambda m, b: MeZO(m, lr=1e-3).replay([{"step": 0, "loss": 1.0}]), ValueError,
+     "replay: record 0 is neither a step (step, lr, losses) nor a rollback (rollback_to, lr_scale); it has ['loss', "),
+])
+def test_library_misuse_is_one_clear_error_before_anything_changes(misuse, error, message):
+    from conftest import fixed_batch
+
+    model, batch = _lora(), fixed_batch("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(error) as raised:
+        misuse(model, batch)
+    assert str(raised.value).startswith(message), str(raised.value)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # no weight left perturbed

@@ -78,6 +78,9 @@ class Guard:
         tolerance: float = 0.0, patience: int | None = None, backoff: float = 0.5, max_rollbacks: int = 3,
         watch: str = "loss", max_copy_bytes: int = 1 << 30,
     ) -> None:
+        if not isinstance(optimizer, ZOOptimizer):
+            raise TypeError(f"Guard wraps a zopeft ZO optimizer (MeZO, FZOO, AdaMeZO, HiZOO or a registered one), got "
+                            f"{type(optimizer).__name__}: it rolls back by the seeds of their steps")
         if watch not in GUARD_DEFAULTS:
             raise ValueError(f"watch must be 'loss' or 'eval', got {watch!r}")
         defaults = GUARD_DEFAULTS[watch]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -66,7 +67,27 @@ def get_optimizer(name: str, params: Any, **kwargs: Any) -> ZOOptimizer:
         hint = difflib.get_close_matches(key, available_optimizers(), n=1)
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise ValueError(f"unknown ZO optimizer {name!r}{suggestion}; available: {', '.join(available_optimizers())}")
+    takes = _keywords(cls)
+    for key in kwargs:
+        if key not in takes:
+            hint = difflib.get_close_matches(key, takes, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise TypeError(f"{name}: unknown keyword argument {key!r}{suggestion}; it takes {', '.join(takes)}")
     return cls(params, **kwargs)
+
+
+def _keywords(cls: type) -> list[str]:
+    """The keyword arguments a ZO optimizer class takes: its (and its bases') named constructor parameters."""
+    from .optim.base import ZOOptimizer
+
+    names: list[str] = []
+    for klass in cls.__mro__[: cls.__mro__.index(ZOOptimizer) + 1]:  # not torch.optim.Optimizer's ``defaults``
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            for param in list(inspect.signature(init).parameters.values())[2:]:  # after self, params
+                if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and param.name not in names:
+                    names.append(param.name)
+    return names
 
 
 def hyperparameters(name: str) -> dict[str, Setting]:

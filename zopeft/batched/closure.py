@@ -47,6 +47,12 @@ def loss_closure(model: nn.Module, batch: Mapping[str, Any], *, perturbation_bat
             the optimizer's ``perturbation_batch_size``; ``None``: the optimizer's, else
             automatic (see :mod:`zopeft.batched.memory`).
     """
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"loss_closure: batch must be a mapping of the model's keyword inputs (a tokenizer's output "
+                        f"with labels), got a {type(batch).__name__}")
+    if "labels" not in batch:
+        raise ValueError("loss_closure: the batch has no labels, so the model computes no loss; add them (a causal "
+                         "LM: labels = input_ids, padding set to -100)")
     return BatchedLoss(model, batch, perturbation_batch_size=perturbation_batch_size)
 
 
@@ -65,6 +71,9 @@ def metric_closure(
         objective: ``"accuracy"``, ``"margin"``, ``"python:module:function"`` or a callable
             ``(scores, gold) -> float`` to minimise.
     """
+    if not isinstance(batch, CandidateBatch):
+        raise TypeError(f"metric_closure: batch must be a CandidateBatch (zopeft.candidate_batch(tokenizer, prompts, "
+                        f"choices, gold), or a task's candidate_batch), got a {type(batch).__name__}")
     return MetricClosure(model, batch, resolve_objective(objective), perturbation_batch_size=perturbation_batch_size)
 
 

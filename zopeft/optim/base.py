@@ -24,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypedDict
 
 import torch
@@ -212,7 +213,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         The module is the one the optimizer was built from, else ``model`` (a closure's model)
         when the trainable tensors belong to it.
         """
-        module = self._module or (model if model is not None and self._owns(model) else None)
+        if model is not None and not self._owns(model):
+            raise ValueError(
+                "the closure's model does not hold this optimizer's trainable tensors, so its steps could not change "
+                "the loss: build the optimizer from the model the closure evaluates (after wrapping it with PEFT)"
+            )
+        module = self._module or model
         if module is None or not module.training:
             yield
             return
@@ -310,6 +316,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         learning-rate scales, as the run did.
         """
         records = list(records)
+        for i, record in enumerate(records):
+            if not ({"step", "lr", "losses"} <= record.keys() or {"rollback_to", "lr_scale"} <= record.keys()):
+                raise ValueError(
+                    f"replay: record {i} is neither a step (step, lr, losses) nor a rollback (rollback_to, lr_scale); "
+                    f"it has {sorted(record)}: pass the records of opt.step_log or a run's zo_steps.jsonl"
+                )
         self.points.adopt_outside_writes()
         targets = {r["rollback_to"] for r in records if "rollback_to" in r}
         kept = {self._step - 1: self.snapshot()} if self._step - 1 in targets else {}
@@ -425,6 +437,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """
         self.points.adopt_outside_writes()
         state: dict[str, Any] = {
+            "optimizer": type(self).__name__,
             "noise_format": NOISE_FORMAT,
             "layout": self.points.layout(),
             "fingerprint": self.points.fingerprint(model=True),
@@ -443,6 +456,14 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # type: ignore[override]
         """Continue a run: the model's trainable tensors must already hold the saved weights."""
+        missing = [key for key in _STATE_KEYS if key not in state] if isinstance(state, Mapping) else list(_STATE_KEYS)
+        if missing:
+            raise ValueError(f"not a zopeft optimizer state (it lacks {', '.join(missing)}): pass what a ZO "
+                             "optimizer's state_dict() returned (zopeft.checkpoint.load_state reads a saved one)")
+        saved = state.get("optimizer", type(self).__name__)  # older states do not name it
+        if saved != type(self).__name__:
+            raise ValueError(f"optimizer state was saved by {saved}, this optimizer is {type(self).__name__}: "
+                             f"continue the run with {saved}")
         found = state.get("noise_format", 1)
         if found != NOISE_FORMAT:
             raise ValueError(
@@ -485,10 +506,19 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.points.sync_from_model()
 
 
+_STATE_KEYS = ("step", "seed", "eps", "noise", "forward_passes", "skipped_steps", "param_groups", "extra")
+
+
 def _as_float(loss: Any) -> float:
+    """A closure's loss as a float: a number or a tensor (a per-example tensor is averaged)."""
     if isinstance(loss, torch.Tensor):
         return float(loss.detach().float().mean())
-    return float(loss)
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return float(loss)
+    if loss is None:
+        raise TypeError("the closure returned None instead of the loss: return it (e.g. return model(**batch).loss; "
+                        "a model given no labels computes no loss)")
+    raise TypeError(f"the closure returned a {type(loss).__name__}; return the loss as a number or a tensor")
 
 
 def _trainable_groups(params: Any) -> list[dict[str, Any]]:
