@@ -21,6 +21,8 @@ def test_class_metrics_by_hand():
     assert (b["precision"], b["recall"]) == (1 / 2, 1 / 2) and (c["precision"], c["recall"]) == (3 / 4, 3 / 4)
     assert d == {"word": " D", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0, "predicted": 0}
     assert m["accuracy"] == 7 / 10
+    assert m["accuracy_stderr"] == pytest.approx(math.sqrt(0.7 * 0.3 / 9))  # as lm-evaluation-harness's acc_stderr
+    assert class_metrics([0], [0], ["a"])["accuracy_stderr"] == 0.0
     assert m["macro_f1"] == pytest.approx((3 / 4 + 1 / 2 + 3 / 4) / 3)  # d occurs nowhere: not averaged
 
 
@@ -36,7 +38,7 @@ def test_collapse_onto_one_label_is_warned_about():
 def test_report_lines_show_the_table_and_the_confusion_matrix():
     metrics = {"loss": 1.25, "n": 10, **class_metrics(GOLD, PRED, ["a", "b", "c"], [" A", " B", " C"])}
     lines = report_lines(metrics)
-    assert lines[0] == "accuracy 0.7000  macro-F1 0.6667  loss 1.2500  n 10"
+    assert lines[0] == "accuracy 0.7000 ±0.1528  macro-F1 0.6667  loss 1.2500  n 10"
     assert lines[2].split() == ["a", "('", "A')", "0.750", "0.750", "0.750", "4", "4"]
     assert lines[5] == "confusion (rows: gold, columns: predicted):"
     assert [line.split() for line in lines[6:]] == [["a", "b", "c"], ["a", "3", "1", "0"], ["b", "0", "1", "1"],
@@ -44,6 +46,7 @@ def test_report_lines_show_the_table_and_the_confusion_matrix():
     assert report_lines({"loss": 2.0, "perplexity": math.exp(2), "n": 3}) == ["loss 2.0000  perplexity 7.3891  n 3"]
     assert compare_line({"accuracy": 0.5, "loss": 2.0}, {"accuracy": 0.75, "loss": 1.0}) == (
         "accuracy 0.5000 -> 0.7500, loss 2.0000 -> 1.0000")
+    assert compare_line({"accuracy": 0.5}, {"accuracy": 0.75, "accuracy_stderr": 0.0306}) == "accuracy 0.5000 -> 0.7500 ±0.0306"
 
 
 def test_ema_starts_at_the_first_loss_and_skips_non_finite_ones():

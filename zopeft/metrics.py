@@ -29,7 +29,11 @@ def _ratio(a: int, b: int) -> float:
 
 def class_metrics(gold: Sequence[int], pred: Sequence[int], labels: Sequence[str],
                   words: Sequence[str] | None = None) -> dict[str, Any]:
-    """``accuracy``, ``macro_f1``, ``per_class`` and ``confusion`` of predicted against gold class indices.
+    """``accuracy``, ``macro_f1``, ``accuracy_stderr``, ``per_class`` and ``confusion`` of predicted against gold
+    class indices.
+
+    ``accuracy_stderr``: the standard error of the accuracy as an estimate from these examples,
+    √(p(1−p)/(n−1)) (lm-evaluation-harness's ``acc_stderr``): a difference of a few of them is noise.
 
     ``per_class[label]``: ``precision``, ``recall``, ``f1``, ``support`` (gold count) and
     ``predicted`` (prediction count), plus ``word`` when ``words`` are given.  ``confusion[i][j]``
@@ -49,8 +53,10 @@ def class_metrics(gold: Sequence[int], pred: Sequence[int], labels: Sequence[str
                             "f1": f1, "support": support, "predicted": predicted}
         if support or predicted:
             f1s.append(f1)
-    correct = sum(confusion[i][i] for i in range(len(labels)))
-    return {"accuracy": _ratio(correct, len(gold)), "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
+    correct, n = sum(confusion[i][i] for i in range(len(labels))), len(gold)
+    accuracy = _ratio(correct, n)
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
+            "accuracy_stderr": math.sqrt(accuracy * (1 - accuracy) / (n - 1)) if n > 1 else 0.0,
             "per_class": per_class, "confusion": confusion}
 
 
@@ -76,7 +82,7 @@ def collapse_warning(metrics: dict[str, Any]) -> str | None:
 
 def report_lines(metrics: dict[str, Any]) -> list[str]:
     """Headline metrics, then (for a classification) the per-class table and the confusion matrix."""
-    head = [f"{name} {metrics[key]:.4f}" for key, name in HEADLINE.items() if key in metrics]
+    head = [f"{name} {metrics[key]:.4f}{_stderr(metrics, key)}" for key, name in HEADLINE.items() if key in metrics]
     lines = ["  ".join([*head, f"n {metrics['n']}"])]
     per_class = metrics.get("per_class")
     if not per_class:
@@ -99,8 +105,13 @@ def report_lines(metrics: dict[str, Any]) -> list[str]:
 def compare_line(before: dict[str, Any], after: dict[str, Any]) -> str:
     """``accuracy 0.5000 -> 0.6250, macro-F1 ...``: the headline metrics before and after training (after alone
     for a resumed run)."""
-    return ", ".join(f"{name} {before[key]:.4f} -> {after[key]:.4f}" if key in before else f"{name} {after[key]:.4f}"
-                     for key, name in HEADLINE.items() if key in after)
+    return ", ".join((f"{name} {before[key]:.4f} -> {after[key]:.4f}" if key in before else f"{name} {after[key]:.4f}")
+                     + _stderr(after, key) for key, name in HEADLINE.items() if key in after)
+
+
+def _stderr(metrics: dict[str, Any], key: str) -> str:
+    """`` ±0.0288`` after a metric that has a standard error (accuracy), else nothing."""
+    return f" ±{metrics[key + '_stderr']:.4f}" if key + "_stderr" in metrics else ""
 
 
 @dataclass
