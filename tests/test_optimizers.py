@@ -347,7 +347,7 @@ def _lora():
     (lambda m, b: zopeft.loss_closure(m, [b]), TypeError, "loss_closure: batch must be a mapping of the model's keyword"),
     (lambda m, b: zopeft.metric_closure(m, b), TypeError, "metric_closure: batch must be a CandidateBatch"),
     (lambda m, b: MeZO(m, lr=1e-3).step(zopeft.loss_closure(_lora(), b)), ValueError,
-     "the closure's model does not hold this optimizer's trainable tensors, so its steps could not change the loss"),
+     "the closure's model holds none of this optimizer's trainable tensors, so its steps could not change the loss"),
     (lambda m, b: zopeft.get_optimizer("fzoo", m, lr=1e-3, n_perturbation=4), TypeError,
      "fzoo: unknown keyword argument 'n_perturbation' (did you mean 'n_perturbations'?); it takes lr, eps, "),
     (lambda m, b: zopeft.Guard(torch.optim.SGD(m.parameters(), lr=1.0)), TypeError,

@@ -146,11 +146,22 @@ def test_headerless_csv_with_column_names(tmp_path):
     (["val_size=1.5"], "val_size: a fraction below 1 (e.g. 0.1) or a count of records (e.g. 200), got 1.5"),
     (["num_labels=2", "label_words=[' a', ' b', ' c']"], "num_labels: 2, but label_words name 3 labels"),
     (["task=sft", "label_word_scoring=mean"], "label_word_scoring: ranks the label words of task classification"),
+    (["label_words=good"], "label_words: a list of words ([' bad', ' good']) or a mapping of labels to words"),
+    (["zo=3"], "zo: a mapping of ZO settings (optimizer: fzoo, eps: 0.001, ...), got 3"),
+    (["lora_target=5"], "lora_target: Input should be 'all-linear' or a valid list, got 5"),  # a union: one line
+    (["zo.guard=eval"], "zo.guard: true, false or a mapping of guard settings (watch: eval, patience: 3, ...), got "
+                        "'eval' (did you mean zo.guard.watch: eval?)"),
 ])
 def test_recipe_errors(overrides, error):
     with pytest.raises(RecipeError) as err:
         load_recipe(None, ["model_name_or_path=m", "dataset=sst2", *overrides], check_files=False)
     assert err.value.errors == [next(e for e in err.value.errors if e.startswith(error))]
+
+
+def test_text_fields_take_one_name_or_a_comma_separated_list():
+    base = ["model_name_or_path=m", "dataset=x.csv"]
+    assert load_recipe(None, [*base, "text_fields=sentence"], check_files=False).text_fields == ["sentence"]
+    assert load_recipe(None, [*base, "text_fields=q, a"], check_files=False).text_fields == ["q", "a"]
 
 
 def test_num_labels_follows_the_label_words():

@@ -96,6 +96,10 @@ class GuardSettings(_Strict):
     @classmethod
     def _switch(cls, value: Any) -> Any:
         value = {"enabled": value} if isinstance(value, bool) else value
+        if not isinstance(value, dict):
+            hint = f" (did you mean zo.guard.watch: {value}?)" if value in ("loss", "eval") else ""
+            raise ValueError(f"zo.guard: true, false or a mapping of guard settings (watch: eval, patience: 3, ...), "
+                             f"got {value!r}{hint}")
         if isinstance(value, dict):  # the defaults of what is watched, under what the recipe sets
             value = {**GUARD_DEFAULTS.get(value.get("watch", "loss"), {}), **value}
         return value
@@ -191,6 +195,8 @@ def _zo_block(data: Any) -> ZOSettings:
     """Validate the ``zo:`` block against the chosen optimizer's schema; errors name ``zo.<key>``."""
     if isinstance(data, ZOSettings):
         return data
+    if not isinstance(data, (dict, type(None))):
+        raise ValueError(f"zo: a mapping of ZO settings (optimizer: fzoo, eps: 0.001, ...), got {data!r}")
     data = dict(data or {})
     name = str(data.get("optimizer", ZOSettings.model_fields["optimizer"].default)).lower()
     valid = [*available_optimizers(), *FIRST_ORDER_OPTIMIZERS]
@@ -209,7 +215,7 @@ def _zo_block(data: Any) -> ZOSettings:
         return model.model_validate({**data, "ignored": ignored})
     except ValidationError as err:
         lines = []
-        for e in err.errors():
+        for e in _merged(err.errors()):
             if e["type"] == "extra_forbidden":
                 key = str(e["loc"][-1])
                 hint = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.5)
@@ -328,7 +334,15 @@ class Recipe(_Strict):
     def _val_size(cls, value: Any) -> Any:
         return _record_count(value)
 
-    @field_validator("column_names", mode="before")
+    @field_validator("label_words", mode="before")
+    @classmethod
+    def _words(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, (list, dict)):
+            raise ValueError(f"label_words: a list of words ([' bad', ' good']) or a mapping of labels to words "
+                             f"({{0: ' bad', 1: ' good'}}), got {value!r}")
+        return value
+
+    @field_validator("column_names", "text_fields", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return [n.strip() for n in value.split(",")] if isinstance(value, str) else value
@@ -502,6 +516,24 @@ def _field_names(path: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+def _merged(errors: list[Any]) -> list[dict[str, Any]]:
+    """One error per key: pydantic reports a union's failure once per member, tagged (``lora_target.list[str]``)."""
+    out: list[dict[str, Any]] = []
+    unions: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for error in errors:
+        loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and "[" in p))  # no key has a bracket
+        if loc == tuple(error["loc"]):
+            out.append(dict(error))
+        elif loc in unions:
+            msg = error["msg"].removeprefix("Input should be ")
+            if msg not in unions[loc]["msg"]:
+                unions[loc]["msg"] += f" or {msg}"
+        else:
+            unions[loc] = {**error, "loc": loc, "type": "union"}
+            out.append(unions[loc])
+    return out
+
+
 def _format(error: dict[str, Any]) -> str:
     loc = tuple(error["loc"])
     path = ".".join(str(p) for p in loc) or "recipe"
@@ -542,7 +574,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, *, 
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError([line for e in err.errors() for line in _format(e).splitlines()]) from None
+        raise RecipeError([line for e in _merged(err.errors()) for line in _format(e).splitlines()]) from None
     if check_files:
         _check_files(recipe)
     return recipe

@@ -210,12 +210,13 @@ class ZOOptimizer(torch.optim.Optimizer):
     def evaluation_mode(self, model: nn.Module | None = None) -> Iterator[None]:
         """Evaluate with the module in eval mode (no dropout), restoring its mode after.
 
-        The module is the one the optimizer was built from, else ``model`` (a closure's model)
-        when the trainable tensors belong to it.
+        The module is the one the optimizer was built from, else ``model`` (a closure's model).
+        A ``model`` that holds none of the trainable tensors is refused: no step could change its loss.
         """
+        model = model if isinstance(model, nn.Module) else None
         if model is not None and not self._owns(model):
             raise ValueError(
-                "the closure's model does not hold this optimizer's trainable tensors, so its steps could not change "
+                "the closure's model holds none of this optimizer's trainable tensors, so its steps could not change "
                 "the loss: build the optimizer from the model the closure evaluates (after wrapping it with PEFT)"
             )
         module = self._module or model
@@ -418,11 +419,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         return losses + [math.nan] * (len(evaluations) - evaluated), evaluated
 
     def _owns(self, model: nn.Module) -> bool:
-        """Whether the trainable tensors are parameters of ``model`` (checked once per model, with its 4-bit layers)."""
+        """Whether trainable tensors are parameters of ``model`` (checked once per model, with its 4-bit layers)."""
         owned = self._owned.get(model)
         if owned is None:
-            first = self.points.tensors[0]
-            owned = self._owned[model] = any(p is first for p in model.parameters())
+            mine = {id(t) for t in self.points.tensors}
+            owned = self._owned[model] = any(id(p) in mine for p in model.parameters())
             if owned:
                 require_exact_4bit_cpu_path(model)
         return owned
