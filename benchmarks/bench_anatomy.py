@@ -95,6 +95,8 @@ def measure(
         for name, action in actions.items():
             if device.type == "cuda":
                 memory.reset()
+            if name in opts:  # the others' restores wrote the shared tensors: re-read them, untimed
+                opts[name].sync_masters()
             for _ in range(FORWARDS_PER_ROUND if name in ("forward", "plain") else 1):
                 dt = common.timed(action, device)
                 if i:

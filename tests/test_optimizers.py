@@ -126,7 +126,7 @@ def test_bf16_adapters_keep_an_fp32_master_so_small_updates_accumulate():
     assert "masters" in opt.state_dict()
 
 
-def test_weights_written_outside_the_optimizer_are_the_next_steps_start():
+def test_weights_written_outside_the_optimizer_are_the_next_steps_start(caplog):
     """The fp32 masters follow a bf16 tensor written in place outside the optimizer (loaded weights); only the
     written tensors are re-read (the others keep their fp32 bits); ``.data =`` needs sync_masters()."""
     w = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
@@ -139,7 +139,9 @@ def test_weights_written_outside_the_optimizer_are_the_next_steps_start():
     assert not torch.equal(kept, kept.to(torch.bfloat16).float())
     with torch.no_grad():
         w.copy_(torch.full((4,), 3.0))  # e.g. set_peft_model_state_dict
-    opt.step(loss)
+    with caplog.at_level("WARNING", logger="zopeft"):
+        opt.step(loss)
+    assert "1 trainable tensor(s) were written outside the optimizer before step 5; it continues from them" in caplog.text
     assert (w.detach() - 3).abs().max() < 0.01  # one small step from the loaded weights, not from the old ones
     assert torch.allclose(opt.points.masters()[0][:4], torch.full((4,), 3.0), atol=0.01)
     snapshot = opt.points.masters()[0][4:]
@@ -287,6 +289,21 @@ def test_register_optimizer_adds_to_registry():
     assert isinstance(zopeft.get_optimizer("HalfMeZO", [torch.nn.Parameter(torch.zeros(1))]), HalfMeZO)
 
 
+def test_a_registered_optimizer_takes_its_declared_settings_through_kwargs():
+    @zopeft.register_optimizer("scaledmezo")
+    class ScaledMeZO(MeZO):
+        settings = {"scale": zopeft.Setting(1.0, "a factor on the step", gt=0)}
+
+        def __init__(self, params, **kwargs):
+            self.scale = kwargs.pop("scale", 1.0)
+            super().__init__(params, **kwargs)
+
+    w = [torch.nn.Parameter(torch.zeros(1))]
+    assert zopeft.get_optimizer("scaledmezo", w, lr=0.1, scale=3.0).scale == 3.0
+    with pytest.raises(TypeError, match="scaledmezo: unknown keyword argument 'scal' \\(did you mean 'scale'\\?\\)"):
+        zopeft.get_optimizer("scaledmezo", w, lr=0.1, scal=3.0)
+
+
 CURVATURE = torch.tensor([0.5, 1.0, 2.0, 4.0])
 
 
@@ -342,8 +359,9 @@ def _lora():
      "the closure returned None instead of the loss: return it (e.g. return model(**batch).loss"),
     (lambda m, b: MeZO(m, lr=1e-3).step(lambda: "0.5"), TypeError,
      "the closure returned a str; return the loss as a number or a tensor"),
-    (lambda m, b: zopeft.loss_closure(m, {"input_ids": b["input_ids"]}), ValueError,
-     "loss_closure: the batch has no labels, so the model computes no loss"),
+    (lambda m, b: MeZO(m, lr=1e-3).step(zopeft.loss_closure(m, {"input_ids": b["input_ids"]})), TypeError,
+     "the closure returned None instead of the loss: return it (e.g. return model(**batch).loss; a model given no "
+     "labels computes no loss)"),
     (lambda m, b: zopeft.loss_closure(m, [b]), TypeError, "loss_closure: batch must be a mapping of the model's keyword"),
     (lambda m, b: zopeft.metric_closure(m, b), TypeError, "metric_closure: batch must be a CandidateBatch"),
     (lambda m, b: MeZO(m, lr=1e-3).step(zopeft.loss_closure(_lora(), b)), ValueError,

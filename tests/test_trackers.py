@@ -14,9 +14,11 @@ from zopeft.trackers import Trackers, scalars
 
 def test_scalar_names():
     record = {"step": 3, "forward_passes": 12, "forward_equivalents": 36, "lr": 0.01, "loss": 2.5, "loss_ema": 2.7,
-              "sigma": 0.1, "skipped": "non-finite loss", "eval_accuracy": 0.5, "eval_predicted": {"0": 3, "1": 1}}
+              "sigma": 0.1, "skipped": "non-finite loss", "eval_accuracy": 0.5, "eval_predicted": {"0": 3, "1": 1},
+              "select_accuracy": 0.6, "skipped_steps": 1}  # select_: the records zo.guard.select_size holds out
     assert scalars(record) == {"train/global_step": 3, "train/learning_rate": 0.01, "train/loss": 2.5,
-                               "train/loss_ema": 2.7, "train/zo_sigma": 0.1, "eval/accuracy": 0.5}
+                               "train/loss_ema": 2.7, "train/zo_sigma": 0.1, "eval/accuracy": 0.5,
+                               "select/accuracy": 0.6, "train/zo_skipped_steps": 1}
 
 
 def test_the_x_axis_is_forward_pass_equivalents():

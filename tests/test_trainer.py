@@ -145,6 +145,18 @@ def test_the_guard_judges_the_eval_dataset_that_metric_for_best_model_names(tmp_
     assert judged == [(v, False) for v in logged]  # a loss: lower is better
 
 
+def test_an_eval_guard_with_several_eval_datasets_and_no_metric_for_best_model_warns(tmp_path, caplog):
+    data = Rows(fixed_batch("llama", batch=8))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, eval_strategy="steps",
+                             eval_steps=2, report_to=[], use_cpu=True, seed=0)
+    trainer = zopeft.ZOTrainer(model=lora_model(), args=args, train_dataset=data, eval_dataset={"a": data, "b": data},
+                               zo_optimizer="mezo", zo_guard={"watch": "eval"})
+    with caplog.at_level("WARNING", logger="zopeft"):
+        trainer.train()
+    assert caplog.text.count("zopeft guard: an evaluation without eval_accuracy or eval_loss (several eval datasets?) "
+                             "is not judged; set metric_for_best_model") == 1
+
+
 def test_without_metric_for_best_model_the_guard_judges_the_eval_accuracy_else_loss(tmp_path, monkeypatch):
     judged = []
     monkeypatch.setattr(zopeft.Guard, "observe_eval",

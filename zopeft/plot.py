@@ -34,7 +34,8 @@ def curves(records: list[dict]) -> Figure:
     points = [r for r in evals if "eval_loss" in r]
     left.plot([_x(r) for r in points], [r["eval_loss"] for r in points], "o-", color="tab:red", label="eval")
     left.set(xlabel=X_LABEL, ylabel="loss", title="loss")
-    metrics = [m for m in ("eval_accuracy", "eval_macro_f1") if any(m in r for r in evals)] or ["eval_perplexity"]
+    metrics = [m for m in ("eval_accuracy", "eval_macro_f1")  # select_: the records zo.guard.select_size holds out
+               if any(m in r or "select_" + m[len("eval_"):] in r for r in records)] or ["eval_perplexity"]
     for metric, color in zip(metrics, ("tab:green", "tab:purple")):
         judged = "select_" + metric[len("eval_"):]  # the same metric on zo.guard.select_size's records
         for key, style, label in ((metric, "o-", NAMES[metric]), (judged, "s--", f"{NAMES[metric]} (guard's records)")):

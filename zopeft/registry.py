@@ -64,29 +64,34 @@ def get_optimizer(name: str, params: Any, **kwargs: Any) -> ZOOptimizer:
         _REGISTRY[key] = getattr(importlib.import_module(module), attr)
     cls = _REGISTRY.get(key)
     if cls is None:
-        hint = difflib.get_close_matches(key, available_optimizers(), n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(f"unknown ZO optimizer {name!r}{suggestion}; available: {', '.join(available_optimizers())}")
-    takes = _keywords(cls)
-    for key in kwargs:
-        if key not in takes:
-            hint = difflib.get_close_matches(key, takes, n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise TypeError(f"{name}: unknown keyword argument {key!r}{suggestion}; it takes {', '.join(takes)}")
+        raise ValueError(f"unknown ZO optimizer {name!r}{_hint(key, available_optimizers())}; "
+                         f"available: {', '.join(available_optimizers())}")
+    takes = [*_keywords(cls), *(k for k in hyperparameters(key) if k not in _keywords(cls))]
+    for given in kwargs:
+        if given not in takes:
+            raise TypeError(f"{name}: unknown keyword argument {given!r}{_hint(given, takes)}; it takes {', '.join(takes)}")
     return cls(params, **kwargs)
 
 
+def _hint(word: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
 def _keywords(cls: type) -> list[str]:
-    """The keyword arguments a ZO optimizer class takes: its (and its bases') named constructor parameters."""
+    """The keyword arguments a ZO optimizer class takes: its named constructor parameters, and its bases'
+    as far as each passes ``**kwargs`` on."""
     from .optim.base import ZOOptimizer
 
     names: list[str] = []
     for klass in cls.__mro__[: cls.__mro__.index(ZOOptimizer) + 1]:  # not torch.optim.Optimizer's ``defaults``
         init = klass.__dict__.get("__init__")
-        if init is not None:
-            for param in list(inspect.signature(init).parameters.values())[2:]:  # after self, params
-                if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and param.name not in names:
-                    names.append(param.name)
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[2:]  # after self, params
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
     return names
 
 

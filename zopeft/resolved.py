@@ -137,7 +137,8 @@ def effective_lines(recipe: Recipe) -> list[str]:
     elif kind == "sequence_classification":
         origin = "from label_words" if settings.get("label_words") else "labels are 0 .. num_labels - 1"
         lines.append(f"num_labels: {recipe.num_labels} ({origin})")
-    splits = [("train", data.train), ("eval", data.eval)] + ([("guard judges", data.select)] if data.select else [])
+    splits = [("train", data.train), ("eval", data.eval)]
+    splits += [("guard judges", data.select)] if data.select and recipe.guards_evaluations else []
     for name, split in splits:
         lines.append(f"{name}: {split.description}" if split else f"{name}: none")
         counts = _label_counts(split.records, settings) if split else None

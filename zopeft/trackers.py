@@ -27,7 +27,8 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     for key, value in record.items():
         if key in AXES or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        out[f"eval/{key[5:]}" if key.startswith("eval_") else names.get(key, f"train/zo_{key}")] = value
+        section, _, name = key.partition("_")
+        out[f"{section}/{name}" if section in ("eval", "select") else names.get(key, f"train/zo_{key}")] = value
     return out
 
 

@@ -171,6 +171,7 @@ class _GuardCallback(TrainerCallback):
 
     def __init__(self, trainer: ZOTrainer) -> None:
         self.trainer = trainer
+        self.unjudged_warned = False
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         return self._judge(control, lambda guard: guard.observe_step())
@@ -180,6 +181,13 @@ class _GuardCallback(TrainerCallback):
         judges the one named ``select``; the others' evaluations are not judged), else accuracy, else loss."""
         metrics, name = metrics or {}, args.metric_for_best_model
         if name is None:
+            guard = self.trainer.zo_guard
+            if guard is not None and guard.watch == "eval" and not {"eval_accuracy", "eval_loss"} & metrics.keys():
+                if not self.unjudged_warned:
+                    logger.warning("zopeft guard: an evaluation without eval_accuracy or eval_loss (several eval "
+                                   "datasets?) is not judged; set metric_for_best_model to the metric to judge, "
+                                   "e.g. select_loss")
+                self.unjudged_warned = True
             return self._judge(control, lambda guard: guard.observe_metrics(metrics, prefix="eval_"))
         key = name if name.startswith("eval_") else f"eval_{name}"
         if key not in metrics:

@@ -50,9 +50,6 @@ def loss_closure(model: nn.Module, batch: Mapping[str, Any], *, perturbation_bat
     if not isinstance(batch, Mapping):
         raise TypeError(f"loss_closure: batch must be a mapping of the model's keyword inputs (a tokenizer's output "
                         f"with labels), got a {type(batch).__name__}")
-    if "labels" not in batch:
-        raise ValueError("loss_closure: the batch has no labels, so the model computes no loss; add them (a causal "
-                         "LM: labels = input_ids, padding set to -100)")
     return BatchedLoss(model, batch, perturbation_batch_size=perturbation_batch_size)
 
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
-import numbers
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypedDict
@@ -41,6 +41,8 @@ from .points import Buffer, Point, Points
 from .settings import BASE, parse_memory
 
 __all__ = ["Evaluation", "StepRecord", "ZOOptimizer"]
+
+logger = logging.getLogger("zopeft")
 
 Closure = Callable[[], Any]
 Evaluation = Point
@@ -200,26 +202,23 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def perturb(self, perturbation: int, scale: float) -> None:
         """Set θ ← θ₀ + scale·ε·z_k for the current step (θ₀: the unperturbed weights)."""
+        self._adopt()
         self.points.write(self._step, (perturbation, scale))
 
     def restore(self) -> None:
         """Return the tensors to θ₀ (bit-exact with master weights)."""
+        self._adopt()
         self.points.restore()
 
     @contextlib.contextmanager
     def evaluation_mode(self, model: nn.Module | None = None) -> Iterator[None]:
         """Evaluate with the module in eval mode (no dropout), restoring its mode after.
 
-        The module is the one the optimizer was built from, else ``model`` (a closure's model).
-        A ``model`` that holds none of the trainable tensors is refused: no step could change its loss.
+        The module is the one the optimizer was built from, else ``model`` (a closure's model)
+        when the trainable tensors belong to it.
         """
-        model = model if isinstance(model, nn.Module) else None
-        if model is not None and not self._owns(model):
-            raise ValueError(
-                "the closure's model holds none of this optimizer's trainable tensors, so its steps could not change "
-                "the loss: build the optimizer from the model the closure evaluates (after wrapping it with PEFT)"
-            )
-        module = self._module or model
+        owned = isinstance(model, nn.Module) and self._owns(model)
+        module = self._module or (model if owned else None)
         if module is None or not module.training:
             yield
             return
@@ -240,8 +239,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         or the losses (data parallel) are shared with one all-reduce of a few floats.
         Returns the loss at the current weights.
         """
+        self._check_closure(closure)
         if self._pending is None:  # a step begins from the model's weights, even if changed outside
-            self.points.adopt_outside_writes()
+            self._adopt()
         evaluations = self.evaluations()
         comm = self.comm
         with self.evaluation_mode(getattr(closure, "model", None)):
@@ -287,7 +287,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         :mod:`zopeft.optim.eps_check`).  The weights are restored exactly; nothing is counted in
         :attr:`forward_passes` or logged, and the next step is unchanged.
         """
-        self.points.adopt_outside_writes()
+        self._check_closure(closure)
+        self._adopt()
         noise: dict[float, float] = {}
         differences: list[float] = []
         spent = 0
@@ -323,7 +324,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                     f"replay: record {i} is neither a step (step, lr, losses) nor a rollback (rollback_to, lr_scale); "
                     f"it has {sorted(record)}: pass the records of opt.step_log or a run's zo_steps.jsonl"
                 )
-        self.points.adopt_outside_writes()
+        self._adopt()
         targets = {r["rollback_to"] for r in records if "rollback_to" in r}
         kept = {self._step - 1: self.snapshot()} if self._step - 1 in targets else {}
         for record in records:
@@ -342,7 +343,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def snapshot(self) -> dict[str, Any]:
         """The trainable values and the method state (e.g. AdaMeZO's window), for :meth:`rollback`."""
-        self.points.adopt_outside_writes()
+        self._adopt()
         return {"values": self.points.snapshot(), "extra": copy.deepcopy(self.extra_state())}
 
     @torch.no_grad()
@@ -356,6 +357,24 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.step_log.append(record)  # type: ignore[arg-type]
 
     # ----- internals -------------------------------------------------------------------------
+    def _check_closure(self, closure: Closure) -> None:
+        """Refuse a batched closure (zopeft.loss_closure, metric_closure) over a model that holds none of the
+        trainable tensors: no step could change its loss."""
+        model = getattr(closure, "model", None)
+        if callable(getattr(closure, "losses", None)) and isinstance(model, nn.Module) and not self._owns(model):
+            raise ValueError(
+                "the closure's model holds none of this optimizer's trainable tensors, so its steps could not change "
+                "the loss: build the optimizer from the model the closure evaluates (after wrapping it with PEFT)"
+            )
+
+    def _adopt(self) -> None:
+        """Continue from the trainable tensors written outside the optimizer since it last wrote them."""
+        changed = self.points.adopt_outside_writes()
+        if changed and self._step:
+            logger.warning("zopeft: %d trainable tensor(s) were written outside the optimizer before step %d; it "
+                           "continues from them (as torch.optim would), but its step log alone no longer rebuilds "
+                           "the run (replay, a Guard in replay mode)", changed, self._step)
+
     def _advance(self, record: StepRecord) -> None:
         """Apply (or skip) the update of ``record``, log it and move to the next step."""
         self._apply(record)
@@ -436,7 +455,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         fp32 master buffers are included only where a trainable tensor is fp16/bf16
         (there the master holds bits the model's own weights cannot).
         """
-        self.points.adopt_outside_writes()
+        self._adopt()
         state: dict[str, Any] = {
             "optimizer": type(self).__name__,
             "noise_format": NOISE_FORMAT,
@@ -502,7 +521,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Re-read every master copy from the model.
 
         Tensors written in place outside the optimizer (``load_state_dict``, ``copy_``) are re-read
-        at the next step by themselves; an assignment to ``param.data`` is not seen, hence this call.
+        at the next step by themselves; writes through ``param.data``, by torch.distributed
+        collectives or by custom kernels are not counted by torch, hence this call.
         """
         self.points.sync_from_model()
 
@@ -514,12 +534,12 @@ def _as_float(loss: Any) -> float:
     """A closure's loss as a float: a number or a tensor (a per-example tensor is averaged)."""
     if isinstance(loss, torch.Tensor):
         return float(loss.detach().float().mean())
-    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-        return float(loss)
     if loss is None:
         raise TypeError("the closure returned None instead of the loss: return it (e.g. return model(**batch).loss; "
                         "a model given no labels computes no loss)")
-    raise TypeError(f"the closure returned a {type(loss).__name__}; return the loss as a number or a tensor")
+    if isinstance(loss, (str, bytes, bool)):
+        raise TypeError(f"the closure returned a {type(loss).__name__}; return the loss as a number or a tensor")
+    return float(loss)
 
 
 def _trainable_groups(params: Any) -> list[dict[str, Any]]:

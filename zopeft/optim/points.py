@@ -272,21 +272,18 @@ class Points:
 
     @torch.no_grad()
     def adopt_outside_writes(self) -> int:
-        """With masters: re-read θ₀ of the tensors written outside since this object last wrote them
-        (weights loaded into the model, a user's edit), so the model's values win, as with torch.optim.
-        Returns how many tensors were re-read.  An assignment to ``.data`` is not counted by torch:
-        :meth:`sync_from_model` re-reads every tensor."""
+        """With masters: re-read θ₀ of the tensors written in place outside since this object last wrote
+        them (weights loaded into the model, a user's edit), so the model's values win, as with torch.optim.
+        Returns how many tensors were re-read.  Torch does not count writes through ``.data``, by
+        torch.distributed collectives or by custom kernels: :meth:`sync_from_model` re-reads every tensor."""
         if not self.has_masters:
             return 0  # in place, the model's tensors are θ₀
-        changed = 0
         pairs = ((t, m) for b in self.buffers for t, m in zip(b.tensors, b.master_views))
-        for (t, m), seen in zip(pairs, self._versions):
-            if t._version != seen:
-                m.copy_(t.detach())
-                changed += 1
+        changed = [(m, t.detach()) for (t, m), seen in zip(pairs, self._versions) if t._version != seen]
         if changed:
+            torch._foreach_copy_([m for m, _ in changed], [t for _, t in changed])
             self._written()
-        return changed
+        return len(changed)
 
     @torch.no_grad()
     def sync_from_model(self) -> None:
