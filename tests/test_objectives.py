@@ -47,6 +47,9 @@ def test_python_objectives_and_clear_errors(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
         def top2_miss(scores, gold):
             return float((scores.topk(2).indices != gold[:, None]).all(-1).float().mean())
+
+        def per_example(scores, gold):
+            return scores.argmax(-1) != gold  # a tensor per example, not one number
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     fn = resolve_objective("python:my_rewards:top2_miss")
@@ -57,6 +60,9 @@ def test_python_objectives_and_clear_errors(tmp_path, monkeypatch):
         resolve_objective("python:my_rewards:nope")
     with pytest.raises(ValueError, match="python:MODULE:FUNCTION"):
         resolve_objective("python:my_rewards")
+    with pytest.raises(ValueError, match=r"objective python:my_rewards:per_example failed: (ValueError|RuntimeError): .* "
+                                         r"\(it is called as f\(scores, gold\)"):
+        resolve_objective("python:my_rewards:per_example")(torch.zeros(2, 3), torch.tensor([0, 1]))
     sys.modules.pop("my_rewards", None)
 
 

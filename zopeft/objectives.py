@@ -74,7 +74,7 @@ def resolve_objective(spec: str | Objective) -> Objective:
             raise ValueError(f"objective {spec!r}: cannot import {name} from {module} ({err})") from None
         if not callable(fn):
             raise ValueError(f"objective {spec!r}: {module}.{name} is not callable")
-        return fn
+        return _UserObjective(spec, fn)
     if spec not in OBJECTIVES:
         hint = difflib.get_close_matches(spec, [*OBJECTIVES, "loss"], n=1)
         raise ValueError(
@@ -82,6 +82,22 @@ def resolve_objective(spec: str | Objective) -> Objective:
             + f"; choose loss, {', '.join(OBJECTIVES)} or python:MODULE:FUNCTION"
         )
     return OBJECTIVES[spec]
+
+
+@dataclass(frozen=True)
+class _UserObjective:
+    """A ``python:MODULE:FUNCTION`` objective: a failure of the function names it and what it is given."""
+
+    spec: str
+    fn: Objective
+
+    def __call__(self, scores: torch.Tensor, gold: torch.Tensor) -> float:
+        try:
+            return float(self.fn(scores, gold))
+        except Exception as err:  # the user's code: any failure, told in one line with the contract
+            raise ValueError(f"objective {self.spec} failed: {type(err).__name__}: {err} (it is called as "
+                             f"f(scores, gold): log-probabilities (examples, candidates) and gold indices (examples,); "
+                             "it returns one number to minimise)") from err
 
 
 @dataclass
