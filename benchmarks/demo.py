@@ -13,7 +13,7 @@ What it runs, in this process, exactly as a user would type it:
    that the check shows the merge itself: bf16, the CLI's default, rounds logits by ~0.5).
 
 Then it prints a summary -- dev accuracy before -> after with its standard error
-sqrt(p(1-p)/n), the gain in standard errors, forward passes, wall time and where the
+sqrt(p(1-p)/(n-1)), the gain in standard errors, forward passes, wall time and where the
 adapter, log, plot and merged model are -- and writes the same numbers as JSON
 (``benchmarks/results/demo_cpu.json`` by default).  Overrides are passed on to
 ``zopeft train``, e.g. ``python -m benchmarks.demo max_steps=20`` for a quick look.
@@ -65,11 +65,6 @@ def idle_cores() -> int:
     return max(1, (os.cpu_count() or 1) - (int(load[0]) if load else 0))
 
 
-def std_error(accuracy: float, n: int) -> float:
-    """Standard error of an accuracy measured on ``n`` independent examples: sqrt(p(1-p)/n)."""
-    return math.sqrt(accuracy * (1 - accuracy) / n)
-
-
 def read_evals(log_path: Path) -> list[dict[str, Any]]:
     """The evaluation records of a ``trainer_log.jsonl``, in order (first: before training, last: after)."""
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
@@ -85,7 +80,7 @@ def summarize(output_dir: Path, merged_dir: Path, train_s: float, merge_s: float
     before, after = evals[0], evals[-1]
     n = int(after["eval_n"])
     acc0, acc1 = before["eval_accuracy"], after["eval_accuracy"]
-    se0, se1 = std_error(acc0, n), std_error(acc1, n)
+    se0, se1 = before["eval_accuracy_stderr"], after["eval_accuracy_stderr"]  # zopeft.metrics: sqrt(p(1-p)/(n-1))
     return {
         "model": recipe.model_name_or_path,
         "finetuning": f"{recipe.finetuning_type} r={recipe.lora_rank} on {recipe.lora_target}",

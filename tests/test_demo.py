@@ -22,7 +22,8 @@ def _fake_run(out: Path, accuracies: list[float], n: int = 200) -> None:
     (out / "recipe.yaml").write_text(load_recipe(demo.RECIPE, check_files=False).to_yaml())
     lines = []
     for i, acc in enumerate(accuracies):
-        lines.append({"step": 40 * i, "forward_passes": 360 * i, "eval_accuracy": acc, "eval_loss": 1.0, "eval_n": n})
+        lines.append({"step": 40 * i, "forward_passes": 360 * i, "eval_accuracy": acc, "eval_loss": 1.0, "eval_n": n,
+                      "eval_accuracy_stderr": math.sqrt(acc * (1 - acc) / (n - 1))})
         lines.append({"step": 40 * i + 5, "forward_passes": 360 * i + 45, "lr": 0.01, "loss": 1.0})
     (out / "trainer_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:-1]))
 
@@ -31,7 +32,7 @@ def test_summary_reads_before_and_after_from_the_log_with_standard_errors(tmp_pa
     _fake_run(tmp_path / "run", [0.54, 0.70, 0.865])
     s = demo.summarize(tmp_path / "run", tmp_path / "run" / "merged", 100.0, 10.0, 120.0)
     assert (s["accuracy_before"], s["accuracy_after"], s["dev_examples"]) == (0.54, 0.865, 200)
-    assert s["se_before"] == pytest.approx(math.sqrt(0.54 * 0.46 / 200))
+    assert s["se_before"] == pytest.approx(math.sqrt(0.54 * 0.46 / 199))  # the logged eval_accuracy_stderr
     assert s["gain_in_standard_errors"] == pytest.approx(0.325 / math.hypot(s["se_before"], s["se_after"]))
     assert s["accuracy_curve"] == [(0, 0.54), (360, 0.70), (720, 0.865)]
     assert s["forward_passes"] == 720 and s["steps"] == 80
