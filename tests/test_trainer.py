@@ -169,3 +169,14 @@ def test_without_metric_for_best_model_the_guard_judges_the_eval_accuracy_else_l
     trainer.train()
     logged = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     assert len(logged) == 2 and judged == [(v, False) for v in logged]  # a causal LM has no accuracy
+
+
+def test_a_misspelled_zo_optimizer_or_setting_is_refused_when_the_trainer_is_built(tmp_path):
+    import pytest
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    data = Rows(fixed_batch("llama", batch=4))
+    with pytest.raises(ValueError, match="unknown ZO optimizer 'fzo' \\(did you mean 'fzoo'\\?\\)"):
+        zopeft.ZOTrainer(model=lora_model(), args=args, train_dataset=data, zo_optimizer="fzo")
+    with pytest.raises(TypeError, match="fzoo: unknown keyword argument 'n_perturbation' \\(did you mean 'n_perturbations'"):
+        zopeft.ZOTrainer(model=lora_model(), args=args, train_dataset=data, zo_kwargs={"n_perturbation": 4})

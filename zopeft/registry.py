@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .optim.settings import BASE, BUILTIN, Setting
@@ -17,7 +17,7 @@ from .optim.settings import BASE, BUILTIN, Setting
 if TYPE_CHECKING:
     from .optim.base import ZOOptimizer
 
-__all__ = ["available_optimizers", "get_optimizer", "hyperparameters", "register_optimizer"]
+__all__ = ["available_optimizers", "get_optimizer", "hyperparameters", "optimizer_class", "register_optimizer"]
 
 # name -> "module:class" of the built-in optimizers, imported on first use
 _BUILTIN = {
@@ -58,6 +58,12 @@ def available_optimizers() -> list[str]:
 
 def get_optimizer(name: str, params: Any, **kwargs: Any) -> ZOOptimizer:
     """Build the optimizer registered as ``name`` over ``params`` (a module, tensors or groups)."""
+    return optimizer_class(name, kwargs)(params, **kwargs)
+
+
+def optimizer_class(name: str, kwargs: Mapping[str, Any] | None = None) -> type[ZOOptimizer]:
+    """The class registered as ``name``; ValueError for an unknown name, TypeError for a keyword in
+    ``kwargs`` it does not take (each with a did-you-mean)."""
     key = name.lower()
     if key not in _REGISTRY and key in _BUILTIN:
         module, _, attr = _BUILTIN[key].partition(":")
@@ -67,10 +73,10 @@ def get_optimizer(name: str, params: Any, **kwargs: Any) -> ZOOptimizer:
         raise ValueError(f"unknown ZO optimizer {name!r}{_hint(key, available_optimizers())}; "
                          f"available: {', '.join(available_optimizers())}")
     takes = [*_keywords(cls), *(k for k in hyperparameters(key) if k not in _keywords(cls))]
-    for given in kwargs:
+    for given in kwargs or {}:
         if given not in takes:
             raise TypeError(f"{name}: unknown keyword argument {given!r}{_hint(given, takes)}; it takes {', '.join(takes)}")
-    return cls(params, **kwargs)
+    return cls
 
 
 def _hint(word: str, options: list[str]) -> str:

@@ -17,7 +17,7 @@ from .guard import Guard, rollback_line
 from .objectives import CandidateBatch, Objective, resolve_objective
 from .optim.base import ZOOptimizer
 from .optim.eps_check import EpsCheck
-from .registry import get_optimizer
+from .registry import get_optimizer, optimizer_class
 
 __all__ = ["ZOTrainer"]
 
@@ -66,6 +66,8 @@ class ZOTrainer(Trainer):
         require_exact_4bit_cpu_path(self.model)
         self.zo_optimizer = zo_optimizer
         self.zo_kwargs = dict(zo_kwargs or {})
+        if not isinstance(zo_optimizer, ZOOptimizer):
+            optimizer_class(zo_optimizer, {"lr": 0, "weight_decay": 0, "seed": 0, **self.zo_kwargs})  # fail now
         self.zo_guard_settings = ({} if zo_guard is True else dict(zo_guard)) if zo_guard else None
         self.zo_guard: Guard | None = None
         self.zo_objective = resolve_objective(zo_objective) if zo_objective not in (None, "loss") else None
