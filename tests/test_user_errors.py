@@ -149,6 +149,7 @@ def test_data_that_does_not_fit_the_task_is_one_line_before_the_model_loads(tmp_
         data.write_text("".join(json.dumps(r) + "\n" for r in keys.pop("data")))
         keys["dataset"] = str(data)
     (tmp_path / "not-a-model").mkdir()  # loading it would fail: the data error must come first
+    (tmp_path / "not-a-model" / "config.json").write_text("{}")
     path = write_recipe(tmp_path, model_name_or_path=str(tmp_path / "not-a-model"), **keys)
     one_error_line(invoke("train", path), *expected)
     one_error_line(invoke("eval", path), *expected[1:])
