@@ -72,7 +72,8 @@ def optimizer_class(name: str, kwargs: Mapping[str, Any] | None = None) -> type[
     if cls is None:
         raise ValueError(f"unknown ZO optimizer {name!r}{_hint(key, available_optimizers())}; "
                          f"available: {', '.join(available_optimizers())}")
-    takes = [*_keywords(cls), *(k for k in hyperparameters(key) if k not in _keywords(cls))]
+    named = _keywords(cls)
+    takes = [*named, *(k for k in hyperparameters(key) if k not in named)]
     for given in kwargs or {}:
         if given not in takes:
             raise TypeError(f"{name}: unknown keyword argument {given!r}{_hint(given, takes)}; it takes {', '.join(takes)}")
