@@ -276,17 +276,14 @@ def list_recipes(ctx: typer.Context) -> None:
 def copy_recipe(name: str, dest: Path, overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="replace DEST's recipe of that name (your edits are lost)")] = False) -> None:
     """Copy the bundled recipe NAME to DEST (a file or a directory) to edit it."""
+    from zopeft.hints import did_you_mean
     from zopeft.recipe import RecipeError, bundled_recipes_dir
 
     with _user_errors(False):
         source = bundled_recipes_dir() / (name if name.endswith(".yaml") else f"{name}.yaml")
         if not source.exists():
-            import difflib
-
             names = [p.stem for p in bundled_recipes_dir().glob("*.yaml")]
-            hint = difflib.get_close_matches(name, names, n=1)
-            raise RecipeError([f"no bundled recipe {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                               + "; see `zopeft recipes`"])
+            raise RecipeError([f"no bundled recipe {name!r}{did_you_mean(name, names)}; see `zopeft recipes`"])
         target = dest / source.name if dest.is_dir() else dest
         if not target.parent.is_dir():
             raise RecipeError([f"DEST: {target.parent} is not a directory; create it or copy into an existing one"])

@@ -97,6 +97,12 @@ def test_lora_target_in_llama_factory_comma_form(tmp_path):
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
 
 
+def test_a_misnamed_lora_target_names_the_closest_module_before_training(tmp_path):
+    one_error_line(invoke("train", write_recipe(tmp_path, lora_target=["q_proj", "v_prj"])),
+                   "lora_target: 'v_prj' matches no linear module of this model (did you mean 'v_proj'?); available: ")
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
 def test_resuming_past_max_steps_is_refused(run_copy):
     recipe = run_copy / "recipe.yaml"
     one_error_line(invoke("train", recipe, "resume_from_checkpoint=auto", "max_steps=3"),

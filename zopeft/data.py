@@ -7,11 +7,12 @@ bundled dataset's default task settings, so a recipe can say just ``dataset: sst
 from __future__ import annotations
 
 import csv
-import difflib
 import json
 import re
 from pathlib import Path
 from typing import Any
+
+from .hints import did_you_mean
 
 __all__ = ["BUILTIN_DATASETS", "BUNDLED_DIR", "DATA_FORMATS", "load_records"]
 
@@ -75,21 +76,16 @@ def load_records(source: str | Path, split: str | None = None, column_names: lis
     if path.suffix.lower() in DATA_FORMATS or "/" in text or "\\" in text or text.startswith((".", "~")):
         raise FileNotFoundError(f"data file not found: {path}")
     raise ValueError(
-        f"unknown dataset {text!r}: built-in datasets are {', '.join(BUILTIN_DATASETS)}"
-        f" (or give the path of a {'/'.join(DATA_FORMATS)} file){_did_you_mean(text, BUILTIN_DATASETS)}"
+        f"unknown dataset {text!r}{did_you_mean(text, BUILTIN_DATASETS)}: built-in datasets are "
+        f"{', '.join(BUILTIN_DATASETS)} (or give the path of a {'/'.join(DATA_FORMATS)} file)"
     )
-
-
-def _did_you_mean(word: str, options: Any) -> str:
-    hint = difflib.get_close_matches(word, list(options), n=1)
-    return f"; did you mean {hint[0]!r}?" if hint else ""
 
 
 def _load_builtin(name: str, split: str | None) -> list[dict]:
     files = BUILTIN_DATASETS[name]["files"]
     if split not in files:
         raise ValueError(
-            f"dataset {name!r} has splits {', '.join(files)}, got split={split!r}{_did_you_mean(str(split), files)}"
+            f"dataset {name!r} has splits {', '.join(files)}, got split={split!r}{did_you_mean(split, files)}"
         )
     return _load_file(BUNDLED_DIR / files[split])
 
@@ -160,7 +156,7 @@ def _load_with_datasets(path: Path, split: str | None) -> list[dict]:
         if isinstance(data, datasets.DatasetDict):
             split = split or "train"
             if split not in data:
-                raise ValueError(f"{path} has splits {', '.join(data)}, got split={split!r}{_did_you_mean(split, data)}")
+                raise ValueError(f"{path} has splits {', '.join(data)}, got split={split!r}{did_you_mean(split, data)}")
             data = data[split]
     else:
         data = datasets.load_dataset(str(path), split=split or "train")

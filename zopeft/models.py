@@ -8,7 +8,6 @@ GGUF file is converted once into a cached safetensors folder.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from transformers import (
 )
 
 from .checkpoint import atomic_directory, check_safetensors
+from .hints import did_you_mean
 from .model_files import gguf_cache_dir, resolve_model_path
 
 __all__ = [
@@ -154,11 +154,10 @@ def _check_modules(model: nn.Module, wanted: list[str], key: str, linear_only: b
     suffixes = sorted({n.split(".")[-1] for n in names})
     for target in wanted:
         if not any(n == target or n.endswith(f".{target}") for n in names):
-            hint = difflib.get_close_matches(target, suffixes, n=1)
             shown = ", ".join(suffixes[:20]) + (" …" if len(suffixes) > 20 else "")
             raise ValueError(
                 f"{key}: {target!r} matches no {'linear ' if linear_only else ''}module of this model"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; available: {shown}"
+                + f"{did_you_mean(target, suffixes)}; available: {shown}"
             )
 
 

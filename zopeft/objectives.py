@@ -27,11 +27,12 @@ import torch, so that recipes can be validated without it.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from .hints import did_you_mean
 
 if TYPE_CHECKING:
     import torch
@@ -76,10 +77,9 @@ def resolve_objective(spec: str | Objective) -> Objective:
             raise ValueError(f"objective {spec!r}: {module}.{name} is not callable")
         return _UserObjective(spec, fn)
     if spec not in OBJECTIVES:
-        hint = difflib.get_close_matches(spec, [*OBJECTIVES, "loss"], n=1)
         raise ValueError(
-            f"unknown objective {spec!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            + f"; choose loss, {', '.join(OBJECTIVES)} or python:MODULE:FUNCTION"
+            f"unknown objective {spec!r}{did_you_mean(spec, [*OBJECTIVES, 'loss'])}"
+            f"; choose loss, {', '.join(OBJECTIVES)} or python:MODULE:FUNCTION"
         )
     return OBJECTIVES[spec]
 

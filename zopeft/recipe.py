@@ -7,7 +7,6 @@ reported as one line naming the key path and the fix (:class:`RecipeError`).
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib.util
 import os
@@ -21,6 +20,7 @@ from pydantic import (
     field_validator, model_validator,
 )
 
+from .hints import did_you_mean
 from .optim.settings import GUARD_DEFAULTS
 from .registry import available_optimizers
 
@@ -152,8 +152,7 @@ class ZOSettings(_Strict):
             if importlib.util.find_spec(module.split(".")[0]) is None:
                 raise ValueError(f"module {module!r} of {value!r} is not importable (is it on PYTHONPATH?)")
         elif value not in ("loss", *OBJECTIVES):
-            hint = difflib.get_close_matches(value, ["loss", *OBJECTIVES], n=1)
-            raise ValueError(f"unknown objective {value!r}{_did_you_mean(hint)}; choose loss, "
+            raise ValueError(f"unknown objective {value!r}{did_you_mean(value, ['loss', *OBJECTIVES])}; choose loss, "
                              f"{', '.join(OBJECTIVES)} or python:MODULE:FUNCTION")
         return value
 
@@ -201,8 +200,7 @@ def _zo_block(data: Any) -> ZOSettings:
     name = str(data.get("optimizer", ZOSettings.model_fields["optimizer"].default)).lower()
     valid = [*available_optimizers(), *FIRST_ORDER_OPTIMIZERS]
     if name not in valid:
-        hint = difflib.get_close_matches(name, valid, n=1)
-        raise ValueError(f"zo.optimizer: unknown optimizer {name!r}{_did_you_mean(hint)}; choose one of {', '.join(valid)}")
+        raise ValueError(f"zo.optimizer: unknown optimizer {name!r}{did_you_mean(name, valid)}; choose one of {', '.join(valid)}")
     data["optimizer"] = name
     model = zo_settings_model(name)
     ignored = []
@@ -218,9 +216,8 @@ def _zo_block(data: Any) -> ZOSettings:
         for e in _merged(err.errors()):
             if e["type"] == "extra_forbidden":
                 key = str(e["loc"][-1])
-                hint = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.5)
                 takes = ", ".join(k for k in model.model_fields if k != "ignored")
-                lines.append(f"zo.{key}: unknown key{_did_you_mean(hint)}; {name} takes {takes}")
+                lines.append(f"zo.{key}: unknown key{did_you_mean(key, model.model_fields, cutoff=0.5)}; {name} takes {takes}")
             else:
                 lines.append(_format({**e, "loc": ("zo", *e["loc"])}))
         raise ValueError("\n".join(lines)) from None
@@ -450,10 +447,6 @@ def bundled_recipes_dir() -> Path:
     return packaged if packaged.is_dir() else packaged.parent.parent / "recipes"
 
 
-def _did_you_mean(hint: list[str]) -> str:
-    return f" (did you mean {hint[0]!r}?)" if hint else ""
-
-
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["zo.eps=1e-3", "max_steps=200"]`` → nested dict; values parsed as YAML scalars.
 
@@ -540,8 +533,7 @@ def _format(error: dict[str, Any]) -> str:
     kind, msg = error["type"], error["msg"]
     if kind == "extra_forbidden":
         names = _field_names(loc[:-1])
-        hint = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
-        return f"{path}: unknown key{_did_you_mean(hint)}"
+        return f"{path}: unknown key{did_you_mean(loc[-1], names, cutoff=0.5)}"
     if kind == "missing":
         return f"{path}: required key is missing"
     msg = msg.removeprefix("Value error, ")
@@ -550,8 +542,7 @@ def _format(error: dict[str, Any]) -> str:
     if kind == "literal_error":  # a list item's index adds nothing to the key path
         path = ".".join(str(p) for p in loc if not isinstance(p, int))
         choices = re.findall(r"'([^']*)'", error["ctx"]["expected"])
-        hint = difflib.get_close_matches(str(error.get("input")), choices, n=1)
-        return f"{path}: {msg}, got {error.get('input')!r}{_did_you_mean(hint)}"
+        return f"{path}: {msg}, got {error.get('input')!r}{did_you_mean(error.get('input'), choices)}"
     shown = "input" in error and kind != "value_error" and not isinstance(error["input"], dict)
     got = f", got {error['input']!r}" if shown else ""
     return f"{path}: {msg}{got}"
@@ -589,10 +580,9 @@ def _check_files(recipe: Recipe) -> None:
         if value is None or value in BUILTIN_DATASETS:
             continue
         if not Path(value).exists():
-            hint = difflib.get_close_matches(value, list(BUILTIN_DATASETS), n=1)
             errors.append(
                 f"{key}: {value!r} is neither a bundled dataset ({', '.join(BUILTIN_DATASETS)}) nor an existing file"
-                f"{_did_you_mean(hint)}"
+                f"{did_you_mean(value, BUILTIN_DATASETS)}"
             )
     model = recipe.model_name_or_path
     if model.startswith("pkg:"):

@@ -7,15 +7,15 @@ recipe key to fix and the record's fields.
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
+
+from .hints import did_you_mean
 
 __all__ = ["canon_label", "choice_texts", "fill", "label_index", "label_keys", "prompt_text", "require_text_fields"]
 
 
 def _fields_hint(name: str, record: dict) -> str:
-    hint = difflib.get_close_matches(name, [str(k) for k in record], n=1, cutoff=0.5)
-    return f"fields: {', '.join(map(str, record))}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+    return f"fields: {', '.join(map(str, record))}{did_you_mean(name, record, cutoff=0.5)}"
 
 
 def canon_label(value: Any) -> Any:

@@ -6,12 +6,12 @@ validation, ``zopeft validate``) does not import torch.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from .hints import did_you_mean
 from .optim.settings import BASE, BUILTIN, Setting
 
 if TYPE_CHECKING:
@@ -70,19 +70,14 @@ def optimizer_class(name: str, kwargs: Mapping[str, Any] | None = None) -> type[
         _REGISTRY[key] = getattr(importlib.import_module(module), attr)
     cls = _REGISTRY.get(key)
     if cls is None:
-        raise ValueError(f"unknown ZO optimizer {name!r}{_hint(key, available_optimizers())}; "
+        raise ValueError(f"unknown ZO optimizer {name!r}{did_you_mean(key, available_optimizers())}; "
                          f"available: {', '.join(available_optimizers())}")
     named = _keywords(cls)
     takes = [*named, *(k for k in hyperparameters(key) if k not in named)]
     for given in kwargs or {}:
         if given not in takes:
-            raise TypeError(f"{name}: unknown keyword argument {given!r}{_hint(given, takes)}; it takes {', '.join(takes)}")
+            raise TypeError(f"{name}: unknown keyword argument {given!r}{did_you_mean(given, takes)}; it takes {', '.join(takes)}")
     return cls
-
-
-def _hint(word: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(word, options, n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def _keywords(cls: type) -> list[str]:

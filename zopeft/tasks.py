@@ -14,7 +14,6 @@ prompt + continuation fits in ``cutoff_len`` tokens.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from .hints import did_you_mean
 from .metrics import class_metrics
 from .objectives import CandidateBatch
 from .records import choice_texts, fill, label_index, label_keys, prompt_text, require_text_fields
@@ -580,8 +580,4 @@ def build_task(
         return SFTTask(template, cutoff_len, **kw)
     if kind == "sequence_classification":
         return SequenceClassificationTask(fields, label_words, label_field, cutoff_len, num_labels, **kw)
-    hint = difflib.get_close_matches(str(kind), TASK_KINDS, n=1)
-    raise ValueError(
-        f"unknown task kind {kind!r}: valid kinds are {', '.join(TASK_KINDS)}"
-        + (f"; did you mean {hint[0]!r}?" if hint else "")
-    )
+    raise ValueError(f"unknown task kind {kind!r}: valid kinds are {', '.join(TASK_KINDS)}{did_you_mean(kind, TASK_KINDS)}")
