@@ -121,7 +121,7 @@ def test_a_directory_without_the_datasets_package_says_what_to_install(tmp_path:
 
     result = invoke("validate", write_recipe(tmp_path, dataset=str(tmp_path / "dd"), task="classification"))
     assert result.exit_code == 2 and result.output.strip().splitlines() == [
-        f"error: {tmp_path / 'dd'} is a directory: reading it needs the `datasets` package (pip install datasets)"]
+        f"error: {tmp_path / 'dd'} is a directory: reading it needs the `datasets` package (pip install 'zopeft[datasets]')"]
 
 
 # ----- errors --------------------------------------------------------------------------------

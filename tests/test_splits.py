@@ -38,7 +38,7 @@ def test_a_local_file_holds_out_a_default_slice_that_is_never_trained_on(tmp_pat
     assert evaluated.description == "train.jsonl, held out by val_size 0.1 with seed 42 (6 records)"
     assert train.description == "train.jsonl (54 records; 6 more held out for evaluation)"
     (note,) = data.notes()
-    assert note.startswith("val_size: train.jsonl has no dev split and no eval_dataset is given: 6 of its 60 records")
+    assert note.startswith("val_size: train.jsonl has no dev or validation split and no eval_dataset is given: 6 of its 60 records")
     assert "never trained on" in note and "set val_size (0: none) or eval_dataset" in note
 
 
@@ -116,6 +116,33 @@ def test_a_bundled_dataset_evaluates_its_dev_split_and_an_eval_file_is_named(tmp
     same = DataSplits(recipe(path, eval_dataset=str(path)))
     assert same.notes() == ["eval_dataset: my_test.jsonl is also the training file: its scores are on records the "
                             "model is trained on"]
+
+
+def saved_dataset_dict(path: Path, **splits: range) -> Path:
+    """A directory written by ``DatasetDict.save_to_disk``; each split's records numbered by ``splits``."""
+    datasets = pytest.importorskip("datasets")
+    rows = {name: [{"q": f"{name} {i}", "coarse_label": CLASSES[i % 6]} for i in span] for name, span in splits.items()}
+    datasets.DatasetDict({name: datasets.Dataset.from_list(r) for name, r in rows.items()}).save_to_disk(str(path))
+    return path
+
+
+def test_a_saved_dataset_dict_trains_on_train_and_evaluates_its_validation_split(tmp_path):
+    folder = saved_dataset_dict(tmp_path / "trec", train=range(40), validation=range(12), test=range(30))
+    data = DataSplits(recipe(folder))
+    assert keys_of(data.train.records) == {f"train {i}" for i in range(40)} and data.held_out == []
+    assert keys_of(data.eval.records) == {f"validation {i}" for i in range(12)}  # not held out of train, not test
+    assert data.eval.description == "trec validation split (12 records)" and data.notes() == []
+    # as eval_dataset: its validation split (its train split used to be read), and no "also the training file"
+    again = DataSplits(recipe(folder, eval_dataset=str(folder)))
+    assert keys_of(again.eval.records) == keys_of(data.eval.records) and again.notes() == []
+    only_test = saved_dataset_dict(tmp_path / "held", train=range(5), test=range(9))
+    named = DataSplits(recipe(sorted_jsonl(tmp_path / "train.jsonl"), eval_dataset=str(only_test)))
+    assert named.eval.description == "held test split (9 records)" and named.held_out == []
+    without = DataSplits(recipe(only_test))  # dataset's test split is never evaluated on by default
+    assert len(without.held_out) == 1 and "has no dev or validation split" in without.notes()[0]
+    odd = saved_dataset_dict(tmp_path / "odd", a=range(3), b=range(3))
+    with pytest.raises(RecipeError, match="eval_dataset: .*odd' has splits a, b, none of them dev, validation, test"):
+        _ = DataSplits(recipe(folder, eval_dataset=str(odd))).eval
 
 
 def test_max_eval_samples_is_a_fixed_random_subset_not_the_first_rows(tmp_path):

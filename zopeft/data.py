@@ -14,7 +14,7 @@ from typing import Any
 
 from .hints import did_you_mean
 
-__all__ = ["BUILTIN_DATASETS", "BUNDLED_DIR", "DATA_FORMATS", "load_records"]
+__all__ = ["BUILTIN_DATASETS", "BUNDLED_DIR", "DATA_FORMATS", "load_records", "named_splits"]
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled_data"
 DATA_FORMATS = (".jsonl", ".json", ".csv", ".tsv")
@@ -53,6 +53,18 @@ BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
 _INT = re.compile(r"-?\d+")
 
 
+def named_splits(source: str | Path) -> tuple[str, ...]:
+    """The splits of a bundled dataset or of a directory saved by ``datasets``' ``DatasetDict.save_to_disk``
+    (read from its ``dataset_dict.json``, without the ``datasets`` package); ``()`` for anything else."""
+    if isinstance(source, str) and source in BUILTIN_DATASETS:
+        return tuple(BUILTIN_DATASETS[source]["files"])
+    listing = Path(source).expanduser() / "dataset_dict.json"
+    try:
+        return tuple(json.loads(listing.read_text(encoding="utf-8"))["splits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ()
+
+
 def load_records(source: str | Path, split: str | None = None, column_names: list[str] | None = None) -> list[dict]:
     """Records of a bundled dataset's ``split`` (``train``/``dev``), or of a local data file or directory.
 
@@ -61,7 +73,8 @@ def load_records(source: str | Path, split: str | None = None, column_names: lis
     them, as in HF ``datasets``' CSV loader).  A TSV row is one line (``csv.QUOTE_NONE``: bare quotes are
     text); a cell that is wholly CSV-quoted (``"a ""b"" c"``, as in the RTE files) is unquoted.
     CSV/TSV columns whose every cell is an integer become ``int``.  A directory is read with the optional ``datasets`` library
-    (``load_from_disk`` output or anything ``load_dataset`` reads offline; ``split`` defaults to train).
+    (``load_from_disk`` output or anything ``load_dataset`` reads offline; ``split`` defaults to train;
+    :func:`named_splits` lists a saved ``DatasetDict``'s).
     """
     if isinstance(source, str) and source in BUILTIN_DATASETS:
         return _load_builtin(source, split)
@@ -150,7 +163,7 @@ def _load_with_datasets(path: Path, split: str | None) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise ImportError(f"{path} is a directory: reading it needs the `datasets` package (pip install datasets)") from None
+        raise ImportError(f"{path} is a directory: reading it needs the `datasets` package (pip install 'zopeft[datasets]')") from None
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):

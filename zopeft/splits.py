@@ -1,12 +1,14 @@
 """The records a recipe trains and evaluates on, and what they are in words.
 
-* Training records: ``dataset`` (a bundled dataset's train split, or a file), less the records
-  ``val_size`` and ``zo.guard.select_size`` hold out.
-* Evaluation records: ``eval_dataset``; else the records ``val_size`` holds out of ``dataset``
-  (LLaMA-Factory's key: a fraction or a count, drawn with ``seed``, never trained on); else a
-  bundled dataset's dev split.  A local ``dataset`` with neither ``eval_dataset`` nor
-  ``val_size`` holds out :data:`DEFAULT_VAL_SIZE` (10%) and says so (:meth:`DataSplits.notes`);
-  ``val_size: 0`` holds out nothing, and a local dataset is then not evaluated.
+* Training records: ``dataset`` (the train split of a bundled dataset or of a directory saved by
+  ``DatasetDict.save_to_disk``, or a file), less the records ``val_size`` and ``zo.guard.select_size``
+  hold out.
+* Evaluation records: ``eval_dataset`` (of one with splits: its dev, validation or test split, or
+  its only one); else the records ``val_size`` holds out of ``dataset`` (LLaMA-Factory's key: a
+  fraction or a count, drawn with ``seed``, never trained on); else ``dataset``'s dev or validation
+  split.  A ``dataset`` with none of these and no ``val_size`` holds out :data:`DEFAULT_VAL_SIZE`
+  (10%) and says so (:meth:`DataSplits.notes`); ``val_size: 0`` holds out nothing, and such a
+  dataset is then not evaluated.
 * The guard's records (``zo.guard.select_size``, with ``zo.guard.watch: eval``): held out of
   ``dataset`` after val_size's records, from the same seeded order, never trained on; the guard
   judges them instead of the evaluation records, whose scores are then not selected on.
@@ -27,7 +29,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
-from .data import BUILTIN_DATASETS, load_records
+from .data import load_records, named_splits
 from .recipe import Recipe, RecipeError
 
 __all__ = ["DEFAULT_VAL_SIZE", "SPLITS", "DataSplits", "Split"]
@@ -35,6 +37,8 @@ __all__ = ["DEFAULT_VAL_SIZE", "SPLITS", "DataSplits", "Split"]
 DEFAULT_VAL_SIZE = 0.1  # held out of a local dataset that has no eval_dataset and no val_size
 SUBSET_SEED = 0  # max_train_samples / max_eval_samples: the same subset whatever the run's seed
 SPLITS = ("dev", "train", "select")  # the evaluation records, the training records, the guard's records
+DATASET_EVAL_SPLITS = ("dev", "validation")  # without eval_dataset or val_size: the first of dataset's splits
+EVAL_DATASET_SPLITS = ("dev", "validation", "test")  # of eval_dataset: the first it has, else its only split
 
 
 
@@ -77,17 +81,38 @@ class DataSplits:
     def __init__(self, recipe: Recipe, task: RecordCheck | None = None, checked: int | None = None) -> None:
         self.recipe, self.task, self.checked = recipe, task, checked
 
-    def _bundled(self, key: str) -> bool:
-        return getattr(self.recipe, key) in BUILTIN_DATASETS
+    def _splits(self, key: str) -> tuple[str, ...]:
+        """The named splits of ``key``'s source (a bundled dataset, a saved DatasetDict); () for a file."""
+        return named_splits(getattr(self.recipe, key))
 
-    def _name(self, key: str, split: str) -> str:
+    def _eval_split(self, key: str) -> str | None:
+        """The split of ``key``'s source evaluated on, or None (see :data:`DATASET_EVAL_SPLITS`)."""
+        splits, wanted = self._splits(key), EVAL_DATASET_SPLITS if key == "eval_dataset" else DATASET_EVAL_SPLITS
+        found = next((s for s in wanted if s in splits), None)
+        if found is None and key == "eval_dataset" and splits:
+            if len(splits) > 1:
+                raise RecipeError([f"eval_dataset: {getattr(self.recipe, key)!r} has splits {', '.join(splits)}, none of "
+                                   f"them {', '.join(wanted)}: save the split to evaluate on as its own dataset"])
+            return splits[0]
+        return found
+
+    @cached_property
+    def _train_split(self) -> str | None:
+        return "train" if self._splits("dataset") else None
+
+    @property
+    def _dataset_name(self) -> str:
+        return self._name("dataset", self._train_split)
+
+    def _name(self, key: str, split: str | None) -> str:
+        name = Path(getattr(self.recipe, key)).name  # a bundled dataset's name is its own
+        return f"{name} {split} split" if split else name
+
+    def _load(self, key: str, split: str | None) -> list[dict]:
+        """The records of ``split`` of ``key``'s source (None: a file), each checked against the task."""
         source = getattr(self.recipe, key)
-        return f"{source} {split} split" if self._bundled(key) else Path(source).name
-
-    def _load(self, key: str, split: str) -> list[dict]:
-        source, bundled = getattr(self.recipe, key), self._bundled(key)
-        records = load_records(source, split if bundled else None, None if bundled else self.recipe.column_names)
-        where = f"{source!r} ({split} split)" if bundled else repr(source)
+        records = load_records(source, split, self.recipe.column_names if split is None else None)
+        where = f"{source!r} ({split} split)" if split else repr(source)
         if not records:
             raise RecipeError([f"{key}: {where} has no records"])
         for i, record in enumerate(records[: self.checked] if self.task is not None else []):
@@ -99,14 +124,14 @@ class DataSplits:
 
     @cached_property
     def _dataset(self) -> list[dict]:
-        return self._load("dataset", "train")
+        return self._load("dataset", self._train_split)
 
     @property
     def val_size(self) -> int | float:
-        """The recipe's ``val_size``, else the default: 10% of a local dataset without eval_dataset, else 0."""
+        """The recipe's ``val_size``, else the default: 10% of a dataset without an eval split or eval_dataset, else 0."""
         if self.recipe.val_size is not None:
             return self.recipe.val_size
-        return DEFAULT_VAL_SIZE if self.recipe.eval_dataset is None and not self._bundled("dataset") else 0
+        return DEFAULT_VAL_SIZE if self.recipe.eval_dataset is None and self._eval_split("dataset") is None else 0
 
     def _count(self, size: int | float) -> int:
         return size if isinstance(size, int) else math.ceil(size * len(self._dataset))
@@ -120,7 +145,7 @@ class DataSplits:
             default = "" if self.recipe.val_size is not None or not self.val_size else f" (val_size's default, {DEFAULT_VAL_SIZE})"
             keys = " and zo.guard.select_size" if select_size else ""
             raise RecipeError([f"val_size{keys}: holding out {count} of the {n} records of "
-                               f"{self._name('dataset', 'train')}{default} leaves none to train on; lower "
+                               f"{self._dataset_name}{default} leaves none to train on; lower "
                                f"val_size{keys} or give eval_dataset"])
         order = list(range(n))
         random.Random(self.recipe.seed).shuffle(order)
@@ -148,7 +173,7 @@ class DataSplits:
         records, count = _subset(records, self.recipe.max_train_samples, "max_train_samples")
         more = [f"{len(held)} more held out for evaluation"] if held else []
         more += [f"{len(selection)} for the guard to judge"] if selection else []
-        return Split(records, f"{self._name('dataset', 'train')} ({'; '.join([count, *more])})")
+        return Split(records, f"{self._dataset_name} ({'; '.join([count, *more])})")
 
     @cached_property
     def select(self) -> Split | None:
@@ -156,19 +181,20 @@ class DataSplits:
         if not self.held_for_selection:
             return None
         records = [self._dataset[i] for i in self.held_for_selection]
-        return Split(records, f"{self._name('dataset', 'train')}, held out by zo.guard.select_size "
+        return Split(records, f"{self._dataset_name}, held out by zo.guard.select_size "
                               f"{self.recipe.zo.guard.select_size} with seed {self.recipe.seed} ({len(records)} records)")
 
     @cached_property
     def eval(self) -> Split | None:
         """The records evaluated on, or None (a local dataset with ``val_size: 0`` and no eval_dataset)."""
         if self.recipe.eval_dataset is not None:
-            records, name = self._load("eval_dataset", "dev"), self._name("eval_dataset", "dev")
+            split = self._eval_split("eval_dataset")
+            records, name = self._load("eval_dataset", split), self._name("eval_dataset", split)
         elif self.held_out:
             records = [self._dataset[i] for i in self.held_out]
-            name = f"{self._name('dataset', 'train')}, held out by val_size {self.val_size} with seed {self.recipe.seed}"
-        elif self._bundled("dataset"):
-            records, name = self._load("dataset", "dev"), self._name("dataset", "dev")
+            name = f"{self._dataset_name}, held out by val_size {self.val_size} with seed {self.recipe.seed}"
+        elif (split := self._eval_split("dataset")) is not None:
+            records, name = self._load("dataset", split), self._name("dataset", split)
         else:
             return None
         records, count = _subset(records, self.recipe.max_eval_samples, "max_eval_samples")
@@ -187,7 +213,7 @@ class DataSplits:
                                    "zo.guard.select_size (with zo.guard.watch: eval)"])
             return self.select
         if self.eval is None:
-            raise RecipeError([f"split dev: {self._name('dataset', 'train')} has no evaluation records (val_size: 0 "
+            raise RecipeError([f"split dev: {self._dataset_name} has no evaluation records (val_size: 0 "
                                "and no eval_dataset); set val_size or eval_dataset, or evaluate the train split"])
         return self.eval
 
@@ -200,15 +226,15 @@ class DataSplits:
         """One line each for what the recipe leaves implicit: a default held-out slice, no evaluation, scores on trained-on records."""
         recipe, notes = self.recipe, []
         if recipe.val_size is None and self.held_out:
-            notes.append(f"val_size: {self._name('dataset', 'train')} has no dev split and no eval_dataset is given: "
+            notes.append(f"val_size: {self._dataset_name} has no dev or validation split and no eval_dataset is given: "
                          f"{len(self.held_out)} of its {len(self._dataset)} records ({DEFAULT_VAL_SIZE:.0%}, drawn with "
                          f"seed {recipe.seed}) are held out for evaluation, never trained on; set val_size (0: none) "
                          "or eval_dataset to choose")
         if self.eval is None:
-            notes.append(f"val_size: 0 and no eval_dataset: {self._name('dataset', 'train')} is trained on in full "
+            notes.append(f"val_size: 0 and no eval_dataset: {self._dataset_name} is trained on in full "
                          "and nothing is evaluated")
-        same = not self._bundled("dataset") and recipe.eval_dataset is not None and not self._bundled("eval_dataset")
-        if same and Path(recipe.eval_dataset).resolve() == Path(recipe.dataset).resolve():
-            notes.append(f"eval_dataset: {self._name('dataset', 'train')} is also the training file: its scores are "
+        if (recipe.eval_dataset is not None and Path(recipe.eval_dataset).resolve() == Path(recipe.dataset).resolve()
+                and self._eval_split("eval_dataset") == self._train_split):
+            notes.append(f"eval_dataset: {self._dataset_name} is also the training file: its scores are "
                          "on records the model is trained on")
         return notes
