@@ -101,6 +101,10 @@ def test_every_bundled_recipe_validates(recipe):
         ("dataset=missing.jsonl", "dataset: 'missing.jsonl' is neither a bundled dataset"),
         ("model_name_or_path=./no/such/dir", "model_name_or_path: './no/such/dir' does not exist"),
         ("finetuning_type=ful", "(did you mean 'full'?)"),
+        ("num_train_epochs=3", "num_train_epochs: not a zopeft key; zopeft counts steps: set max_steps"),
+        ("warmup_ratio=1.5", "warmup_ratio: a fraction of max_steps in [0, 1), got 1.5"),
+        ("warmup_steps=2.5", "warmup_steps: a count of steps, or a fraction of max_steps below 1, got 2.5"),
+        ("fp16=maybe", "fp16: true or false, got 'maybe'"),
     ],
 )
 def test_validation_errors_are_one_line_with_exit_code_2(tmp_path, override, expected):
@@ -108,6 +112,30 @@ def test_validation_errors_are_one_line_with_exit_code_2(tmp_path, override, exp
     assert result.exit_code == 2
     assert expected in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_training_arguments_spellings_warmup_ratio_and_bf16(tmp_path):
+    """LLaMA-Factory / TrainingArguments keys: warmup_ratio is a fractional warmup_steps (transformers 5), bf16 and fp16
+    set compute_dtype; the run warms up over that fraction of max_steps."""
+    from zopeft.recipe import load_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path, warmup_ratio=0.25, bf16=True, max_steps=10))
+    assert (recipe.warmup_steps, recipe.num_warmup_steps, recipe.compute_dtype) == (0.25, 3, "bfloat16")
+    assert "warmup_ratio" not in recipe.to_yaml() and "bf16" not in recipe.to_yaml()  # saved in zopeft's own keys
+    for keys, expected in [
+        ({"warmup_ratio": 0.1, "warmup_steps": 5}, "warmup_ratio: give warmup_steps or warmup_ratio, not both"),
+        ({"bf16": True, "compute_dtype": "float16"}, "bf16: true means compute_dtype: bfloat16, but compute_dtype is float16"),
+        ({"bf16": True, "fp16": True}, "fp16: true, and bf16: true too; choose one"),
+    ]:
+        result = invoke("validate", write_recipe(tmp_path, **keys))
+        assert result.exit_code == 2 and result.output.startswith(f"error: {expected}")
+        assert len(result.output.strip().splitlines()) == 1
+    constant = invoke("validate", write_recipe(tmp_path, warmup_steps=4))
+    assert "note: warmup_steps: lr_scheduler_type constant has no warmup" in constant.output
+    result = invoke("train", write_recipe(tmp_path, warmup_ratio=0.5, lr_scheduler_type="linear", max_steps=4))
+    assert result.exit_code == 0, result.output
+    lrs = [json.loads(line).get("lr") for line in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]
+    assert [lr for lr in lrs if lr is not None] == pytest.approx([0.0, 5e-3, 1e-2, 5e-3])  # 2 steps of warmup, then linear
 
 
 def test_yaml_floats_written_like_1e_3_are_floats(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import re
 from pathlib import Path
@@ -43,6 +44,16 @@ ESSENTIAL_KEYS = (
 )
 # zo keys that change how a step is computed, not what it computes: free to change on resume.
 OPERATIONAL_ZO_KEYS = ("batched", "perturbation_batch_size", "max_memory", "sync_check_steps")
+# TrainingArguments / LLaMA-Factory keys that zopeft does not take, and what to write instead
+FOREIGN_KEYS = {
+    "num_train_epochs": "zopeft counts steps: set max_steps (a ZO run takes thousands of small steps)",
+    "max_grad_norm": "a ZO step has no gradient to clip; zo.guard rejects and rolls back divergent steps",
+    "optim": "choose the optimizer with zo.optimizer (e.g. fzoo)",
+    "gradient_checkpointing": "a ZO step keeps no activations for a backward pass: there is nothing to checkpoint",
+    "stage": "zopeft trains the task the recipe names (task: classification, multiple_choice, sft, ...)",
+    "do_train": "`zopeft train` trains and `zopeft eval` evaluates",
+}
+DTYPE_FLAGS = {"bf16": "bfloat16", "fp16": "float16"}  # TrainingArguments' switches, read as compute_dtype
 # text keys whose command-line overrides interpret the escapes \n, \t and \\ (prompt text, not paths)
 ESCAPED_KEYS = ("template",)
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
@@ -235,7 +246,8 @@ class Recipe(_Strict):
     quantization_bit: Literal[4, 8] | None = None
     quantization_type: Literal["nf4", "fp4"] = "nf4"
     double_quantization: bool = False
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="the model's dtype (the compute dtype of a quantized one); bf16: true / fp16: true set it")
     trust_remote_code: bool = False
     # adapter
     finetuning_type: Literal["lora", "prefix", "prompt", "ia3", "full"] = "lora"
@@ -282,7 +294,8 @@ class Recipe(_Strict):
     per_device_eval_batch_size: int = Field(16, ge=1, le=BATCH)
     gradient_accumulation_steps: int = Field(1, ge=1, le=BATCH)
     lr_scheduler_type: Literal["constant", "linear", "cosine", "constant_with_warmup", "polynomial"] = "constant"
-    warmup_steps: int = Field(0, ge=0, le=STEPS)
+    warmup_steps: int | float = Field(0, ge=0, le=STEPS, description="steps of warmup, or a fraction of max_steps "
+                                      "below 1 (as in transformers 5; LLaMA-Factory's warmup_ratio is read as it)")
     weight_decay: float = Field(0.0, ge=0, le=1)
     eval_steps: int | None = Field(None, ge=1, le=STEPS, description="evaluate every N steps (None: only at the start and end)")
     save_steps: int | None = Field(None, ge=1, le=STEPS)
@@ -304,6 +317,35 @@ class Recipe(_Strict):
     @classmethod
     def _zo(cls, value: Any) -> ZOSettings:
         return _zo_block(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _training_arguments_spellings(cls, data: Any) -> Any:
+        """``warmup_ratio`` as a fractional ``warmup_steps``; ``bf16`` / ``fp16`` as ``compute_dtype``."""
+        if not isinstance(data, dict) or not {"warmup_ratio", *DTYPE_FLAGS} & data.keys():
+            return data
+        data = dict(data)
+        if "warmup_ratio" in data:
+            ratio = data.pop("warmup_ratio")
+            if data.get("warmup_steps"):
+                raise ValueError("warmup_ratio: give warmup_steps or warmup_ratio, not both (a warmup_steps below 1 "
+                                 "is a fraction of max_steps, as in transformers 5)")
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+                raise ValueError(f"warmup_ratio: a fraction of max_steps in [0, 1), got {ratio!r}")
+            data["warmup_steps"] = float(ratio)
+        for flag in DTYPE_FLAGS:
+            if not isinstance(data.get(flag, False), bool):
+                raise ValueError(f"{flag}: true or false, got {data[flag]!r}")
+        chosen = [flag for flag in DTYPE_FLAGS if data.pop(flag, False)]
+        if len(chosen) > 1:
+            raise ValueError("fp16: true, and bf16: true too; choose one (or set compute_dtype: bfloat16 or float16)")
+        if chosen:
+            dtype = DTYPE_FLAGS[chosen[0]]
+            if data.get("compute_dtype", dtype) != dtype:
+                raise ValueError(f"{chosen[0]}: true means compute_dtype: {dtype}, but compute_dtype is "
+                                 f"{data['compute_dtype']}; drop one of them")
+            data["compute_dtype"] = dtype
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -330,6 +372,15 @@ class Recipe(_Strict):
     @classmethod
     def _val_size(cls, value: Any) -> Any:
         return _record_count(value)
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and value >= 1:
+            if not value.is_integer():
+                raise ValueError(f"a count of steps, or a fraction of max_steps below 1, got {value}")
+            return int(value)
+        return value
 
     @field_validator("label_words", mode="before")
     @classmethod
@@ -407,6 +458,12 @@ class Recipe(_Strict):
         return self.zo.optimizer not in FIRST_ORDER_OPTIMIZERS
 
     @property
+    def num_warmup_steps(self) -> int:
+        """``warmup_steps`` as a count: a fraction is of ``max_steps``, rounded up (as transformers does)."""
+        warmup = self.warmup_steps
+        return math.ceil(warmup * self.max_steps) if isinstance(warmup, float) else warmup
+
+    @property
     def guards_evaluations(self) -> bool:
         """Whether the guard judges the evaluations (``zo.guard.watch: eval`` on a ZO run)."""
         return self.is_zeroth_order and self.zo.guard.enabled and self.zo.guard.watch == "eval"
@@ -424,6 +481,9 @@ class Recipe(_Strict):
                              f"row above its best, and this run makes {judged} before its end (eval_steps {self.eval_steps}, "
                              f"max_steps {self.max_steps}): it can act only on a non-finite step; lower "
                              "zo.guard.patience or eval_steps")
+        if self.warmup_steps and self.lr_scheduler_type == "constant":
+            notes.append("warmup_steps: lr_scheduler_type constant has no warmup (the learning rate is constant from "
+                         "the first step); use constant_with_warmup, linear or cosine")
         if self.template is not None and re.search(r"\\[nt]", self.template):
             notes.append("template: holds a backslash + n or t as two characters, not a newline or tab; in YAML "
                          'write the template in double quotes ("Q: {q}\\nA:"); on the command line \\n is a newline')
@@ -533,6 +593,8 @@ def _format(error: dict[str, Any]) -> str:
     kind, msg = error["type"], error["msg"]
     if kind == "extra_forbidden":
         names = _field_names(loc[:-1])
+        if len(loc) == 1 and loc[0] in FOREIGN_KEYS:
+            return f"{path}: not a zopeft key; {FOREIGN_KEYS[loc[0]]}"
         return f"{path}: unknown key{did_you_mean(loc[-1], names, cutoff=0.5)}"
     if kind == "missing":
         return f"{path}: required key is missing"

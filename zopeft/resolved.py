@@ -144,5 +144,7 @@ def effective_lines(recipe: Recipe) -> list[str]:
         counts = _label_counts(split.records, settings) if split else None
         if counts:
             lines.append(f"  labels: {counts}")
+    if isinstance(recipe.warmup_steps, float):
+        lines.append(f"warmup: {recipe.num_warmup_steps} steps ({recipe.warmup_steps} of max_steps {recipe.max_steps})")
     lines.append(f"threads: {recipe.threads}" if recipe.threads else "threads: torch's default (one per core)")
     return lines + [f"note: {note}" for note in data.notes()]

@@ -45,7 +45,7 @@ LOCK_NAME, PLOT_NAME = ".zopeft.lock", "training_curves.png"
 # files that mark a directory as holding a run or an adapter (besides checkpoint-N directories)
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", LOG_NAME, STEP_LOG_NAME)
 STATE_FILES = ("optimizer", "scheduler", "rng")  # save_state names in a checkpoint
-# schedules whose learning rate at every step depends on max_steps
+# schedules whose learning rate at every step depends on max_steps (and any with warmup_steps a fraction of it)
 STRETCHED_SCHEDULES = ("linear", "cosine", "polynomial")
 
 Echo = Callable[[str], None]
@@ -249,7 +249,9 @@ class RunDir:
                 f"max_steps: {recipe.max_steps} is below the step of {checkpoint} ({step}); "
                 f"set max_steps to {step} or more, or resume an earlier checkpoint"
             ])
-        if saved.max_steps != recipe.max_steps and recipe.lr_scheduler_type in STRETCHED_SCHEDULES:
+        stretched = recipe.lr_scheduler_type in STRETCHED_SCHEDULES or (
+            recipe.lr_scheduler_type == "constant_with_warmup" and isinstance(recipe.warmup_steps, float))
+        if saved.max_steps != recipe.max_steps and stretched:
             echo(f"max_steps: {saved.max_steps} -> {recipe.max_steps} under lr_scheduler_type {recipe.lr_scheduler_type}: "
                  f"from step {step} on the learning rate follows the {recipe.max_steps}-step schedule, so this run "
                  f"matches neither the {saved.max_steps}-step run nor a {recipe.max_steps}-step run from scratch")

@@ -169,7 +169,7 @@ def _train(
         echo(f"torchrun: {world_size} ranks, {comm.mode} parallel; "
              f"{comm.payload_bytes(len(opt.evaluations()))} bytes of losses per rank per micro-batch")
     sched = get_scheduler(
-        recipe.lr_scheduler_type, opt, num_warmup_steps=recipe.warmup_steps, num_training_steps=recipe.max_steps
+        recipe.lr_scheduler_type, opt, num_warmup_steps=recipe.num_warmup_steps, num_training_steps=recipe.max_steps
     )
     start = forward_passes = 0
     ema = EMA()  # of the training loss
