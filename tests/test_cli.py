@@ -105,6 +105,7 @@ def test_every_bundled_recipe_validates(recipe):
         ("warmup_ratio=1.5", "warmup_ratio: a fraction of max_steps in [0, 1), got 1.5"),
         ("warmup_steps=2.5", "warmup_steps: a count of steps, or a fraction of max_steps below 1, got 2.5"),
         ("fp16=maybe", "fp16: true or false, got 'maybe'"),
+        ("zo.optimizer=", "zo.optimizer: is empty; choose one of adamezo, fzoo, hizoo, mezo, adamw"),
     ],
 )
 def test_validation_errors_are_one_line_with_exit_code_2(tmp_path, override, expected):

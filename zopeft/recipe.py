@@ -208,8 +208,10 @@ def _zo_block(data: Any) -> ZOSettings:
     if not isinstance(data, (dict, type(None))):
         raise ValueError(f"zo: a mapping of ZO settings (optimizer: fzoo, eps: 0.001, ...), got {data!r}")
     data = dict(data or {})
-    name = str(data.get("optimizer", ZOSettings.model_fields["optimizer"].default)).lower()
+    name = str(data.get("optimizer", ZOSettings.model_fields["optimizer"].default) or "").lower()
     valid = [*available_optimizers(), *FIRST_ORDER_OPTIMIZERS]
+    if not name:
+        raise ValueError(f"zo.optimizer: is empty; choose one of {', '.join(valid)}")
     if name not in valid:
         raise ValueError(f"zo.optimizer: unknown optimizer {name!r}{did_you_mean(name, valid)}; choose one of {', '.join(valid)}")
     data["optimizer"] = name
