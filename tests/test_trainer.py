@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import fixed_batch, tiny_model
 from peft import LoraConfig, get_peft_model
@@ -80,6 +81,18 @@ def test_zo_trainer_checkpoints_without_pickle_resume_bit_identically_and_log_no
     a = {n: p for n, p in full.model.named_parameters() if p.requires_grad}
     b = {n: p for n, p in resumed.model.named_parameters() if p.requires_grad}
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_zo_trainer_takes_a_datasets_dataset_with_text_columns(tmp_path):
+    """The usual HF input: a tokenized ``datasets.Dataset`` that still holds its text column (the Trainer drops it)."""
+    datasets = pytest.importorskip("datasets")
+    batch = fixed_batch("llama", batch=8)
+    data = datasets.Dataset.from_dict({**{k: v.tolist() for k, v in batch.items()}, "text": [f"row {i}" for i in range(8)]})
+    trainer = trainer_for(tmp_path, lora_model(), data)
+    before = trainer.evaluate(data)["eval_loss"]
+    trainer.train()
+    assert trainer.zo_optimizer.step_index == 12 and trainer.zo_optimizer.forward_passes == 12 * 4
+    assert trainer.evaluate(data)["eval_loss"] < before
 
 
 def test_zo_trainer_trains_a_classifier_on_an_objective(tmp_path, monkeypatch):
@@ -172,7 +185,6 @@ def test_without_metric_for_best_model_the_guard_judges_the_eval_accuracy_else_l
 
 
 def test_a_misspelled_zo_optimizer_or_setting_is_refused_when_the_trainer_is_built(tmp_path):
-    import pytest
 
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
     data = Rows(fixed_batch("llama", batch=4))
