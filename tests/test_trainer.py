@@ -185,7 +185,6 @@ def test_without_metric_for_best_model_the_guard_judges_the_eval_accuracy_else_l
 
 
 def test_a_misspelled_zo_optimizer_or_setting_is_refused_when_the_trainer_is_built(tmp_path):
-
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
     data = Rows(fixed_batch("llama", batch=4))
     with pytest.raises(ValueError, match="unknown ZO optimizer 'fzo' \\(did you mean 'fzoo'\\?\\)"):
