@@ -131,9 +131,10 @@ def evaluate(
     recipe: RecipeArg,
     overrides: Overrides = None,
     adapter: Annotated[Optional[Path], typer.Option(help="trained adapter directory (default: the untrained model)")] = None,
-    split: Annotated[str, typer.Option(help="dev: the evaluation records (eval_dataset, what val_size holds out, or a "
-                                       "bundled dataset's dev split); train: the records trained on; select: the records the guard judges "
-                                       "(zo.guard.select_size)")] = "dev",
+    split: Annotated[str, typer.Option(help="dev: the evaluation records (eval_dataset, what val_size holds out, or "
+                                       "the dataset's dev/validation split); train: the records trained on; select: the "
+                                       "records the guard judges (zo.guard.select_size); or another split of the dataset "
+                                       "(a saved DatasetDict's test)")] = "dev",
     output: Annotated[Optional[Path], typer.Option(help="JSON file for the metrics")] = None,
     threads: Threads = None,
     debug: Debug = False,

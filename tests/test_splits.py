@@ -140,6 +140,11 @@ def test_a_saved_dataset_dict_trains_on_train_and_evaluates_its_validation_split
     assert named.eval.description == "held test split (9 records)" and named.held_out == []
     without = DataSplits(recipe(only_test))  # dataset's test split is never evaluated on by default
     assert len(without.held_out) == 1 and "has no dev or validation split" in without.notes()[0]
+    test = data.split("test")  # zopeft eval --split test
+    assert keys_of(test.records) == {f"test {i}" for i in range(30)} and test.description == "trec test split (30 records)"
+    with pytest.raises(RecipeError, match="split: 'tst' is not one of dev, train, select .*; trec also has validation, "
+                                          "test \\(did you mean 'test'\\?\\)"):
+        data.split("tst")
     odd = saved_dataset_dict(tmp_path / "odd", a=range(3), b=range(3))
     with pytest.raises(RecipeError, match="eval_dataset: .*odd' has splits a, b, none of them dev, validation, test"):
         _ = DataSplits(recipe(folder, eval_dataset=str(odd))).eval

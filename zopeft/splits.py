@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .data import load_records, named_splits
+from .hints import did_you_mean
 from .recipe import Recipe, RecipeError
 
 __all__ = ["DEFAULT_VAL_SIZE", "SPLITS", "DataSplits", "Split"]
@@ -201,10 +202,17 @@ class DataSplits:
         return Split(records, f"{name} ({count})")
 
     def split(self, name: str) -> Split:
-        """``dev`` (the evaluation records), ``train`` (the training records) or ``select`` (the guard's)."""
+        """``dev`` (the evaluation records), ``train`` (the training records), ``select`` (the guard's), or
+        another named split of ``dataset`` (a saved DatasetDict's ``test``, say)."""
         if name not in SPLITS:
+            named = [s for s in self._splits("dataset") if s not in SPLITS and s != self._train_split]
+            if name in named:
+                records, count = _subset(self._load("dataset", name), self.recipe.max_eval_samples, "max_eval_samples")
+                return Split(records, f"{self._name('dataset', name)} ({count})")
+            more = f"; {self._name('dataset', None)} also has {', '.join(named)}" if named else ""
             raise RecipeError([f"split: {name!r} is not one of {', '.join(SPLITS)} (dev: the evaluation records, "
-                               "train: the training records, select: the records the guard judges)"])
+                               f"train: the training records, select: the records the guard judges){more}"
+                               f"{did_you_mean(name, [*SPLITS, *named])}"])
         if name == "train":
             return self.train
         if name == "select":
