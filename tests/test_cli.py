@@ -105,6 +105,9 @@ def test_every_bundled_recipe_validates(recipe):
         ("warmup_ratio=1.5", "warmup_ratio: a fraction of max_steps in [0, 1), got 1.5"),
         ("warmup_steps=2.5", "warmup_steps: a count of steps, or a fraction of max_steps below 1, got 2.5"),
         ("fp16=maybe", "fp16: true or false, got 'maybe'"),
+        ("template=llama3", "template: 'llama3' names no field of the records; it is the prompt with fields in braces"),
+        ("template=Review: {sentence", "template: expected '}' before end of string in 'Review: {sentence'"),
+        ("max_samples=100", "max_samples: not a zopeft key; max_train_samples (and max_eval_samples) keep"),
         ("zo.optimizer=", "zo.optimizer: is empty; choose one of adamezo, fzoo, hizoo, mezo, adamw"),
     ],
 )

@@ -47,7 +47,7 @@ def test_validate_shows_derived_values_tokens_prompt_and_the_held_out_slice(user
     assert "#   eval: mine.csv, held out by val_size 0.1 with seed 42 (6 records)\n" in out
     assert "#   train: mine.csv (54 records; 6 more held out for evaluation)\n" in out
     assert re.search(r"#     labels: ABBR: \d+, DESC: \d+, ENTY: \d+, HUM: \d+, LOC: \d+, NUM: \d+\n", out)
-    assert "#   note: val_size: mine.csv has no dev split and no eval_dataset is given: 6 of its 60 records" in out
+    assert "#   note: val_size: mine.csv has no dev or validation split and no eval_dataset is given: 6 of its 60 records" in out
     assert "#     ABBR -> ' abbr': 2 tokens ' ab' 'br'\n" in out
     first = invoke("validate", user_csv, "label_word_scoring=first").output
     assert "#     NUM -> ' numeric value': 2 tokens ' numeric' ' value', scored on the first: ' numeric'\n" in first
@@ -84,7 +84,7 @@ def test_train_and_eval_on_a_users_csv_hold_out_and_report_per_class(user_csv, t
     monkeypatch.undo()
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "note: val_size: mine.csv has no dev split" in out and "| torch threads: 1\n" in out
+    assert "note: val_size: mine.csv has no dev or validation split" in out and "| torch threads: 1\n" in out
     assert "eval on mine.csv, held out by val_size 0.1 with seed 42 (6 records)\n" in out
     assert torch.get_num_threads() == threads  # the process's setting is restored after the run
     assert "done: 2 steps, 2 forward + 2 backward passes = 6 forward-pass equivalents (a backward ≈ 2 forwards)" in out

@@ -12,6 +12,7 @@ import importlib.util
 import math
 import os
 import re
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -52,6 +53,9 @@ FOREIGN_KEYS = {
     "gradient_checkpointing": "a ZO step keeps no activations for a backward pass: there is nothing to checkpoint",
     "stage": "zopeft trains the task the recipe names (task: classification, multiple_choice, sft, ...)",
     "do_train": "`zopeft train` trains and `zopeft eval` evaluates",
+    "max_samples": "max_train_samples (and max_eval_samples) keep a fixed random subset of the records",
+    "eval_strategy": "a run evaluates at its start and end, and every eval_steps when that is set",
+    "plot_loss": "train writes training_curves.png whenever matplotlib is installed (pip install 'zopeft[plot]')",
 }
 DTYPE_FLAGS = {"bf16": "bfloat16", "fp16": "float16"}  # TrainingArguments' switches, read as compute_dtype
 # text keys whose command-line overrides interpret the escapes \n, \t and \\ (prompt text, not paths)
@@ -382,6 +386,24 @@ class Recipe(_Strict):
             if not value.is_integer():
                 raise ValueError(f"a count of steps, or a fraction of max_steps below 1, got {value}")
             return int(value)
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        """A prompt with at least one ``{field}`` of the record, each named (not a chat template's name)."""
+        if value is None:
+            return value
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(value) if field is not None]
+        except ValueError as err:
+            raise ValueError(f"template: {err} in {value!r}; write a field as {{name}} and a brace as {{{{ or }}}}") from None
+        if not fields:
+            raise ValueError(f"template: {value!r} names no field of the records; it is the prompt with fields in braces "
+                             "(e.g. \"Review: {sentence}\\nSentiment:\"), not the name of a chat template")
+        if any(not field or field.isdigit() for field in fields):
+            raise ValueError(f"template: {value!r} has a positional field ({{}} or {{0}}); name the record's field, "
+                             "e.g. {sentence}")
         return value
 
     @field_validator("label_words", mode="before")
