@@ -171,6 +171,16 @@ def test_headerless_csv_with_column_names(tmp_path):
         load_records(sorted_jsonl(tmp_path / "a.jsonl"), column_names=["q"])
     assert load_recipe(None, ["model_name_or_path=m", "dataset=x.csv", "column_names=q, coarse_label"],
                        check_files=False).column_names == ["q", "coarse_label"]
+    # a headerless CSV trained on, a JSONL evaluated on: column_names names the CSV's columns only
+    mixed = DataSplits(recipe(path, column_names=["q", "coarse_label"], eval_dataset=str(sorted_jsonl(tmp_path / "e.jsonl"))))
+    assert len(mixed.train.records) == 2 and len(mixed.eval.records) == 60
+
+
+@pytest.mark.parametrize("overrides", [["dataset=sst2"], ["dataset=x.jsonl", "eval_dataset=y.json"]])
+def test_column_names_without_a_csv_or_tsv_file_is_refused(overrides):
+    with pytest.raises(RecipeError, match="column_names: names the columns of .csv/.tsv files without a header row; "
+                                          "neither dataset nor eval_dataset is one: drop it"):
+        load_recipe(None, ["model_name_or_path=m", "column_names=[a, b]", *overrides], check_files=False)
 
 
 @pytest.mark.parametrize("overrides,error", [

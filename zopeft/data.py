@@ -14,10 +14,11 @@ from typing import Any
 
 from .hints import did_you_mean
 
-__all__ = ["BUILTIN_DATASETS", "BUNDLED_DIR", "DATA_FORMATS", "load_records", "named_splits"]
+__all__ = ["BUILTIN_DATASETS", "BUNDLED_DIR", "DATA_FORMATS", "TABLE_FORMATS", "load_records", "named_splits"]
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled_data"
 DATA_FORMATS = (".jsonl", ".json", ".csv", ".tsv")
+TABLE_FORMATS = (".csv", ".tsv")  # the formats whose columns column_names can name
 
 # name -> {"files": split -> file under BUNDLED_DIR, "task": build_task kind + keyword defaults}
 BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
@@ -79,7 +80,7 @@ def load_records(source: str | Path, split: str | None = None, column_names: lis
     if isinstance(source, str) and source in BUILTIN_DATASETS:
         return _load_builtin(source, split)
     path = Path(source).expanduser()
-    if column_names is not None and path.suffix.lower() not in (".csv", ".tsv"):
+    if column_names is not None and path.suffix.lower() not in TABLE_FORMATS:
         raise ValueError(f"column_names: names the columns of a .csv/.tsv file without a header row; {path.name} is not one")
     if path.is_file():
         return _load_file(path, column_names)

@@ -22,6 +22,7 @@ from pydantic import (
     field_validator, model_validator,
 )
 
+from .data import TABLE_FORMATS
 from .hints import did_you_mean
 from .optim.settings import GUARD_DEFAULTS
 from .registry import available_optimizers
@@ -466,6 +467,10 @@ class Recipe(_Strict):
                              "use a ZO optimizer for the objective, or zo.objective: loss")
         if self.task == "sequence_classification" and self.text_fields and len(self.text_fields) > 2:
             raise ValueError(f"text_fields: sequence_classification reads one or two texts, got {self.text_fields}")
+        tables = (v for v in (self.dataset, self.eval_dataset) if v and v.lower().endswith(TABLE_FORMATS))
+        if self.column_names is not None and not any(tables):
+            raise ValueError("column_names: names the columns of .csv/.tsv files without a header row; neither dataset "
+                             "nor eval_dataset is one: drop it")
         if self.val_size is not None and self.eval_dataset is not None:
             raise ValueError("val_size: holds records out of dataset for evaluation, but eval_dataset is given; "
                              "drop one of them")

@@ -29,7 +29,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
-from .data import load_records, named_splits
+from .data import TABLE_FORMATS, load_records, named_splits
 from .hints import did_you_mean
 from .recipe import Recipe, RecipeError
 
@@ -112,7 +112,8 @@ class DataSplits:
     def _load(self, key: str, split: str | None) -> list[dict]:
         """The records of ``split`` of ``key``'s source (None: a file), each checked against the task."""
         source = getattr(self.recipe, key)
-        records = load_records(source, split, self.recipe.column_names if split is None else None)
+        table = split is None and str(source).lower().endswith(TABLE_FORMATS)  # column_names names its columns
+        records = load_records(source, split, self.recipe.column_names if table else None)
         where = f"{source!r} ({split} split)" if split else repr(source)
         if not records:
             raise RecipeError([f"{key}: {where} has no records"])
