@@ -218,3 +218,24 @@ def test_template_overrides_read_escapes_and_a_literal_backslash_n_is_noted():
     literal = Recipe(model_name_or_path="m", dataset="sst2", template=r"Q: {sentence}\nA:")
     assert any(n.startswith("template: holds a backslash + n or t as two characters") for n in literal.notes())
     assert Recipe(model_name_or_path="m", dataset="sst2", template="Q: {sentence}\nA:").notes() == []
+
+
+@pytest.mark.parametrize("keys,note", [
+    (["quantization_bit=8", "double_quantization=true"],
+     "double_quantization: acts only with quantization_bit: 4, and quantization_bit is 8; it is ignored"),
+    (["quantization_type=fp4"], "quantization_type: acts only with quantization_bit: 4, and quantization_bit is not set"),
+    (["finetuning_type=prefix", "lora_rank=4"], "lora_rank: acts only with finetuning_type: lora, and finetuning_type is prefix"),
+    (["num_virtual_tokens=8"], "num_virtual_tokens: acts only with finetuning_type: prefix or prompt, and finetuning_type is lora"),
+    (["choices_field=options"], "choices_field: acts only with task: multiple_choice, and task is not set; it is ignored"),
+    (["save_total_limit=2"], "save_total_limit: limits the checkpoints saved every save_steps, and save_steps is not set"),
+    (["warmup_steps=10"], "warmup_steps: lr_scheduler_type constant has no warmup"),
+])
+def test_a_setting_that_cannot_act_in_the_recipe_is_noted(keys, note):
+    recipe = load_recipe(None, ["model_name_or_path=m", "dataset=sst2", *keys], check_files=False)
+    (only,) = recipe.notes()  # that note, and no other
+    assert only.startswith(note)
+    acting = {"double_quantization": "quantization_bit=4", "quantization_type": "quantization_bit=4",
+              "lora_rank": "finetuning_type=lora", "num_virtual_tokens": "finetuning_type=prompt",
+              "choices_field": "task=multiple_choice", "save_total_limit": "save_steps=10",
+              "warmup_steps": "lr_scheduler_type=linear"}[note.split(":")[0]]
+    assert load_recipe(None, ["model_name_or_path=m", "dataset=sst2", *keys, acting], check_files=False).notes() == []

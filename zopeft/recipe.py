@@ -58,6 +58,18 @@ FOREIGN_KEYS = {
     "eval_strategy": "a run evaluates at its start and end, and every eval_steps when that is set",
     "plot_loss": "train writes training_curves.png whenever matplotlib is installed (pip install 'zopeft[plot]')",
 }
+# settings that act only under another one: key -> (the values of the other under which it acts, in words)
+INERT_UNLESS: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "quantization_type": ("quantization_bit", (4,)),
+    "double_quantization": ("quantization_bit", (4,)),
+    "lora_rank": ("finetuning_type", ("lora",)),
+    "lora_alpha": ("finetuning_type", ("lora",)),
+    "lora_dropout": ("finetuning_type", ("lora",)),
+    "lora_target": ("finetuning_type", ("lora", "ia3")),
+    "num_virtual_tokens": ("finetuning_type", ("prefix", "prompt")),
+    "modules_to_save": ("finetuning_type", ("lora", "ia3", "prefix", "prompt")),
+    "choices_field": ("task", ("multiple_choice",)),
+}
 DTYPE_FLAGS = {"bf16": "bfloat16", "fp16": "float16"}  # TrainingArguments' switches, read as compute_dtype
 # text keys whose command-line overrides interpret the escapes \n, \t and \\ (prompt text, not paths)
 ESCAPED_KEYS = ("template",)
@@ -510,6 +522,14 @@ class Recipe(_Strict):
                              f"row above its best, and this run makes {judged} before its end (eval_steps {self.eval_steps}, "
                              f"max_steps {self.max_steps}): it can act only on a non-finite step; lower "
                              "zo.guard.patience or eval_steps")
+        for key, (other, acting) in INERT_UNLESS.items():
+            if getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True) and \
+                    getattr(self, other) not in acting:
+                now = "not set" if getattr(self, other) is None else getattr(self, other)
+                notes.append(f"{key}: acts only with {other}: {' or '.join(map(str, acting))}, and {other} is {now}; "
+                             "it is ignored")
+        if self.save_total_limit is not None and self.save_steps is None:
+            notes.append("save_total_limit: limits the checkpoints saved every save_steps, and save_steps is not set")
         if self.warmup_steps and self.lr_scheduler_type == "constant":
             notes.append("warmup_steps: lr_scheduler_type constant has no warmup (the learning rate is constant from "
                          "the first step); use constant_with_warmup, linear or cosine")

@@ -21,6 +21,7 @@ from .splits import DataSplits
 
 __all__ = ["effective_lines", "label_word_tokens", "task_settings"]
 
+
 def task_settings(recipe: Recipe) -> dict[str, Any]:
     """``build_task``'s arguments: the bundled dataset's defaults, overridden by the recipe's keys."""
     settings = dict(BUILTIN_DATASETS.get(recipe.dataset, {}).get("task", {}))
