@@ -104,6 +104,7 @@ def test_every_bundled_recipe_validates(recipe):
         ("num_train_epochs=3", "num_train_epochs: not a zopeft key; zopeft counts steps: set max_steps"),
         ("warmup_ratio=1.5", "warmup_ratio: a fraction of max_steps in [0, 1), got 1.5"),
         ("warmup_steps=2.5", "warmup_steps: a count of steps, or a fraction of max_steps below 1, got 2.5"),
+        ("warmup_steps=abc", "warmup_steps: a count of steps, or a fraction of max_steps below 1, got 'abc'"),
         ("fp16=maybe", "fp16: true or false, got 'maybe'"),
         ("template=llama3", "template: 'llama3' names no field of the records; it is the prompt with fields in braces"),
         ("template=Review: {sentence", "template: expected '}' before end of string in 'Review: {sentence'"),
@@ -125,6 +126,7 @@ def test_training_arguments_spellings_warmup_ratio_and_bf16(tmp_path):
 
     recipe = load_recipe(write_recipe(tmp_path, warmup_ratio=0.25, bf16=True, max_steps=10))
     assert (recipe.warmup_steps, recipe.num_warmup_steps, recipe.compute_dtype) == (0.25, 3, "bfloat16")
+    assert load_recipe(write_recipe(tmp_path, warmup_ratio="5e-2")).warmup_steps == 0.05  # PyYAML reads 5e-2 as text
     assert "warmup_ratio" not in recipe.to_yaml() and "bf16" not in recipe.to_yaml()  # saved in zopeft's own keys
     for keys, expected in [
         ({"warmup_ratio": 0.1, "warmup_steps": 5}, "warmup_ratio: give warmup_steps or warmup_ratio, not both"),

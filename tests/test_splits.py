@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from zopeft.data import load_records
+from zopeft.data import load_records, named_splits
 from zopeft.recipe import Recipe, RecipeError, load_recipe, parse_overrides
 from zopeft.splits import DataSplits
 
@@ -146,8 +146,31 @@ def test_a_saved_dataset_dict_trains_on_train_and_evaluates_its_validation_split
                                           "test \\(did you mean 'test'\\?\\)"):
         data.split("tst")
     odd = saved_dataset_dict(tmp_path / "odd", a=range(3), b=range(3))
-    with pytest.raises(RecipeError, match="eval_dataset: .*odd' has splits a, b, none of them dev, validation, test"):
+    with pytest.raises(RecipeError, match="eval_dataset: .*odd' has splits a, b, none of them dev, validation, valid, val, eval, test"):
         _ = DataSplits(recipe(folder, eval_dataset=str(odd))).eval
+
+
+def test_a_data_folder_that_datasets_reads_has_splits_too(tmp_path):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, n in (("train", 20), ("valid", 5), ("test", 7)):
+        (folder / f"{name}.jsonl").write_text("".join(
+            json.dumps({"q": f"{name} {i}", "coarse_label": CLASSES[i % 6]}) + "\n" for i in range(n)))
+    assert named_splits(folder) == ("train", "validation", "test")  # datasets names valid.jsonl "validation"
+    data = DataSplits(recipe(folder))
+    assert len(data.train.records) == 20 and data.held_out == [] and len(data.eval.records) == 5
+    assert data.eval.description == "folder validation split (5 records)"
+    assert len(DataSplits(recipe(sorted_jsonl(tmp_path / "t.jsonl"), eval_dataset=str(folder))).eval.records) == 5
+    assert len(data.split("test").records) == 7
+
+
+def test_named_splits_of_what_has_none(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "dataset_dict.json").write_text('{"splits": "train"}')
+    assert named_splits(None) == named_splits(tmp_path / "missing") == named_splits(broken) == ()
+    assert named_splits(sorted_jsonl(tmp_path / "t.jsonl")) == () and named_splits("sst2") == ("train", "dev")
 
 
 def test_max_eval_samples_is_a_fixed_random_subset_not_the_first_rows(tmp_path):
@@ -218,6 +241,10 @@ def test_template_overrides_read_escapes_and_a_literal_backslash_n_is_noted():
     literal = Recipe(model_name_or_path="m", dataset="sst2", template=r"Q: {sentence}\nA:")
     assert any(n.startswith("template: holds a backslash + n or t as two characters") for n in literal.notes())
     assert Recipe(model_name_or_path="m", dataset="sst2", template="Q: {sentence}\nA:").notes() == []
+    assert Recipe(model_name_or_path="m", dataset="sst2", template="Sentiment:").notes() == [
+        "template: 'Sentiment:' names no field of the records: every record gets the same prompt"]
+    with pytest.raises(ValueError, match=r"template: 'a \{0\[x\]\}' has a positional field"):
+        Recipe(model_name_or_path="m", dataset="sst2", template="a {0[x]}")
 
 
 @pytest.mark.parametrize("keys,note", [

@@ -66,7 +66,7 @@ def training_data(recipe: Recipe) -> tuple[Task, DataSplits]:
 
 
 def eval_data(recipe: Recipe, split: str = "dev") -> tuple[Task, Split]:
-    """The task format and the checked records of ``split`` (:data:`~zopeft.splits.SPLITS`: dev, train, select)."""
+    """The task format and the checked records of ``split`` (:meth:`~zopeft.splits.DataSplits.split`)."""
     task = build_task_for(recipe)
     return task, DataSplits(recipe, task).split(split)
 

@@ -54,15 +54,30 @@ BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
 _INT = re.compile(r"-?\d+")
 
 
-def named_splits(source: str | Path) -> tuple[str, ...]:
-    """The splits of a bundled dataset or of a directory saved by ``datasets``' ``DatasetDict.save_to_disk``
-    (read from its ``dataset_dict.json``, without the ``datasets`` package); ``()`` for anything else."""
+def named_splits(source: str | Path | None) -> tuple[str, ...]:
+    """The splits of a bundled dataset, of a directory saved by ``DatasetDict.save_to_disk`` (listed in its
+    ``dataset_dict.json``) or of a data folder that ``datasets.load_dataset`` reads (``train.jsonl``,
+    ``validation.jsonl``, ...; needs the ``datasets`` package); ``()`` for a file or anything else."""
     if isinstance(source, str) and source in BUILTIN_DATASETS:
         return tuple(BUILTIN_DATASETS[source]["files"])
-    listing = Path(source).expanduser() / "dataset_dict.json"
+    if not isinstance(source, (str, Path)) or not Path(source).expanduser().is_dir():
+        return ()
+    path = Path(source).expanduser()
+    if (path / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return ()
+        return tuple(splits) if isinstance(splits, list) and all(isinstance(s, str) for s in splits) else ()
+    if (path / "state.json").is_file():  # one saved Dataset: no splits
+        return ()
     try:
-        return tuple(json.loads(listing.read_text(encoding="utf-8"))["splits"])
-    except (OSError, ValueError, KeyError, TypeError):
+        import datasets
+    except ImportError:
+        return ()  # load_records says what to install
+    try:
+        return tuple(datasets.get_dataset_split_names(str(path)))
+    except Exception:  # noqa: BLE001 - a folder datasets cannot read: load_records reports why
         return ()
 
 

@@ -89,6 +89,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+def _steps_or_fraction(value: Any, key: str) -> int | float:
+    """A count of steps, or a fraction below 1 (as a float), of a number or its text (PyYAML reads 5e-2 as text)."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number <= STEPS or \
+            (number >= 1 and not float(number).is_integer()):
+        raise ValueError(f"{key}: a count of steps, or a fraction of max_steps below 1, got {value!r}")
+    return float(number) if 0 < number < 1 else int(number)
+
+
+def _template_fields(template: str) -> list[str]:
+    """The fields of a ``str.format`` template (``ValueError`` for a malformed one)."""
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+
+
 def _record_count(value: Any) -> Any:
     """A fraction in [0, 1) or a count of records (LLaMA-Factory's val_size); one error line for anything else."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -225,7 +244,8 @@ def _zo_block(data: Any) -> ZOSettings:
     if not isinstance(data, (dict, type(None))):
         raise ValueError(f"zo: a mapping of ZO settings (optimizer: fzoo, eps: 0.001, ...), got {data!r}")
     data = dict(data or {})
-    name = str(data.get("optimizer", ZOSettings.model_fields["optimizer"].default) or "").lower()
+    given = data.get("optimizer", ZOSettings.model_fields["optimizer"].default)
+    name = "" if given is None else str(given).lower()
     valid = [*available_optimizers(), *FIRST_ORDER_OPTIMIZERS]
     if not name:
         raise ValueError(f"zo.optimizer: is empty; choose one of {', '.join(valid)}")
@@ -280,11 +300,12 @@ class Recipe(_Strict):
     modules_to_save: list[str] | None = Field(None, description="as a list or comma-separated")
     # data
     dataset: str
-    eval_dataset: str | None = Field(None, description="default: a bundled dataset's dev split, else the records "
-                                     "val_size holds out of dataset")
+    eval_dataset: str | None = Field(None, description="of a dataset with splits, its dev/validation/test split; "
+                                     "default: the records val_size holds out of dataset, else dataset's dev or "
+                                     "validation split")
     val_size: int | float | None = Field(
         None, description="records held out of dataset for evaluation, never trained on: a fraction (0.1) or a count "
-        "(200), drawn with seed; 0: none. Default: 10% for a local dataset without eval_dataset")
+        "(200), drawn with seed; 0: none. Default: 10% for a dataset without eval_dataset or a dev/validation split")
     task: Literal["classification", "multiple_choice", "sft", "sequence_classification"] | None = None
     template: str | None = None
     label_words: dict[int | str, str] | list[str] | None = None
@@ -349,9 +370,13 @@ class Recipe(_Strict):
             if data.get("warmup_steps"):
                 raise ValueError("warmup_ratio: give warmup_steps or warmup_ratio, not both (a warmup_steps below 1 "
                                  "is a fraction of max_steps, as in transformers 5)")
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            try:
+                fraction = _steps_or_fraction(ratio, "warmup_ratio")
+            except ValueError:
+                fraction = None
+            if fraction is None or fraction >= 1:
                 raise ValueError(f"warmup_ratio: a fraction of max_steps in [0, 1), got {ratio!r}")
-            data["warmup_steps"] = float(ratio)
+            data["warmup_steps"] = fraction
         for flag in DTYPE_FLAGS:
             if not isinstance(data.get(flag, False), bool):
                 raise ValueError(f"{flag}: true or false, got {data[flag]!r}")
@@ -392,29 +417,25 @@ class Recipe(_Strict):
     def _val_size(cls, value: Any) -> Any:
         return _record_count(value)
 
-    @field_validator("warmup_steps")
+    @field_validator("warmup_steps", mode="before")
     @classmethod
-    def _warmup(cls, value: int | float) -> int | float:
-        if isinstance(value, float) and value >= 1:
-            if not value.is_integer():
-                raise ValueError(f"a count of steps, or a fraction of max_steps below 1, got {value}")
-            return int(value)
-        return value
+    def _warmup(cls, value: Any) -> int | float:
+        return _steps_or_fraction(value, "warmup_steps")
 
     @field_validator("template")
     @classmethod
     def _template(cls, value: str | None) -> str | None:
-        """A prompt with at least one ``{field}`` of the record, each named (not a chat template's name)."""
+        """A prompt whose ``{fields}`` are named, well formed, and not just a chat template's name (llama3)."""
         if value is None:
             return value
         try:
-            fields = [field for _, field, _, _ in string.Formatter().parse(value) if field is not None]
+            fields = _template_fields(value)
         except ValueError as err:
             raise ValueError(f"template: {err} in {value!r}; write a field as {{name}} and a brace as {{{{ or }}}}") from None
-        if not fields:
+        if re.fullmatch(r"[\w.-]+", value):
             raise ValueError(f"template: {value!r} names no field of the records; it is the prompt with fields in braces "
                              "(e.g. \"Review: {sentence}\\nSentiment:\"), not the name of a chat template")
-        if any(not field or field.isdigit() for field in fields):
+        if any(not re.match(r"[^\d.\[]", field) for field in fields):  # {}, {0}, {0[x]}, {.a}
             raise ValueError(f"template: {value!r} has a positional field ({{}} or {{0}}); name the record's field, "
                              "e.g. {sentence}")
         return value
@@ -533,6 +554,9 @@ class Recipe(_Strict):
         if self.warmup_steps and self.lr_scheduler_type == "constant":
             notes.append("warmup_steps: lr_scheduler_type constant has no warmup (the learning rate is constant from "
                          "the first step); use constant_with_warmup, linear or cosine")
+        if self.template is not None and not _template_fields(self.template):
+            notes.append(f"template: {self.template!r} names no field of the records: every record gets the same "
+                         "prompt")
         if self.template is not None and re.search(r"\\[nt]", self.template):
             notes.append("template: holds a backslash + n or t as two characters, not a newline or tab; in YAML "
                          'write the template in double quotes ("Q: {q}\\nA:"); on the command line \\n is a newline')

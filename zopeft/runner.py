@@ -75,7 +75,8 @@ def evaluate(
     """Evaluate on a split: the given model, the adapter in ``adapter``, or the recipe's untrained model.
 
     ``split``: ``dev`` (the evaluation records: :mod:`zopeft.splits`), ``train`` (the records
-    trained on) or ``select`` (those ``zo.guard.select_size`` holds out for the guard).  Returns
+    trained on), ``select`` (those ``zo.guard.select_size`` holds out for the guard) or another
+    named split of ``dataset`` (``test`` of a DatasetDict or data folder).  Returns
     ``evaluated_on`` (those records in words), ``split`` and the task's metrics.  The records are
     checked against the task format before any model is loaded.
     """

@@ -1,8 +1,8 @@
 """The records a recipe trains and evaluates on, and what they are in words.
 
-* Training records: ``dataset`` (the train split of a bundled dataset or of a directory saved by
-  ``DatasetDict.save_to_disk``, or a file), less the records ``val_size`` and ``zo.guard.select_size``
-  hold out.
+* Training records: ``dataset`` (the train split of a bundled dataset, a directory saved by
+  ``DatasetDict.save_to_disk`` or a data folder ``datasets`` reads, or a file), less the records
+  ``val_size`` and ``zo.guard.select_size`` hold out.
 * Evaluation records: ``eval_dataset`` (of one with splits: its dev, validation or test split, or
   its only one); else the records ``val_size`` holds out of ``dataset`` (LLaMA-Factory's key: a
   fraction or a count, drawn with ``seed``, never trained on); else ``dataset``'s dev or validation
@@ -38,8 +38,8 @@ __all__ = ["DEFAULT_VAL_SIZE", "SPLITS", "DataSplits", "Split"]
 DEFAULT_VAL_SIZE = 0.1  # held out of a local dataset that has no eval_dataset and no val_size
 SUBSET_SEED = 0  # max_train_samples / max_eval_samples: the same subset whatever the run's seed
 SPLITS = ("dev", "train", "select")  # the evaluation records, the training records, the guard's records
-DATASET_EVAL_SPLITS = ("dev", "validation")  # without eval_dataset or val_size: the first of dataset's splits
-EVAL_DATASET_SPLITS = ("dev", "validation", "test")  # of eval_dataset: the first it has, else its only split
+DATASET_EVAL_SPLITS = ("dev", "validation", "valid", "val", "eval")  # no eval_dataset, no val_size: the first dataset has
+EVAL_DATASET_SPLITS = (*DATASET_EVAL_SPLITS, "test")  # of eval_dataset: the first it has, else its only split
 
 
 
@@ -82,9 +82,13 @@ class DataSplits:
     def __init__(self, recipe: Recipe, task: RecordCheck | None = None, checked: int | None = None) -> None:
         self.recipe, self.task, self.checked = recipe, task, checked
 
+    @cached_property
+    def _named_splits(self) -> dict[str, tuple[str, ...]]:
+        return {key: named_splits(getattr(self.recipe, key)) for key in ("dataset", "eval_dataset")}
+
     def _splits(self, key: str) -> tuple[str, ...]:
-        """The named splits of ``key``'s source (a bundled dataset, a saved DatasetDict); () for a file."""
-        return named_splits(getattr(self.recipe, key))
+        """The named splits of ``key``'s source (a bundled dataset, a DatasetDict, a data folder); () for a file."""
+        return self._named_splits[key]
 
     def _eval_split(self, key: str) -> str | None:
         """The split of ``key``'s source evaluated on, or None (see :data:`DATASET_EVAL_SPLITS`)."""
