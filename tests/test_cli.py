@@ -127,6 +127,10 @@ def test_training_arguments_spellings_warmup_ratio_and_bf16(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, warmup_ratio=0.25, bf16=True, max_steps=10))
     assert (recipe.warmup_steps, recipe.num_warmup_steps, recipe.compute_dtype) == (0.25, 3, "bfloat16")
     assert load_recipe(write_recipe(tmp_path, warmup_ratio="5e-2")).warmup_steps == 0.05  # PyYAML reads 5e-2 as text
+    fractions = load_recipe(write_recipe(tmp_path, max_steps=30, eval_steps=0.25, save_steps=0.5, logging_steps=0.1,
+                                         resume_from_checkpoint=True))
+    assert (fractions.eval_steps, fractions.save_steps, fractions.logging_steps) == (8, 15, 3)  # rounded up
+    assert fractions.resume_from_checkpoint == "auto"  # true: the last checkpoint of output_dir
     assert "warmup_ratio" not in recipe.to_yaml() and "bf16" not in recipe.to_yaml()  # saved in zopeft's own keys
     for keys, expected in [
         ({"warmup_ratio": 0.1, "warmup_steps": 5}, "warmup_ratio: give warmup_steps or warmup_ratio, not both"),

@@ -347,7 +347,7 @@ class Recipe(_Strict):
     seed: int = Field(42, ge=0, le=2**32 - 1)
     threads: int | None = Field(None, ge=1, le=4096, description="torch CPU threads (torch.set_num_threads); default: "
                                 "what torch chooses (one per core)")
-    resume_from_checkpoint: str | None = Field(None, description="auto | a checkpoint directory")
+    resume_from_checkpoint: str | None = Field(None, description="auto (or true) | a checkpoint directory")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="none | tensorboard | wandb or a list (trainer_log.jsonl is always written)"
     )
@@ -416,6 +416,22 @@ class Recipe(_Strict):
     @classmethod
     def _val_size(cls, value: Any) -> Any:
         return _record_count(value)
+
+    @field_validator("eval_steps", "save_steps", "logging_steps", mode="before")
+    @classmethod
+    def _fraction_of_max_steps(cls, value: Any, info: ValidationInfo) -> Any:
+        """A float below 1 is a fraction of max_steps, rounded up (TrainingArguments in transformers 5)."""
+        if isinstance(value, float) and 0 < value < 1 and "max_steps" in info.data:
+            return math.ceil(value * info.data["max_steps"])
+        return value
+
+    @field_validator("resume_from_checkpoint", mode="before")
+    @classmethod
+    def _resume(cls, value: Any) -> Any:
+        """``true`` (TrainingArguments: the last checkpoint of output_dir) is ``auto``; ``false`` is none."""
+        if value is True or value == "true":
+            return "auto"
+        return None if value is False or value == "false" else value
 
     @field_validator("warmup_steps", mode="before")
     @classmethod
