@@ -188,6 +188,22 @@ def test_train_writes_peft_adapter_log_plot_and_checkpoints(tmp_path):
     assert metrics["accuracy"] == pytest.approx(log[-1]["eval_accuracy"])
 
 
+def test_a_saved_dataset_dict_trains_on_train_evaluates_validation_and_eval_takes_its_test_split(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"sentence": f"a {'fine' if i % 2 else 'dull'} film {i}", "label": i % 2} for i in range(40)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:24]), "validation": datasets.Dataset.from_list(rows[24:30]),
+                          "test": datasets.Dataset.from_list(rows[30:])}).save_to_disk(str(tmp_path / "reviews"))
+    recipe = write_recipe(tmp_path, dataset=str(tmp_path / "reviews"), task="classification", max_steps=2,
+                          template="Review: {sentence}\nSentiment:", label_words={0: " bad", 1: " good"})
+    result = invoke("train", recipe)
+    assert result.exit_code == 0, result.output
+    assert "eval on reviews validation split (6 records)" in result.output and "reviews train split (24 records)" in result.output
+    evaluated = invoke("eval", recipe, "--adapter", tmp_path / "out", "--split", "test")
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads((tmp_path / "out" / "eval_test.json").read_text())
+    assert metrics["evaluated_on"] == "reviews test split (10 records)" and metrics["split"] == "test"
+
+
 @pytest.mark.parametrize(
     "task,records,extra",
     [
