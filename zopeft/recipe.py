@@ -57,6 +57,8 @@ FOREIGN_KEYS = {
     "max_samples": "max_train_samples (and max_eval_samples) keep a fixed random subset of the records",
     "eval_strategy": "a run evaluates at its start and end, and every eval_steps when that is set",
     "plot_loss": "train writes training_curves.png whenever matplotlib is installed (pip install 'zopeft[plot]')",
+    "overwrite_cache": "zopeft tokenizes each batch as it trains: there is no tokenized cache",
+    "preprocessing_num_workers": "zopeft tokenizes each batch as it trains: there is no preprocessing step",
 }
 # settings that act only under another one: key -> (the values of the other under which it acts, in words)
 INERT_UNLESS: dict[str, tuple[str, tuple[Any, ...]]] = {
