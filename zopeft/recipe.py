@@ -60,7 +60,7 @@ FOREIGN_KEYS = {
     "overwrite_cache": "zopeft tokenizes each batch as it trains: there is no tokenized cache",
     "preprocessing_num_workers": "zopeft tokenizes each batch as it trains: there is no preprocessing step",
 }
-# settings that act only under another one: key -> (the values of the other under which it acts, in words)
+# settings that act only under another one: key -> (the setting it depends on, the values under which it acts)
 INERT_UNLESS: dict[str, tuple[str, tuple[Any, ...]]] = {
     "quantization_type": ("quantization_bit", (4,)),
     "double_quantization": ("quantization_bit", (4,)),
