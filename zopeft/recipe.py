@@ -26,6 +26,7 @@ from .data import TABLE_FORMATS
 from .hints import did_you_mean
 from .optim.settings import GUARD_DEFAULTS
 from .registry import available_optimizers
+from .training_arguments import FOREIGN_KEYS, read_spellings, steps_or_fraction
 
 __all__ = [
     "FIRST_ORDER_OPTIMIZERS", "REPORTERS", "Recipe", "RecipeError", "ZOSettings", "bundled_recipes_dir", "load_recipe",
@@ -46,20 +47,6 @@ ESSENTIAL_KEYS = (
 )
 # zo keys that change how a step is computed, not what it computes: free to change on resume.
 OPERATIONAL_ZO_KEYS = ("batched", "perturbation_batch_size", "max_memory", "sync_check_steps")
-# TrainingArguments / LLaMA-Factory keys that zopeft does not take, and what to write instead
-FOREIGN_KEYS = {
-    "num_train_epochs": "zopeft counts steps: set max_steps (a ZO run takes thousands of small steps)",
-    "max_grad_norm": "a ZO step has no gradient to clip; zo.guard rejects and rolls back divergent steps",
-    "optim": "choose the optimizer with zo.optimizer (e.g. fzoo)",
-    "gradient_checkpointing": "a ZO step keeps no activations for a backward pass: there is nothing to checkpoint",
-    "stage": "zopeft trains the task the recipe names (task: classification, multiple_choice, sft, ...)",
-    "do_train": "`zopeft train` trains and `zopeft eval` evaluates",
-    "max_samples": "max_train_samples (and max_eval_samples) keep a fixed random subset of the records",
-    "eval_strategy": "a run evaluates at its start and end, and every eval_steps when that is set",
-    "plot_loss": "train writes training_curves.png whenever matplotlib is installed (pip install 'zopeft[plot]')",
-    "overwrite_cache": "zopeft tokenizes each batch as it trains: there is no tokenized cache",
-    "preprocessing_num_workers": "zopeft tokenizes each batch as it trains: there is no preprocessing step",
-}
 # settings that act only under another one: key -> (the setting it depends on, the values under which it acts)
 INERT_UNLESS: dict[str, tuple[str, tuple[Any, ...]]] = {
     "quantization_type": ("quantization_bit", (4,)),
@@ -72,7 +59,6 @@ INERT_UNLESS: dict[str, tuple[str, tuple[Any, ...]]] = {
     "modules_to_save": ("finetuning_type", ("lora", "ia3", "prefix", "prompt")),
     "choices_field": ("task", ("multiple_choice",)),
 }
-DTYPE_FLAGS = {"bf16": "bfloat16", "fp16": "float16"}  # TrainingArguments' switches, read as compute_dtype
 # text keys whose command-line overrides interpret the escapes \n, \t and \\ (prompt text, not paths)
 ESCAPED_KEYS = ("template",)
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
@@ -89,20 +75,6 @@ class RecipeError(ValueError):
 class _Strict(BaseModel):
     # allow_inf_nan=False: every float key must be finite (.inf / .nan are refused with the key's name)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-def _steps_or_fraction(value: Any, key: str) -> int | float:
-    """A count of steps, or a fraction below 1 (as a float), of a number or its text (PyYAML reads 5e-2 as text)."""
-    number = value
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            pass
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number <= STEPS or \
-            (number >= 1 and not float(number).is_integer()):
-        raise ValueError(f"{key}: a count of steps, or a fraction of max_steps below 1, got {value!r}")
-    return float(number) if 0 < number < 1 else int(number)
 
 
 def _template_fields(template: str) -> list[str]:
@@ -363,35 +335,7 @@ class Recipe(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _training_arguments_spellings(cls, data: Any) -> Any:
-        """``warmup_ratio`` as a fractional ``warmup_steps``; ``bf16`` / ``fp16`` as ``compute_dtype``."""
-        if not isinstance(data, dict) or not {"warmup_ratio", *DTYPE_FLAGS} & data.keys():
-            return data
-        data = dict(data)
-        if "warmup_ratio" in data:
-            ratio = data.pop("warmup_ratio")
-            if data.get("warmup_steps"):
-                raise ValueError("warmup_ratio: give warmup_steps or warmup_ratio, not both (a warmup_steps below 1 "
-                                 "is a fraction of max_steps, as in transformers 5)")
-            try:
-                fraction = _steps_or_fraction(ratio, "warmup_ratio")
-            except ValueError:
-                fraction = None
-            if fraction is None or fraction >= 1:
-                raise ValueError(f"warmup_ratio: a fraction of max_steps in [0, 1), got {ratio!r}")
-            data["warmup_steps"] = fraction
-        for flag in DTYPE_FLAGS:
-            if not isinstance(data.get(flag, False), bool):
-                raise ValueError(f"{flag}: true or false, got {data[flag]!r}")
-        chosen = [flag for flag in DTYPE_FLAGS if data.pop(flag, False)]
-        if len(chosen) > 1:
-            raise ValueError("fp16: true, and bf16: true too; choose one (or set compute_dtype: bfloat16 or float16)")
-        if chosen:
-            dtype = DTYPE_FLAGS[chosen[0]]
-            if data.get("compute_dtype", dtype) != dtype:
-                raise ValueError(f"{chosen[0]}: true means compute_dtype: {dtype}, but compute_dtype is "
-                                 f"{data['compute_dtype']}; drop one of them")
-            data["compute_dtype"] = dtype
-        return data
+        return read_spellings(data) if isinstance(data, dict) else data
 
     @model_validator(mode="before")
     @classmethod
@@ -438,7 +382,7 @@ class Recipe(_Strict):
     @field_validator("warmup_steps", mode="before")
     @classmethod
     def _warmup(cls, value: Any) -> int | float:
-        return _steps_or_fraction(value, "warmup_steps")
+        return steps_or_fraction(value, "warmup_steps")
 
     @field_validator("template")
     @classmethod
