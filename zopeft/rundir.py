@@ -263,7 +263,8 @@ class RunDir:
         if saved is not None and saved != fingerprint:
             raise RecipeError([
                 f"dataset: the training records are not those {checkpoint} was trained on (fingerprint {saved}, "
-                f"now {fingerprint}): the data changed; restore it, or start a new output_dir"
+                f"now {fingerprint}): the data changed, or which of its records are held out (val_size, the "
+                "dataset's splits); restore it, or start a new output_dir"
             ])
 
     # ----- writing -----------------------------------------------------------------------------
