@@ -90,7 +90,7 @@ def load_records(source: str | Path, split: str | None = None, column_names: lis
     text); a cell that is wholly CSV-quoted (``"a ""b"" c"``, as in the RTE files) is unquoted.
     CSV/TSV columns whose every cell is an integer become ``int``.  A directory is read with the optional ``datasets`` library
     (``load_from_disk`` output or anything ``load_dataset`` reads offline; ``split`` defaults to train;
-    :func:`named_splits` lists a saved ``DatasetDict``'s).
+    :func:`named_splits` lists a directory's).
     """
     if isinstance(source, str) and source in BUILTIN_DATASETS:
         return _load_builtin(source, split)

@@ -83,16 +83,13 @@ class DataSplits:
         self.recipe, self.task, self.checked = recipe, task, checked
 
     @cached_property
-    def _named_splits(self) -> dict[str, tuple[str, ...]]:
+    def _splits(self) -> dict[str, tuple[str, ...]]:
+        """The named splits of dataset's and eval_dataset's sources (a bundled dataset, a DatasetDict, a data folder)."""
         return {key: named_splits(getattr(self.recipe, key)) for key in ("dataset", "eval_dataset")}
-
-    def _splits(self, key: str) -> tuple[str, ...]:
-        """The named splits of ``key``'s source (a bundled dataset, a DatasetDict, a data folder); () for a file."""
-        return self._named_splits[key]
 
     def _eval_split(self, key: str) -> str | None:
         """The split of ``key``'s source evaluated on, or None (see :data:`DATASET_EVAL_SPLITS`)."""
-        splits, wanted = self._splits(key), EVAL_DATASET_SPLITS if key == "eval_dataset" else DATASET_EVAL_SPLITS
+        splits, wanted = self._splits[key], EVAL_DATASET_SPLITS if key == "eval_dataset" else DATASET_EVAL_SPLITS
         found = next((s for s in wanted if s in splits), None)
         if found is None and key == "eval_dataset" and splits:
             if len(splits) > 1:
@@ -103,7 +100,7 @@ class DataSplits:
 
     @cached_property
     def _train_split(self) -> str | None:
-        return "train" if self._splits("dataset") else None
+        return "train" if self._splits["dataset"] else None
 
     @property
     def _dataset_name(self) -> str:
@@ -210,7 +207,7 @@ class DataSplits:
         """``dev`` (the evaluation records), ``train`` (the training records), ``select`` (the guard's), or
         another named split of ``dataset`` (a saved DatasetDict's ``test``, say)."""
         if name not in SPLITS:
-            named = [s for s in self._splits("dataset") if s not in SPLITS and s != self._train_split]
+            named = [s for s in self._splits["dataset"] if s not in SPLITS and s != self._train_split]
             if name in named:
                 records, count = _subset(self._load("dataset", name), self.recipe.max_eval_samples, "max_eval_samples")
                 return Split(records, f"{self._name('dataset', name)} ({count})")
