@@ -41,9 +41,11 @@ Threads = Annotated[Optional[int], typer.Option(
 
 
 def _quiet_libraries() -> None:
-    """Hide what users cannot act on: bitsandbytes' optional-kernel warning, FutureWarnings, load progress bars."""
+    """Hide what users cannot act on: bitsandbytes' optional-kernel and the kernels hub's offline warnings,
+    FutureWarnings, load progress bars."""
     warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
     if "transformers" in sys.modules:  # imported already (e.g. the CLI called from Python)
         from transformers.utils import logging as hf_logging
