@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from zopeft.distributed import exit_worker
+
 from . import common
 
 RUNS = (("fzoo", "perturbation", dict(lr=1e-3, n_perturbations=8)), ("mezo", "data", dict(lr=1e-5)))
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         figures = worker(json.loads(args.worker))
         if figures is not None:
             print(json.dumps(figures), flush=True)
+        exit_worker()
         return {}
     common.setup(args.threads)
     device = common.resolve_device(args.device)

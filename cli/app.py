@@ -322,4 +322,11 @@ def env(debug: Debug = False) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        if "torch" in sys.modules:  # a command that never imported torch ran no distributed job
+            from zopeft.distributed import exit_worker
+
+            exit_worker(done.code)  # a torchrun worker ends here, past torch's unreliable teardown
+        raise

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import zopeft
-from zopeft.distributed import ReplicaDivergence, distributed_session
+from zopeft.distributed import ReplicaDivergence, distributed_session, exit_worker
 
 RUNS = [("fzoo", "perturbation", dict(lr=1e-2, n_perturbations=5, batched=False)),
         ("mezo", "data", dict(lr=1e-2)), ("adamezo", "data", dict(lr=1e-3, window=2))]
@@ -72,6 +72,7 @@ def main() -> None:
                 continue
             save_file(tensors, str(out / f"{name}-rank{rank}-world{world}.safetensors"))
             (out / f"{name}-rank{rank}-world{world}.json").write_text(json.dumps(stats))
+    exit_worker()
 
 
 if __name__ == "__main__":

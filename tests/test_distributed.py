@@ -145,3 +145,14 @@ def test_cli_data_parallel_mezo_doubles_the_batch(tmp_path):
     torchrun(1, "--no-python", BIN / "zopeft", "train", single)
     pair, one = adapter_tensors(tmp_path / "out"), adapter_tensors(tmp_path / "single" / "out")
     assert all(torch.equal(pair[k], one[k]) for k in one)
+
+
+@pytest.mark.parametrize(("world", "code", "status", "stderr"),
+                         [("2", "3", 3, ""), ("2", "'no such recipe'", 1, "no such recipe"), ("1", "3", 0, "returned")])
+def test_exit_worker_ends_a_torchrun_worker_with_its_status_and_output(world, code, status, stderr):
+    """A worker of a multi-process job exits at once with SystemExit's status, output flushed; one process returns."""
+    script = ("import sys; from zopeft.distributed import exit_worker; print('written', end='')\n"
+              f"exit_worker({code}); print('returned', file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "WORLD_SIZE": world},
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (status, "written") and stderr in done.stderr
