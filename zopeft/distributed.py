@@ -45,6 +45,11 @@ class ReplicaDivergence(RuntimeError):
     """The trainable tensors differ between ranks."""
 
 
+def _launched_with_peers() -> bool:
+    """Whether torchrun started this process as one of several (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init_distributed() -> tuple[int, int]:
     """Initialise ``torch.distributed`` from the torchrun environment; return (rank, world size).
 
@@ -53,7 +58,7 @@ def init_distributed() -> tuple[int, int]:
     """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not _launched_with_peers():
         return 0, 1
     cuda = torch.cuda.is_available()
     if cuda:
@@ -65,7 +70,7 @@ def init_distributed() -> tuple[int, int]:
 @contextlib.contextmanager
 def distributed_session() -> Iterator[tuple[int, int]]:
     """:func:`init_distributed` for the duration of a run; tears the process group down if it set it up."""
-    created = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized())
+    created = _launched_with_peers() and not (dist.is_available() and dist.is_initialized())
     try:
         yield init_distributed()
     finally:
@@ -82,7 +87,7 @@ def exit_worker(code: int | str | None = 0) -> None:
     failed job.  Everything is written by then: skipping the teardown skips the abort.
     ``code`` is :class:`SystemExit`'s: a number, None (0) or a message (printed; exit status 1).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not _launched_with_peers():
         return
     if isinstance(code, str):
         print(code, file=sys.stderr)
