@@ -1,7 +1,7 @@
 """Convergence race: zopeft's MeZO, FZOO, AdaMeZO and HiZOO vs first-order AdamW, LoRA on SmolLM2-135M.
 
     python -m benchmarks.bench_convergence [--quick] [--device auto|cpu|cuda] [--tasks sst2-2shot,rte] [--seeds 3]
-        [--budget 720] [--grid fzoo=1e-3,3e-3] [--resume]
+        [--budget 720] [--grid fzoo=1e-3,3e-3] [--objectives loss,candidate_ce,margin] [--resume]
 
 Same model (real SmolLM2-135M-Instruct weights, fp32, LoRA r=8 alpha 16 on q/v, B = 0 at the
 start so every run starts at the zero-shot model), same data, same batch size, and for each seed
@@ -12,6 +12,14 @@ the same LoRA initialisation and example order for every optimizer.  Tasks (:dat
 * ``sst2-2shot``: the demo recipe's 2-shot prompt with `` bad``/`` good``, batches of 4; the model
   starts badly calibrated (~56%), so the optimizers' speeds differ by far more than the noise.
 * ``rte``: the bundled RTE prompt.
+* ``boolq``: the bundled BoolQ prompt (passage, question, `` No``/`` Yes``), 32 training examples (FewGLUE's
+  32-shot set), long prompts (cut to 256 tokens from the left), batches of 8.
+
+Objectives (``--objectives``): what the optimizers train on: ``loss`` (the language-model loss of
+the gold label word over the whole vocabulary, zopeft's default), ``candidate_ce`` (the cross-entropy
+over the candidates, as the MeZO / FZOO / AdaMeZO reference code train classification) or
+``margin``; AdamW takes the differentiable ones.  A run on another objective than the loss is
+labelled ``optimizer:objective`` (``fzoo:candidate_ce``) and has its own lr tuning.
 
 Budget and counting.  Every optimizer gets the same budget of *forward-pass equivalents*: a ZO
 loss evaluation is one (MeZO and AdaMeZO: 2 per step, FZOO: N+1 = 9 per step); a first-order
@@ -114,7 +122,10 @@ TASKS = {
     # are large and fast; batches of 4, as in the demo
     "sst2-2shot": TaskSetting("sst2", 128, (0, 256), (256, 456), 4, 0.20, "smollm2_lora_fzoo_sst2_demo"),
     "rte": TaskSetting("rte", 128, (0, 177), (177, 277), 16, 0.03),
+    # passages of ~150 tokens (a tenth above 250): batches of 8 cost about what RTE's 16 do
+    "boolq": TaskSetting("boolq", 256, (0, 200), (200, 300), 8, 0.03),
 }
+DIFFERENTIABLE = ("loss", "candidate_ce")  # what AdamW can train on
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -134,6 +145,16 @@ class RunSpec:
     batch_size: int
     guard: bool = False  # wrap the ZO optimizer in zopeft.Guard (its defaults)
     guard_watch: str = "loss"  # eval: the guard judges the tune slice's accuracy at each evaluation (and at the end)
+    objective: str = "loss"  # zo.objective: loss, candidate_ce or margin (AdamW: loss or candidate_ce)
+
+    @property
+    def label(self) -> str:
+        return cell_label(self.optimizer, self.objective)
+
+
+def cell_label(optimizer: str, objective: str) -> str:
+    """The optimizer, with the objective when it is not the loss (``fzoo:candidate_ce``)."""
+    return optimizer if objective == "loss" else f"{optimizer}:{objective}"
 
 
 # ----- optimizers behind one interface -----------------------------------------------------------
@@ -141,20 +162,23 @@ class _ZOTrainer:
     """A zopeft optimizer (optionally guarded) stepping on batched loss closures; counts its loss evaluations."""
 
     def __init__(self, name: str, model: torch.nn.Module, lr: float, seed: int, guard: bool = False,
-                 watch: str = "loss") -> None:
+                 watch: str = "loss", objective: str = "loss") -> None:
         import zopeft
 
-        self.model = model
+        self.model, self.objective = model, objective
         self.opt = zopeft.get_optimizer(name, model, lr=lr, seed=seed, batched=True, **OPTIMIZERS[name].kwargs)
         self.guard = zopeft.Guard(self.opt, watch=watch) if guard else None  # each watch with its own defaults
         self.stopped: str | None = None  # the guard's reason to stop
 
-    def step(self, batch: dict[str, torch.Tensor]) -> None:
-        from zopeft.batched import loss_closure
+    def step(self, batch: Any) -> None:
+        """One step on a model batch (the loss) or a CandidateBatch (the objective)."""
+        from zopeft.batched import loss_closure, metric_closure
         from zopeft.guard import GuardStop
 
+        closure = (loss_closure(self.model, batch) if self.objective == "loss"
+                   else metric_closure(self.model, batch, self.objective))
         try:
-            (self.guard or self.opt).step(loss_closure(self.model, batch))
+            (self.guard or self.opt).step(closure)
         except GuardStop as stop:
             self.stopped = str(stop)
 
@@ -191,8 +215,13 @@ class _AdamWTrainer:
         self.opt = torch.optim.AdamW(common.trainable(model), lr=lr, weight_decay=0.0)
         self.steps = 0
 
-    def step(self, batch: dict[str, torch.Tensor]) -> None:
-        common.adamw_step(self.model, self.opt, batch)
+    def step(self, batch: Any) -> None:
+        """One step on a model batch (its loss) or a CandidateBatch (the cross-entropy over its candidates)."""
+        from zopeft.batched import candidate_loss
+        from zopeft.objectives import CandidateBatch
+
+        loss = (lambda: candidate_loss(self.model, batch)) if isinstance(batch, CandidateBatch) else None
+        common.adamw_step(self.model, self.opt, batch, loss)
         self.steps += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -248,12 +277,14 @@ class Race:
     def evaluate(self, model: torch.nn.Module, task_name: str, bounds: tuple[int, int]) -> dict[str, float]:
         return self.task(task_name).evaluate(model, self.tokenizer, self.records(task_name, "dev", bounds), batch_size=32)
 
-    def batch(self, task: Any, train: list[dict], seed: int, step: int, bs: int) -> dict[str, torch.Tensor]:
-        """Batch ``step`` (of ``bs`` examples) of the example order of ``seed`` (a new permutation each epoch)."""
+    def batch(self, task: Any, train: list[dict], seed: int, step: int, bs: int, scored: bool = False) -> Any:
+        """Batch ``step`` (of ``bs`` examples) of the example order of ``seed`` (a new permutation each epoch);
+        ``scored``: as a CandidateBatch (for an objective of the candidates' scores)."""
         n = len(train)
-        indices = [_order(seed, p // n, n)[p % n] for p in range(step * bs, (step + 1) * bs)]
-        batch = task.collate([train[i] for i in indices], self.tokenizer)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        records = [train[_order(seed, p // n, n)[p % n]] for p in range(step * bs, (step + 1) * bs)]
+        if scored:
+            return task.candidate_batch(records, self.tokenizer).to(self.device)
+        return {k: v.to(self.device) for k, v in task.collate(records, self.tokenizer).items()}
 
     def run(self, spec: RunSpec, start: dict[str, float] | None, partial: Path | None = None) -> dict[str, Any]:
         """Train until the budget is spent, evaluating every ``eval_every`` forward-pass equivalents
@@ -266,7 +297,7 @@ class Race:
 
         model = self.fresh_model(spec.seed)
         trainer = (_AdamWTrainer(model, spec.lr) if spec.optimizer == "adamw"
-                   else _ZOTrainer(spec.optimizer, model, spec.lr, spec.seed, spec.guard, spec.guard_watch))
+                   else _ZOTrainer(spec.optimizer, model, spec.lr, spec.seed, spec.guard, spec.guard_watch, spec.objective))
         judge_on_tune = spec.guard and spec.guard_watch == "eval"  # select on the tune slice, report on the report set
         task, train = self.task(spec.task), self.records(spec.task, "train")
         curve = [_point(0, 0, 0.0, start)] if start else []
@@ -279,9 +310,9 @@ class Race:
             trainer.load_state_dict(state["trainer"])
             torch.set_rng_state(state["rng"])
             steps, seconds, next_eval, curve = state["steps"], state["seconds"], state["next_eval"], state["curve"]
-            print(f"  continuing {spec.optimizer} lr={spec.lr:g} seed={spec.seed} after {steps} steps", flush=True)
+            print(f"  continuing {spec.label} lr={spec.lr:g} seed={spec.seed} after {steps} steps", flush=True)
         while trainer.forward_equivalents < spec.budget:
-            batch = self.batch(task, train, spec.seed, steps, spec.batch_size)
+            batch = self.batch(task, train, spec.seed, steps, spec.batch_size, spec.objective != "loss")
             seconds += common.timed(lambda: trainer.step(batch), self.device)
             steps += 1
             done = trainer.forward_equivalents >= spec.budget or getattr(trainer, "stopped", None) is not None
@@ -349,6 +380,8 @@ class RunLog:
             del fields["guard"]
         if fields["guard_watch"] == "loss":
             del fields["guard_watch"]
+        if fields["objective"] == "loss":  # runs recorded before the objectives keep their keys
+            del fields["objective"]
         return json.dumps(fields, sort_keys=True)
 
     def get(self, spec: RunSpec) -> dict[str, Any] | None:
@@ -485,13 +518,14 @@ def _first(bounds: tuple[int, int], size: int | None) -> tuple[int, int]:
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, tuple[float, ...]]:
-    """``["fzoo=1e-3,3e-3", ...]`` → ``{"fzoo": (0.001, 0.003)}``."""
+    """``["fzoo=1e-3,3e-3", "mezo:margin=1e-3"]`` → ``{"fzoo": (0.001, 0.003), "mezo:margin": (0.001,)}``
+    (an ``optimizer:objective`` grid applies to that objective's runs only)."""
     grid = {}
     for item in items:
-        name, _, values = item.partition("=")
-        if name not in OPTIMIZERS or not values:
-            raise SystemExit(f"--grid {item!r}: expected NAME=LR[,LR...] with NAME in {', '.join(OPTIMIZERS)}")
-        grid[name] = tuple(float(v) for v in values.split(","))
+        label, _, values = item.partition("=")
+        if label.partition(":")[0] not in OPTIMIZERS or not values:
+            raise SystemExit(f"--grid {item!r}: expected NAME[:OBJECTIVE]=LR[,LR...] with NAME in {', '.join(OPTIMIZERS)}")
+        grid[label] = tuple(float(v) for v in values.split(","))
     return grid
 
 
@@ -513,6 +547,20 @@ class Plan:
     batch_size: int | None  # None: each task's default
     guard: bool = False
     guard_watch: str = "loss"
+    objectives: tuple[str, ...] = ("loss",)
+
+    def cells(self) -> list[tuple[str, str]]:
+        """(optimizer, objective) pairs to race: every objective for each optimizer that can train on it."""
+        return [(name, objective) for name in self.optimizers for objective in self.objectives
+                if name != "adamw" or objective in DIFFERENTIABLE]
+
+    @property
+    def optimizers(self) -> list[str]:
+        return [label for label in self.grids if ":" not in label]
+
+    def grid_for(self, name: str, objective: str) -> tuple[float, ...]:
+        """The lr grid of ``name`` on ``objective`` (``--grid name:objective=...`` where given)."""
+        return self.grids.get(cell_label(name, objective), self.grids[name])
 
     def batch_for(self, task: str) -> int:
         return self.batch_size or TASKS[task].batch_size
@@ -534,21 +582,21 @@ class Experiment:
             began = time.perf_counter()
             done = self.race.run(spec, start, self.log.partial(spec))
             self.log.add(spec, done)
-            print(f"  {spec.task} {spec.optimizer} lr={spec.lr:g} seed={spec.seed} ({spec.eval_set}): "
+            print(f"  {spec.task} {spec.label} lr={spec.lr:g} seed={spec.seed} ({spec.eval_set}): "
                   f"acc {done['final_accuracy']:.3f} after {done['forward_equivalents']} fwd-eq, "
                   f"{done['train_seconds']:.0f} s training ({time.perf_counter() - began:.0f} s with eval)", flush=True)
         return done
 
-    def choose_lr(self, task: str, name: str) -> float:
+    def choose_lr(self, task: str, name: str, objective: str) -> float:
         """The grid's lr with the best tune-set accuracy after a short seed-0 run (ties: lower loss)."""
-        grid, plan = self.plan.grids[name], self.plan
+        grid, plan = self.plan.grid_for(name, objective), self.plan
         if len(grid) == 1:
             return grid[0]
         tune = _first(TASKS[task].tune, plan.tune_size)
         tuned = [self.run(RunSpec(task, name, lr, 0, plan.tune_budget, plan.tune_budget, "tune", tune, plan.model,
-                                  plan.batch_for(task)), None) for lr in grid]
+                                  plan.batch_for(task), objective=objective), None) for lr in grid]
         best = max(tuned, key=lambda r: (r["final_accuracy"], -r["final_loss"]))
-        self.tuning.append({"task": task, "optimizer": name, "grid": list(grid), "chosen_lr": best["lr"],
+        self.tuning.append({"task": task, "optimizer": cell_label(name, objective), "grid": list(grid), "chosen_lr": best["lr"],
                             "tune_budget": plan.tune_budget, "tune_examples": tune[1] - tune[0],
                             "tune_accuracy": {f"{r['lr']:g}": r["final_accuracy"] for r in tuned}})
         return best["lr"]
@@ -560,13 +608,13 @@ class Experiment:
         still running) invocation already holds complete comparisons for the first seeds.
         """
         plan = self.plan
-        lrs = {name: self.choose_lr(task, name) for name in plan.grids}
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in plan.grids}
+        lrs = {cell: self.choose_lr(task, *cell) for cell in plan.cells()}
+        runs: dict[str, list[dict[str, Any]]] = {}
         for seed in plan.seeds:
-            for name, lr in lrs.items():
+            for (name, objective), lr in lrs.items():
                 spec = RunSpec(task, name, lr, seed, plan.budget, plan.eval_every, "report", report, plan.model,
-                               plan.batch_for(task), plan.guard and name != "adamw", plan.guard_watch)
-                runs[name].append(self.run(spec, start))
+                               plan.batch_for(task), plan.guard and name != "adamw", plan.guard_watch, objective)
+                runs.setdefault(spec.label, []).append(self.run(spec, start))
         return runs
 
 
@@ -588,6 +636,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
     parser.add_argument("--batch", type=int, default=None, help="examples per step (default: the task's)")
     parser.add_argument("--target-gain", type=float, default=None,
                         help="target = zero-shot report accuracy + this (default: the task's)")
+    parser.add_argument("--objectives", default="loss",
+                        help="comma-separated: loss, candidate_ce, margin (each optimizer trains on each; AdamW on the "
+                             "differentiable ones)")
     parser.add_argument("--resume", action="store_true", help="reuse runs recorded by an interrupted invocation")
     parser.add_argument("--guard", nargs="?", const="loss", default=None, choices=("loss", "eval"),
                         help="wrap the ZO optimizers in zopeft.Guard in the report runs (not the lr tuning): loss "
@@ -603,8 +654,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
         seeds=list(range(args.seeds or (1 if q else 3))), budget=budget, eval_every=eval_every,
         tune_budget=args.tune_budget or max(eval_every, budget // 3), report_size=args.report_size or (64 if q else None),
         tune_size=args.tune_size, target_gain=args.target_gain, model=args.model, batch_size=args.batch,
-        guard=args.guard is not None, guard_watch=args.guard or "loss",
+        guard=args.guard is not None, guard_watch=args.guard or "loss", objectives=tuple(args.objectives.split(",")),
     )
+    unknown = [o for o in plan.objectives if o not in ("loss", "candidate_ce", "margin")]
+    if unknown:
+        raise SystemExit(f"--objectives: unknown {', '.join(unknown)}; choose from loss, candidate_ce, margin")
     return args, plan
 
 
@@ -661,7 +715,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "counting": (f"ZO: one loss evaluation = one forward pass (zopeft's forward_passes); AdamW: one step = "
                      f"{ADAMW_FORWARD_EQUIVALENTS} forward-pass equivalents (1 forward + backward ~ 2 forwards, "
                      "estimated, not measured). ZO evaluations use the batched path (zopeft.batched)."),
-        "optimizers": {n: {"fixed": OPTIMIZERS[n].kwargs, "grid": list(g)} for n, g in plan.grids.items()},
+        "optimizers": {n: {"fixed": OPTIMIZERS[n.partition(":")[0]].kwargs, "grid": list(g)} for n, g in plan.grids.items()},
+        "objectives": list(plan.objectives),
         "tuning": experiment.tuning or "none (one lr per optimizer)",
         "table": table,
         "comparison_table": compare_table,

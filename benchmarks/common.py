@@ -224,10 +224,12 @@ def trainable(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def adamw_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor]) -> float:
-    """One first-order step (forward + backward + AdamW update); the model is left in eval mode."""
+def adamw_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Any,
+               loss_fn: Callable[[], torch.Tensor] | None = None) -> float:
+    """One first-order step (forward + backward + AdamW update) on ``loss_fn()``, by default the model's loss
+    on ``batch``; the model is left in eval mode."""
     model.train()
-    loss = model(**batch).loss
+    loss = loss_fn() if loss_fn is not None else model(**batch).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

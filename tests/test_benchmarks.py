@@ -168,6 +168,24 @@ def test_convergence(tmp_path: Path) -> None:
     assert [r["curve"] for r in again["runs"]] == [r["curve"] for r in data["runs"]]
 
 
+def test_convergence_races_objectives(tmp_path: Path) -> None:
+    """--objectives: every optimizer on every objective it can train on, each run labelled and keyed by it."""
+    argv = _args(tmp_path, "--quick", "--model", "tiny", "--optimizers", "fzoo,adamw", "--objectives",
+                 "loss,candidate_ce,margin", "--budget", "9", "--eval-every", "9", "--report-size", "8")
+    result = bench_convergence.main(argv)
+    data = _load(result)
+    runs = {r["optimizer"] if r.get("objective", "loss") == "loss" else f"{r['optimizer']}:{r['objective']}": r
+            for r in data["runs"]}
+    assert set(runs) == {"fzoo", "fzoo:candidate_ce", "fzoo:margin", "adamw", "adamw:candidate_ce"}
+    assert {row["optimizer"] for row in data["results"]} == set(runs)
+    # the same start, seed and batches: the objective alone makes the runs differ
+    assert runs["fzoo"]["curve"][0] == runs["fzoo:candidate_ce"]["curve"][0]
+    assert runs["fzoo"]["curve"][-1] != runs["fzoo:candidate_ce"]["curve"][-1]
+    log = Path(result["json"]).with_suffix(".runs.jsonl")
+    keys = [json.loads(line)["key"] for line in log.read_text().splitlines()]
+    assert sum('"objective"' in k for k in keys) == 3  # runs on the loss keep the keys recorded before objectives
+
+
 def test_an_interrupted_convergence_run_continues_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each run is killed once at its second batch (after an evaluation saved its state, the ZO runs' guards'
     too); --resume continues it."""
@@ -176,11 +194,11 @@ def test_an_interrupted_convergence_run_continues_bit_for_bit(tmp_path: Path, mo
     whole = bench_convergence.main(_args(tmp_path / "whole", *argv))
     batch, calls = bench_convergence.Race.batch, []
 
-    def killed_once(self, task, train, seed, step, bs):  # the 1st, 3rd, ... request of step 1: one per run
+    def killed_once(self, task, train, seed, step, bs, *rest):  # the 1st, 3rd, ... request of step 1: one per run
         calls.append(step)
         if step == 1 and calls.count(1) % 2:
             raise KeyboardInterrupt
-        return batch(self, task, train, seed, step, bs)
+        return batch(self, task, train, seed, step, bs, *rest)
 
     monkeypatch.setattr(bench_convergence.Race, "batch", killed_once)
     interrupted = _args(tmp_path / "cut", *argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import textwrap
 
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import zopeft
 from zopeft.data import load_records
-from zopeft.objectives import accuracy_error, clipped_margin, resolve_objective
+from zopeft.objectives import accuracy_error, candidate_cross_entropy, clipped_margin, resolve_objective
 from zopeft.optim.evaluation_log import evaluation_path
 from zopeft.tasks import build_task
 
@@ -41,6 +42,9 @@ def test_objective_functions_by_hand():
     assert accuracy_error(scores, gold) == pytest.approx(1 / 3)
     # best other - gold, clipped to [-1, 1]: (-2.0+0.1) -> -1, (-0.5+1.0) = 0.5, (-2.0+0.1) -> -1
     assert clipped_margin(scores, gold) == pytest.approx((-1 + 0.5 - 1) / 3)
+    # -log of the gold candidate's share of the candidates' probabilities, mean over examples
+    shares = [0.9048 / (0.9048 + 0.1353 + 0.0498), 0.3679 / (0.3679 + 0.6065 + 0.0183), 0.9048 / (0.1353 + 0.1108 + 0.9048)]
+    assert candidate_cross_entropy(scores, gold) == pytest.approx(-sum(map(math.log, shares)) / 3, rel=1e-3)
 
 
 def test_python_objectives_and_clear_errors(tmp_path, monkeypatch):
@@ -115,6 +119,23 @@ def test_batched_objective_equals_sequential(case):
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["classification", "multiple_choice"])
+def test_candidate_loss_is_the_candidate_ce_objective_with_a_gradient_on_the_adapter_only(kind):
+    model, tok = lora_llm()
+    records = load_records("sst2", "train")[:6]
+    prompts = [TEMPLATE.format(**r) for r in records]
+    choices = [" negative", " positive"] if kind == "classification" else [[" a dull film", " great fun"]] * 6
+    batch = zopeft.candidate_batch(tok, prompts, choices, [r["label"] for r in records], cutoff_len=48)
+    with torch.no_grad():
+        objective = float(zopeft.metric_closure(model, batch, "candidate_ce")())
+        vocabulary_loss = float(model(**batch.inputs).loss)
+    loss = zopeft.candidate_loss(model, batch)
+    assert float(loss) == pytest.approx(objective, rel=1e-5) and objective != pytest.approx(vocabulary_loss)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads) and any(g.abs().sum() > 0 for g in grads.values())
+
+
 def test_flat_objective_steps_are_skipped_and_counted():
     model, tok = lora_llm()
     records = load_records("sst2", "train")[:2]
@@ -153,3 +174,18 @@ def test_cli_trains_on_an_objective_and_refuses_it_for_sft(tmp_path):
     assert result.exit_code == 2
     assert "zo.objective: accuracy scores candidates" in result.output and "task sft" in result.output
     assert not (tmp_path / "o2").exists()
+
+
+def test_cli_trains_adamw_on_the_candidate_cross_entropy_and_refuses_a_metric(tmp_path):
+    from test_cli import invoke, write_recipe
+
+    result = invoke("train", write_recipe(tmp_path), "zo.optimizer=adamw", "zo.objective=candidate_ce", "max_steps=3",
+                    "logging_steps=1")
+    assert result.exit_code == 0, result.output
+    log = [json.loads(x) for x in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    # the cross-entropy over two label words (about log 2), not the tiny model's vocabulary loss (~11)
+    assert len(losses) == 3 and all(0 < x < 2 for x in losses)
+    result = invoke("train", write_recipe(tmp_path, output_dir=str(tmp_path / "o2")), "zo.optimizer=adamw",
+                    "zo.objective=margin")
+    assert result.exit_code == 2 and "zo.objective: adamw needs a gradient, which margin has none of" in result.output

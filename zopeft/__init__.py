@@ -37,6 +37,7 @@ _EXPORTS = {
     "available_optimizers": ".registry",
     "batched_support": ".batched",
     "candidate_batch": ".tasks",
+    "candidate_loss": ".batched",
     "draw_noise": ".noise",
     "get_optimizer": ".registry",
     "hyperparameters": ".registry",

@@ -5,6 +5,12 @@ Each objective maps the candidates' scores of a batch - log-probabilities ``(exa
 candidates)`` of the label words, answer choices or classes - and the gold indices to a number
 to *minimise*:
 
+* ``candidate_ce``: the cross-entropy of the gold candidate under a softmax over the candidates'
+  scores, mean over examples: the loss the MeZO, FZOO and AdaMeZO reference code train every
+  classification task on (``train_as_classification``).  Unlike the language-model loss over the
+  whole vocabulary, it rewards only choosing the right candidate, not making the candidates likely
+  words; it is differentiable, so the first-order baseline trains on it too (:func:`candidate_loss`
+  in :mod:`zopeft.batched`);
 * ``accuracy``: the error rate, 1 − mean(argmax = gold);
 * ``margin``: mean over examples of clip(best other score − gold score, −1, 1): a smooth
   surrogate of the error that saturates once an example is right (or wrong) by 1 nat;
@@ -38,12 +44,17 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "OBJECTIVES", "CandidateBatch", "Objective", "accuracy_error", "clipped_margin", "flat_objective_warning",
-    "resolve_objective",
+    "DIFFERENTIABLE", "OBJECTIVES", "CandidateBatch", "Objective", "accuracy_error", "candidate_cross_entropy",
+    "clipped_margin", "flat_objective_warning", "resolve_objective",
 ]
 
 Objective = Callable[["torch.Tensor", "torch.Tensor"], float]
 """``objective(scores (examples, candidates), gold (examples,)) -> float`` to minimise."""
+
+
+def candidate_cross_entropy(scores: torch.Tensor, gold: torch.Tensor) -> float:
+    """Mean over examples of −log softmax(scores)[gold]: the cross-entropy over the candidates."""
+    return float(-scores.log_softmax(-1).gather(1, gold.unsqueeze(1)).mean())
 
 
 def accuracy_error(scores: torch.Tensor, gold: torch.Tensor) -> float:
@@ -58,7 +69,11 @@ def clipped_margin(scores: torch.Tensor, gold: torch.Tensor) -> float:
     return float((others - gold_score).clamp(-1.0, 1.0).mean())
 
 
-OBJECTIVES: dict[str, Objective] = {"accuracy": accuracy_error, "margin": clipped_margin}
+OBJECTIVES: dict[str, Objective] = {
+    "candidate_ce": candidate_cross_entropy, "accuracy": accuracy_error, "margin": clipped_margin,
+}
+DIFFERENTIABLE = ("loss", "candidate_ce")
+"""The ``zo.objective`` values a first-order optimizer (the AdamW baseline) can train on."""
 
 
 def resolve_objective(spec: str | Objective) -> Objective:

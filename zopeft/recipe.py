@@ -24,6 +24,7 @@ from pydantic import (
 
 from .data import TABLE_FORMATS
 from .hints import did_you_mean
+from .objectives import DIFFERENTIABLE
 from .optim.settings import GUARD_DEFAULTS
 from .registry import available_optimizers
 from .training_arguments import FOREIGN_KEYS, read_spellings, steps_or_fraction
@@ -154,8 +155,9 @@ class ZOSettings(_Strict):
     ignored: list[str] = Field(default_factory=list, exclude=True, repr=False)  # other optimizers' settings, dropped
     optimizer: str = Field("fzoo", description="a registered ZO optimizer (fzoo, mezo, adamezo, hizoo, ...) or adamw "
                            "(the first-order baseline)")
-    objective: str = Field("loss", description="what ZO minimises: loss, accuracy, margin or python:MODULE:FUNCTION "
-                           "(see zopeft.objectives)")
+    objective: str = Field("loss", description="what ZO minimises: loss (the language-model loss of the gold "
+                           "continuation), candidate_ce (cross-entropy over the candidates), accuracy, margin or "
+                           "python:MODULE:FUNCTION (see zopeft.objectives)")
     guard: GuardSettings = Field(default_factory=GuardSettings)
     check_eps: Literal["auto", "always", "never"] = Field(
         "auto", description="before the first step, check that zo.eps is above the forward pass's rounding "
@@ -457,9 +459,9 @@ class Recipe(_Strict):
             )
         if self.task == "sequence_classification" and self.task_type == "causal_lm":
             raise ValueError("task: sequence_classification needs task_type: sequence_classification")
-        if not self.is_zeroth_order and self.zo.objective != "loss":
-            raise ValueError(f"zo.objective: {self.zo.optimizer} trains on the loss (backprop needs a gradient); "
-                             "use a ZO optimizer for the objective, or zo.objective: loss")
+        if not self.is_zeroth_order and self.zo.objective not in DIFFERENTIABLE:
+            raise ValueError(f"zo.objective: {self.zo.optimizer} needs a gradient, which {self.zo.objective} has none of: "
+                             f"use a ZO optimizer for it, or zo.objective: {' or '.join(DIFFERENTIABLE)}")
         if self.task == "sequence_classification" and self.text_fields and len(self.text_fields) > 2:
             raise ValueError(f"text_fields: sequence_classification reads one or two texts, got {self.text_fields}")
         tables = (v for v in (self.dataset, self.eval_dataset) if v and v.lower().endswith(TABLE_FORMATS))

@@ -32,11 +32,12 @@ from .components import (
     adapter_spec, batch_indices, eval_data, forward_equivalents, make_optimizer, model_spec, objective, torch_threads,
     training_batch, training_data, zo_closure,
 )
+from .batched import candidate_loss
 from .distributed import barrier, distributed_session, from_rank0
 from .guard import Guard, rollback_line
 from .metrics import EMA, collapse_warning, predicted_counts
 from .models import load_adapter_model, load_model, trainable_summary
-from .objectives import Objective, flat_objective_warning
+from .objectives import CandidateBatch, Objective, flat_objective_warning
 from .optim.base import ZOOptimizer
 from .recipe import Recipe
 from .rundir import LOG_NAME, RunDir
@@ -113,7 +114,7 @@ def _checks_eps(recipe: Recipe) -> bool:
     setting = recipe.zo.check_eps
     if setting != "auto":
         return setting == "always"
-    return recipe.compute_dtype != "float32" and recipe.zo.objective in ("loss", "margin")
+    return recipe.compute_dtype != "float32" and recipe.zo.objective in ("loss", "candidate_ce", "margin")
 
 
 def _train_step(
@@ -128,8 +129,8 @@ def _train_step(
         return dict(opt.last_stats)
     model.train()
     total = 0.0
-    for batch in batches:
-        loss = model(**batch).loss / len(batches)
+    for batch in batches:  # a CandidateBatch under zo.objective: candidate_ce
+        loss = (candidate_loss(model, batch) if isinstance(batch, CandidateBatch) else model(**batch).loss) / len(batches)
         loss.backward()
         total += loss.item()
     opt.step()

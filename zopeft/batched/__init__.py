@@ -38,10 +38,12 @@ embeddings/convolutions, encoder-decoder models, a model in training mode, batch
 loss-changing keys such as ``num_items_in_batch``) falls back to the sequential loop.
 """
 
-from .closure import BatchedLoss, MetricClosure, PointSource, batched_support, loss_closure, metric_closure
+from .closure import (
+    BatchedLoss, MetricClosure, PointSource, batched_support, candidate_loss, loss_closure, metric_closure,
+)
 from .loss import prompt_learning_type, takes_logit_mask
 
 __all__ = [
-    "BatchedLoss", "MetricClosure", "PointSource", "batched_support", "loss_closure", "metric_closure",
+    "BatchedLoss", "MetricClosure", "PointSource", "batched_support", "candidate_loss", "loss_closure", "metric_closure",
     "prompt_learning_type", "takes_logit_mask",
 ]

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..objectives import CandidateBatch, Objective, resolve_objective
+from ..objectives import CandidateBatch, Objective, candidate_cross_entropy, resolve_objective
 from ..optim.evaluation_log import report_path
 from .adapters.base import Unsupported, applied
 from .loss import CandidateScores, Criterion, LossPlan, plan_loss
@@ -19,7 +19,9 @@ from ..optim.settings import parse_memory
 from .memory import replicas_per_pass
 from .plan import Plan, build_plan
 
-__all__ = ["BatchedLoss", "MetricClosure", "PointSource", "batched_support", "loss_closure", "metric_closure"]
+__all__ = [
+    "BatchedLoss", "MetricClosure", "PointSource", "batched_support", "candidate_loss", "loss_closure", "metric_closure",
+]
 
 logger = logging.getLogger("zopeft")
 _max_replicas: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()  # after an OOM
@@ -72,6 +74,25 @@ def metric_closure(
         raise TypeError(f"metric_closure: batch must be a CandidateBatch (zopeft.candidate_batch(tokenizer, prompts, "
                         f"choices, gold), or a task's candidate_batch), got a {type(batch).__name__}")
     return MetricClosure(model, batch, resolve_objective(objective), perturbation_batch_size=perturbation_batch_size)
+
+
+def candidate_loss(model: nn.Module, batch: CandidateBatch) -> torch.Tensor:
+    """The cross-entropy over the candidates at the model's current weights, differentiable: what a
+    first-order optimizer trains on for ``zo.objective: candidate_ce`` (the value is that objective's).
+
+    A sequence classifier's candidates are its classes, so its cross-entropy is the model's own loss.
+    """
+    try:
+        plan = plan_loss(model, batch.inputs)
+    except Unsupported as exc:
+        raise ValueError(f"candidate_loss needs a causal LM or a sequence classifier batch: {exc}") from None
+    if plan.kind == "seq_cls":
+        return model(**batch.inputs).loss
+    labels = batch.inputs["labels"]
+    scores = CandidateScores(batch, candidate_cross_entropy, plan.targets(labels), plan.label_rows(labels))
+    plan.losses(model, plan.inputs(batch.inputs, 1), labels, 1, scores)
+    per_candidate = scores.scores(1)[0]
+    return torch.nn.functional.cross_entropy(per_candidate, batch.gold.to(per_candidate.device))
 
 
 def batched_support(model: nn.Module, optimizer: PointSource, batch: Mapping[str, Any]) -> str | None:

@@ -258,6 +258,10 @@ class CandidateScores:
             self.parts.append(logp.gather(2, tokens.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(2))
 
     def result(self, replicas: int) -> list[float]:
+        return self._values(self.scores(replicas))
+
+    def scores(self, replicas: int) -> torch.Tensor:
+        """``(R, examples, candidates)``: each candidate's score (-inf where an example has fewer candidates)."""
         b = self.batch
         if b.candidate_tokens is not None:
             scores = torch.cat(self.parts, dim=1)  # (R, examples, C): one labelled position per example
@@ -270,7 +274,7 @@ class CandidateScores:
                 sums = sums / torch.bincount(rows, minlength=n_rows).clamp_(min=1)
             scores = per_token.new_full((replicas, b.gold.numel(), b.num_candidates), float("-inf"))
             scores[:, b.row_example.to(rows.device), b.row_candidate.to(rows.device)] = sums
-        return self._values(scores)
+        return scores
 
     def classify(self, logits: torch.Tensor) -> list[float]:
         return self._values(F.log_softmax(logits.float(), -1))
