@@ -61,7 +61,10 @@ def test_only_trainable_tensors_change_and_restore_is_exact(arch, adapter, quant
 
 
 # MeZO: ε = 1e-2, the MeZO paper's LoRA setting (with 1e-3, 100 steps on this tiny model lower the loss
-# by 0.01 to 0.11 depending on the seed; with 1e-2 by 0.07 to 0.14 over seeds 0-4)
+# by 0.01 to 0.11 depending on the seed; with 1e-2 by 0.07 to 0.14 over seeds 0-4).  The trajectory of
+# 100 MeZO steps depends on the CPU's rounding (kernel choices, even memory alignment): fp32 and nf4 over
+# seeds 0-3 lowered the loss by 0.055 to 0.147 on an AVX2 EPYC and with MKL/oneDNN/ATen held to SSE4
+# kernels, so the test asks for 0.02, well below any of them.
 @pytest.mark.parametrize(
     "name,lr,eps,steps", [("fzoo", 1e-2, 1e-3, 20), ("mezo", 3e-2, 1e-2, 100), ("adamezo", 1e-4, 1e-3, 30)]
 )
@@ -73,7 +76,7 @@ def test_loss_decreases_on_fixed_batch(name, lr, eps, steps, quant):
     loss0 = model(**batch).loss.item()
     for _ in range(steps):
         opt.step(lambda: model(**batch).loss)
-    assert model(**batch).loss.item() < loss0 - 0.05
+    assert model(**batch).loss.item() < loss0 - 0.02
 
 
 def test_int8_base_trains():
