@@ -9,7 +9,6 @@ matches nothing) print one ``error:`` line per problem and exit with code 2;
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -143,6 +142,7 @@ def evaluate(
 ) -> None:
     """Evaluate on a split: accuracy, macro-F1, loss, per-class precision / recall and the confusion matrix."""
     with _user_errors(debug):
+        from zopeft.jsonl import dumps as strict_json
         from zopeft.metrics import collapse_warning, report_lines
         from zopeft.runner import evaluate as run
 
@@ -150,7 +150,7 @@ def evaluate(
         metrics = run(resolved, adapter=adapter, split=split)
     target = output or (adapter or Path(resolved.output_dir)) / f"eval_{split}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(metrics, indent=1))
+    target.write_text(strict_json(metrics, indent=1))
     typer.echo(f"eval on {metrics['evaluated_on']}")
     for line in report_lines(metrics):
         typer.echo(line)
@@ -237,6 +237,7 @@ def lr_find(
 ) -> None:
     """Short runs over a log-spaced grid of learning rates around the recipe's; print and save the recommendation."""
     with _user_errors(debug):
+        from zopeft.jsonl import dumps as strict_json
         from zopeft.lr_find import lr_find as find
 
         if not (0 < fraction <= 1 and points >= 2 and span > 1):
@@ -251,7 +252,7 @@ def lr_find(
                    f"{row['status']}{mark}")
     target = output or Path(resolved.output_dir) / "lr_find.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps({**result.to_dict(), "recipe_lr": resolved.learning_rate}, indent=1))
+    target.write_text(strict_json({**result.to_dict(), "recipe_lr": resolved.learning_rate}, indent=1))
     if result.recommended is None:
         typer.echo(f"no learning rate improved the probe loss in {result.steps} steps: try a larger --fraction or --span")
     else:
