@@ -41,7 +41,9 @@ def loss_closure(model: nn.Module, batch: Mapping[str, Any], *, perturbation_bat
     """A closure for ``opt.step``/``opt.estimate`` that also offers batched evaluation.
 
     Args:
-        model: the (PEFT-wrapped) model; ``model(**batch).loss`` is the loss.
+        model: the (PEFT-wrapped) model; ``model(**batch).loss`` is the loss.  Of a
+            ``torch.compile``-d model the original module is evaluated (the batched path
+            swaps module forwards, which a compiled graph would not see).
         batch: the model's keyword inputs, with ``labels``.
         perturbation_batch_size: replicas (loss evaluations) per forward pass; overrides
             the optimizer's ``perturbation_batch_size``; ``None``: the optimizer's, else
@@ -97,7 +99,7 @@ class BatchedLoss:
     def __init__(self, model: nn.Module, batch: Mapping[str, Any], *, perturbation_batch_size: int | None = None) -> None:
         if perturbation_batch_size is not None and perturbation_batch_size < 1:
             raise ValueError(f"perturbation_batch_size must be >= 1, got {perturbation_batch_size}")
-        self.model = model
+        self.model = getattr(model, "_orig_mod", model)  # torch.compile(model): its original module
         self.batch = batch
         self.perturbation_batch_size = perturbation_batch_size
         self._replicated: dict[int, dict[str, Any]] = {}
