@@ -193,6 +193,8 @@ def replay(
         from zopeft.replay import replay_run
 
         result = replay_run(run_dir, out, overwrite=overwrite)
+    for note in result["notes"]:
+        typer.secho(f"note: {note}", fg="yellow", err=True)
     typer.echo(f"replayed {result['steps']} steps -> {result['out_dir']}")
     if result["identical"] is None:
         typer.echo(f"not compared: {run_dir} holds no final adapter of these {result['steps']} steps")
