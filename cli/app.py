@@ -74,12 +74,27 @@ def _user_errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def _resolve(recipe: Path, overrides: list[str] | None):
-    from zopeft.recipe import bundled_recipes_dir, load_recipe
+def _recipe_file(recipe: Path) -> Path:
+    """RECIPE as given, else the bundled recipe it names (``llama3_lora_fzoo``, with or without ``.yaml``)."""
+    from zopeft.hints import did_you_mean
+    from zopeft.recipe import RecipeError, bundled_recipes_dir
 
-    if not recipe.exists() and (bundled_recipes_dir() / recipe.name).exists():
-        recipe = bundled_recipes_dir() / recipe.name
-    resolved = load_recipe(recipe, overrides or [])
+    if recipe.exists():
+        return recipe
+    name = recipe.name if recipe.suffix in (".yaml", ".yml") else f"{recipe.name}.yaml"
+    if (bundled_recipes_dir() / name).is_file():
+        return bundled_recipes_dir() / name
+    if recipe.parent == Path("."):  # a bare name: perhaps a misspelled bundled one
+        names = [p.stem for p in bundled_recipes_dir().glob("*.yaml")]
+        raise RecipeError([f"recipe {str(recipe)!r}: no such file and no bundled recipe of that name"
+                           f"{did_you_mean(Path(name).stem, names)}; see `zopeft recipes`"])
+    return recipe
+
+
+def _resolve(recipe: Path, overrides: list[str] | None):
+    from zopeft.recipe import load_recipe
+
+    resolved = load_recipe(_recipe_file(recipe), overrides or [])
     for note in resolved.notes():
         typer.secho(f"note: {note}", fg="yellow", err=True)
     return resolved
@@ -174,8 +189,8 @@ def merge(
     with _user_errors(debug):
         from zopeft.merge import describe_checks, merge_adapter
 
-        report = merge_adapter(adapter, out, dtype=dtype, max_shard_size=max_shard_size, recipe_path=recipe,
-                               overwrite=overwrite)
+        report = merge_adapter(adapter, out, dtype=dtype, max_shard_size=max_shard_size,
+                               recipe_path=recipe and _recipe_file(recipe), overwrite=overwrite)
     typer.echo(f"merged model: {report['out_dir']} ({len(report['files'])} files)")
     for line in describe_checks(report):
         typer.echo(line)
