@@ -25,7 +25,9 @@ from .jsonl import LogError, read_checked
 from .models import load_model
 from .optim.step_records import RecordError, checked_records
 from .recipe import Recipe, RecipeError
-from .rundir import LOG_NAME, RECIPE_NAME, STATE_NAME, STEP_LOG_NAME, RunDir, check_output_target, read_jsonl
+from .rundir import (
+    LOG_NAME, RECIPE_NAME, STATE_NAME, STEP_LOG_NAME, RunDir, check_output_target, checkpoint_problem, read_jsonl,
+)
 
 __all__ = ["replay_run"]
 
@@ -94,7 +96,7 @@ def _read_log(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 def _check_complete(run: RunDir, steps: int, *, finished: bool) -> None:
     """Refuse a log that ends before the run's last checkpoint or, for a finished run, before its last step."""
     reached = [(c.name, json.loads((c / STATE_NAME).read_text())["global_step"])
-               for c in run.checkpoints() if (c / STATE_NAME).is_file()]
+               for c in run.checkpoints() if checkpoint_problem(c) is None]
     if finished:
         logged = [r["step"] for r in read_jsonl(run.path / LOG_NAME) if isinstance(r.get("step"), int)]
         reached += [(LOG_NAME, max(logged))] if logged else []
