@@ -70,7 +70,8 @@ def read_checked(path: Path) -> tuple[list[dict[str, Any]], bool]:
             record = json.loads(line)
         except ValueError:
             cut = n == len(lines) and not text.endswith("\n")
-            raise LogError(f"{path}: line {n} " + ("is cut off (the file was truncated)" if cut else "is not JSON")) from None
+            problem = "is cut off (the file was truncated)" if cut else "is not JSON"
+            raise LogError(f"{path}: line {n} {problem}") from None
         if not isinstance(record, dict):
             raise LogError(f"{path}: line {n} is not a JSON object")
         records.append(record)
