@@ -17,7 +17,7 @@ $(PY):
 # installing the project first would pull a multi-GB CUDA build.
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,bench,gguf,plot]"
+	$(PIP) install -q -e ".[test,bench,plot]"
 	$(PIP) install -q --no-deps $(NO_DEPS)
 	touch $(STAMP)
 

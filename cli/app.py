@@ -9,7 +9,6 @@ matches nothing) print one ``error:`` line per problem and exit with code 2;
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -75,12 +74,27 @@ def _user_errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def _resolve(recipe: Path, overrides: list[str] | None):
-    from zopeft.recipe import bundled_recipes_dir, load_recipe
+def _recipe_file(recipe: Path) -> Path:
+    """RECIPE as given, else the bundled recipe it names (``llama3_lora_fzoo``, with or without ``.yaml``)."""
+    from zopeft.hints import did_you_mean
+    from zopeft.recipe import RecipeError, bundled_recipes_dir
 
-    if not recipe.exists() and (bundled_recipes_dir() / recipe.name).exists():
-        recipe = bundled_recipes_dir() / recipe.name
-    resolved = load_recipe(recipe, overrides or [])
+    if recipe.exists():
+        return recipe
+    name = recipe.name if recipe.suffix in (".yaml", ".yml") else f"{recipe.name}.yaml"
+    if (bundled_recipes_dir() / name).is_file():
+        return bundled_recipes_dir() / name
+    if recipe.parent == Path("."):  # a bare name: perhaps a misspelled bundled one
+        names = [p.stem for p in bundled_recipes_dir().glob("*.yaml")]
+        raise RecipeError([f"recipe {str(recipe)!r}: no such file and no bundled recipe of that name"
+                           f"{did_you_mean(Path(name).stem, names)}; see `zopeft recipes`"])
+    return recipe
+
+
+def _resolve(recipe: Path, overrides: list[str] | None):
+    from zopeft.recipe import load_recipe
+
+    resolved = load_recipe(_recipe_file(recipe), overrides or [])
     for note in resolved.notes():
         typer.secho(f"note: {note}", fg="yellow", err=True)
     return resolved
@@ -143,6 +157,7 @@ def evaluate(
 ) -> None:
     """Evaluate on a split: accuracy, macro-F1, loss, per-class precision / recall and the confusion matrix."""
     with _user_errors(debug):
+        from zopeft.jsonl import dumps as strict_json
         from zopeft.metrics import collapse_warning, report_lines
         from zopeft.runner import evaluate as run
 
@@ -150,7 +165,7 @@ def evaluate(
         metrics = run(resolved, adapter=adapter, split=split)
     target = output or (adapter or Path(resolved.output_dir)) / f"eval_{split}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(metrics, indent=1))
+    target.write_text(strict_json(metrics, indent=1))
     typer.echo(f"eval on {metrics['evaluated_on']}")
     for line in report_lines(metrics):
         typer.echo(line)
@@ -174,8 +189,8 @@ def merge(
     with _user_errors(debug):
         from zopeft.merge import describe_checks, merge_adapter
 
-        report = merge_adapter(adapter, out, dtype=dtype, max_shard_size=max_shard_size, recipe_path=recipe,
-                               overwrite=overwrite)
+        report = merge_adapter(adapter, out, dtype=dtype, max_shard_size=max_shard_size,
+                               recipe_path=recipe and _recipe_file(recipe), overwrite=overwrite)
     typer.echo(f"merged model: {report['out_dir']} ({len(report['files'])} files)")
     for line in describe_checks(report):
         typer.echo(line)
@@ -193,6 +208,8 @@ def replay(
         from zopeft.replay import replay_run
 
         result = replay_run(run_dir, out, overwrite=overwrite)
+    for note in result["notes"]:
+        typer.secho(f"note: {note}", fg="yellow", err=True)
     typer.echo(f"replayed {result['steps']} steps -> {result['out_dir']}")
     if result["identical"] is None:
         typer.echo(f"not compared: {run_dir} holds no final adapter of these {result['steps']} steps")
@@ -237,6 +254,7 @@ def lr_find(
 ) -> None:
     """Short runs over a log-spaced grid of learning rates around the recipe's; print and save the recommendation."""
     with _user_errors(debug):
+        from zopeft.jsonl import dumps as strict_json
         from zopeft.lr_find import lr_find as find
 
         if not (0 < fraction <= 1 and points >= 2 and span > 1):
@@ -251,7 +269,7 @@ def lr_find(
                    f"{row['status']}{mark}")
     target = output or Path(resolved.output_dir) / "lr_find.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps({**result.to_dict(), "recipe_lr": resolved.learning_rate}, indent=1))
+    target.write_text(strict_json({**result.to_dict(), "recipe_lr": resolved.learning_rate}, indent=1))
     if result.recommended is None:
         typer.echo(f"no learning rate improved the probe loss in {result.steps} steps: try a larger --fraction or --span")
     else:

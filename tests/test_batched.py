@@ -14,7 +14,10 @@ set is the same (the tiny model here gives the same losses to ~1e-7).
 
 FZOO divides the loss differences by σ (their spread, ~1e-3 here), which amplifies a loss
 rounding error δ into a coefficient error δ/σ; the updates are therefore compared relative
-to their own size (1e-3), not elementwise at fp32 resolution.
+to their own size (1e-3), not elementwise at fp32 resolution.  δ is the CPU's rounding (about
+2e-7 here, on an AVX2 EPYC and with its kernels held to SSE4 alike), so each adapter gets an ε
+whose σ keeps the comparison's bound 10·√N·δ/σ far below its limit 0.05 on any CPU: at ε = 1e-2
+prompt tuning, prefix tuning and IA3 move the loss by only ~1e-4 (bounds up to 0.05 measured).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ ADAPTERS = {
     "dora": lambda tt: LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, task_type=tt),
 }
 LR, EPS, N = 1e-3, 1e-2, 5
+EPS_OF = {"prefix": 1e-1, "prompt": 1e-1, "ia3": 1e-1}  # adapters whose loss moves little at EPS (docstring)
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +101,7 @@ def trainable(model) -> dict[str, torch.Tensor]:
 def one_step(model, batch, *, batched: bool, name: str = "fzoo", **kw):
     """One step from the model's current weights; returns (losses, update, optimizer); the weights are put back."""
     start = trainable(model)
-    opt_kw = dict(lr=LR, eps=EPS, seed=7, batched=batched, **kw)
+    opt_kw = {"lr": LR, "eps": EPS, "seed": 7, "batched": batched, **kw}
     if name == "fzoo":
         opt_kw["n_perturbations"] = N
     opt = zopeft.get_optimizer(name, model, **opt_kw)
@@ -145,7 +149,7 @@ def test_batched_losses_and_update_equal_sequential(arch, adapter, quant, caplog
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert batched_support(model, zopeft.FZOO(model, n_perturbations=2), batch) is None
     with caplog.at_level(logging.INFO, logger="zopeft"):
-        assert_same_step(model, batch)
+        assert_same_step(model, batch, eps=EPS_OF.get(adapter, EPS))
     assert any("batched evaluation" in r.message for r in caplog.records)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # incl. quantized bytes
 
@@ -154,7 +158,7 @@ def test_batched_losses_and_update_equal_sequential(arch, adapter, quant, caplog
 def test_padded_batch_with_ignored_labels(arch, adapter):
     model = peft_model(arch, adapter)
     batch = padded_batch(arch)
-    seq, _ = assert_same_step(model, batch)
+    seq, _ = assert_same_step(model, batch, eps=EPS_OF.get(adapter, EPS))
     model.eval()
     assert seq[0] == pytest.approx(model(**batch).loss.item(), rel=1e-6)  # L0 is the model's own loss
 

@@ -3,6 +3,11 @@
 On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight for a bf16 kernel at its first eval
 forward without gradients, and its inverse does not restore the block scales.  Train mode
 never repacks, so a train-mode forward is the exact reference (no dropout in these models).
+
+Every test runs on any CPU, as on both kinds: the ``cpu`` fixture makes bitsandbytes see
+AVX512-BF16 or not (its ``has_avx512bf16``, read as a layer is built) and records every repack
+through bitsandbytes' own conversion; the bf16 kernel itself, which needs the instructions, is
+never run (a stand-in takes its place where a test repacks on purpose).
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from bitsandbytes.functional import has_avx512bf16
 from conftest import fixed_batch, tiny_model
 from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments
@@ -28,7 +32,25 @@ PARAMS = {
     "tensors": lambda model: [p for p in model.parameters() if p.requires_grad],
     "param groups": lambda model: [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-2}],
 }
-needs_avx512bf16 = pytest.mark.skipif(not has_avx512bf16(), reason="no AVX512-BF16: bitsandbytes never repacks here")
+CPUS = {"without AVX512-BF16": False, "with AVX512-BF16": True}
+STAND_IN = "lambda A, B, out=None, state=None, **kw: torch.zeros(*A.shape[:-1], state.shape[0])"
+"""bitsandbytes.functional.gemv_4bit, the repacked layers' bf16 kernel, stood in for (its result is not compared)."""
+
+
+@pytest.fixture(params=list(CPUS))
+def cpu(request, monkeypatch) -> list[str]:
+    """bitsandbytes as on a CPU with or without AVX512-BF16; the repacks it made (the shapes of the weights)."""
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: CPUS[request.param])
+    repacks: list[str] = []
+    convert = bnb.nn.modules._convert_weight_packed_for_cpu
+
+    def recorded(weight, state, *args, **kwargs):
+        repacks.append(str(list(state.shape)))
+        return convert(weight, state, *args, **kwargs)
+
+    monkeypatch.setattr(bnb.nn.modules, "_convert_weight_packed_for_cpu", recorded)
+    monkeypatch.setattr(bnb.functional, "gemv_4bit", eval(STAND_IN))
+    return repacks
 
 
 def lora_model() -> torch.nn.Module:
@@ -69,8 +91,9 @@ def safe_order() -> tuple[list[float], torch.Tensor]:
 
 @pytest.mark.parametrize("forward_first", [False, True], ids=["optimizer first", "forward first"])
 @pytest.mark.parametrize("params", PARAMS)
-def test_same_logits_and_step_whatever_the_order(forward_first, params):
+def test_same_logits_and_step_whatever_the_order(forward_first, params, cpu):
     model, batch = lora_model(), fixed_batch()
+    assert all(not layer.support_avx512bf16_for_cpu for layer in model.modules() if isinstance(layer, bnb.nn.Linear4bit))
     exact = logits(model, batch, train=True)
     stored = quantized_state(model)
     if forward_first:  # a user's baseline evaluation
@@ -81,6 +104,7 @@ def test_same_logits_and_step_whatever_the_order(forward_first, params):
     assert torch.equal(after, logits(model, batch, train=True))
     now = quantized_state(model)
     assert now.keys() == stored.keys() and all(torch.equal(stored[k], v) for k, v in now.items())
+    assert cpu == []
 
 
 class Rows(torch.utils.data.Dataset):
@@ -94,7 +118,7 @@ class Rows(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.batch.items()}
 
 
-def test_trainer_evaluate_before_training_changes_nothing(tmp_path):
+def test_trainer_evaluate_before_training_changes_nothing(tmp_path, cpu):
     def run(evaluate_first: bool) -> tuple[list[float], list]:
         model = lora_model()
         data = Rows(fixed_batch(batch=4))
@@ -112,6 +136,7 @@ def test_trainer_evaluate_before_training_changes_nothing(tmp_path):
     (safe_built, safe_trained), safe_log = run(evaluate_first=False)
     assert before == built == safe_built
     assert log == safe_log and trained == safe_trained
+    assert cpu == []
 
 
 def run_python(code: str) -> str:
@@ -120,22 +145,25 @@ def run_python(code: str) -> str:
     return done.stdout
 
 
-@needs_avx512bf16
-def test_bitsandbytes_imported_after_the_module_never_repacks():
+@pytest.mark.parametrize("zopeft_first", [True, False], ids=["import zopeft first", "without zopeft"])
+def test_bitsandbytes_imported_after_the_module_never_repacks(zopeft_first):
     """``import zopeft`` (lazy: no torch) installs the patch, which waits for ``import bitsandbytes`` and survives a
-    ``find_spec`` probe (as transformers probes)."""
+    ``find_spec`` probe (as transformers probes).  Without zopeft the same layer repacks (bitsandbytes sees
+    AVX512-BF16 as on such a CPU): the check can fail."""
     out = run_python(
         "import importlib.util, sys\n"
-        "import zopeft\n"
-        "assert 'torch' not in sys.modules and 'bitsandbytes' not in sys.modules\n"
+        + ("import zopeft\n" if zopeft_first else "")
+        + "assert 'torch' not in sys.modules and 'bitsandbytes' not in sys.modules\n"
         "assert importlib.util.find_spec('bitsandbytes') is not None\n"
         "import torch, bitsandbytes as bnb\n"
+        "bnb.nn.modules.has_avx512bf16 = lambda: True  # as on a CPU with AVX512-BF16\n"
+        f"bnb.functional.gemv_4bit = {STAND_IN}\n"
         "layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32, quant_type='nf4').to('cpu').eval()\n"
         "with torch.no_grad():\n"
         "    layer(torch.randn(2, 64))\n"
         "print(getattr(layer.weight.quant_state, 'packing_format_for_cpu', False))\n"
     )
-    assert out.strip() == "False"
+    assert out.strip() == str(not zopeft_first)
 
 
 class ShippedLinear4bit(bnb.nn.Linear4bit):
@@ -144,8 +172,9 @@ class ShippedLinear4bit(bnb.nn.Linear4bit):
     support_avx512bf16_for_cpu = True
 
 
-@needs_avx512bf16
-def test_a_layer_repacked_before_zopeft_saw_it_is_refused(tmp_path):
+def test_a_layer_repacked_before_zopeft_saw_it_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)  # as on a CPU with AVX512-BF16
+    monkeypatch.setattr(bnb.functional, "gemv_4bit", eval(STAND_IN))
     layer = ShippedLinear4bit(64, 64, compute_dtype=torch.float32, quant_type="nf4").to("cpu").eval()
     with torch.no_grad():
         layer(torch.randn(2, 64))  # bitsandbytes' repack, as before zopeft was imported

@@ -338,6 +338,23 @@ def test_recipes_list_and_copy(tmp_path):
     assert nowhere.exit_code == 2 and "error: DEST:" in nowhere.output and "is not a directory" in nowhere.output
 
 
+@pytest.mark.parametrize("command", ["validate", "train", "eval", "lr-find", "merge"])
+def test_a_bundled_recipe_is_named_as_recipes_cp_names_it(command, tmp_path, monkeypatch):
+    from test_user_errors import one_error_line
+
+    monkeypatch.chdir(tmp_path)  # no recipe file of that name here
+    args = ["--adapter", tmp_path, "--out", tmp_path / "merged", "--recipe"] if command == "merge" else []
+    one_error_line(invoke(command, *args, "llama3_lora_fzo"),
+                   "recipe 'llama3_lora_fzo': no such file and no bundled recipe of that name (did you mean "
+                   "'llama3_lora_fzoo'?); see `zopeft recipes`")
+    if command == "merge":
+        return
+    for name in ("llama3_lora_fzoo", "llama3_lora_fzoo.yaml"):  # found, read and checked (the override is refused)
+        one_error_line(invoke(command, name, "max_steps=0"), "max_steps:")
+    result = invoke("validate", "llama3_lora_fzoo")
+    assert result.exit_code == 0 and "model_name_or_path: meta-llama/Meta-Llama-3-8B" in result.output, result.output
+
+
 def test_env_lists_versions():
     result = invoke("env")
     assert result.exit_code == 0 and "transformers" in result.output and "fzoo" in result.output

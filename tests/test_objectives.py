@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import zopeft
 from zopeft.data import load_records
-from zopeft.objectives import accuracy_error, candidate_cross_entropy, clipped_margin, resolve_objective
+from zopeft.objectives import ObjectiveError, accuracy_error, candidate_cross_entropy, clipped_margin, resolve_objective
 from zopeft.optim.evaluation_log import evaluation_path
 from zopeft.tasks import build_task
 
@@ -34,6 +34,17 @@ def lora_llm(adapter: str = "lora"):
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     return model, AutoTokenizer.from_pretrained(tiny_llm_dir())
+
+
+def sentiment_batch(tokenizer, n: int) -> zopeft.CandidateBatch:
+    """The first ``n`` SST-2 training reviews, scored on the label words."""
+    records = load_records("sst2", "train")[:n]
+    return zopeft.candidate_batch(tokenizer, [TEMPLATE.format(**r) for r in records], [" negative", " positive"],
+                                  [r["label"] for r in records])
+
+
+def trainable(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
 
 def test_objective_functions_by_hand():
@@ -64,8 +75,8 @@ def test_python_objectives_and_clear_errors(tmp_path, monkeypatch):
         resolve_objective("python:my_rewards:nope")
     with pytest.raises(ValueError, match="python:MODULE:FUNCTION"):
         resolve_objective("python:my_rewards")
-    with pytest.raises(ValueError, match=r"objective python:my_rewards:per_example failed: (ValueError|RuntimeError): .* "
-                                         r"\(it is called as f\(scores, gold\)"):
+    with pytest.raises(ValueError, match=r"^objective python:my_rewards:per_example returned a Tensor \(tensor\(\[False, "
+                                         r" True\]\)\), not a number \(it is called as f\(scores, gold\)"):
         resolve_objective("python:my_rewards:per_example")(torch.zeros(2, 3), torch.tensor([0, 1]))
     sys.modules.pop("my_rewards", None)
 
@@ -136,16 +147,45 @@ def test_candidate_loss_is_the_candidate_ce_objective_with_a_gradient_on_the_ada
     assert grads and all("lora_" in n for n in grads) and any(g.abs().sum() > 0 for g in grads.values())
 
 
+@pytest.mark.parametrize("value,shown", [("0.5", "str ('0.5')"), (None, "NoneType (None)"), (True, "bool (True)"),
+                                         (torch.ones(2), "Tensor (tensor([1., 1.]))")])
+def test_an_objective_that_returns_no_number_is_one_clear_error(value, shown):
+    model, tok = lora_llm()
+    batch = sentiment_batch(tok, 4)
+    before = trainable(model)
+    opt = zopeft.FZOO(model, lr=1e-2, eps=1e-2, n_perturbations=2)
+
+    def reward(scores, gold):
+        return value
+
+    with pytest.raises(ObjectiveError) as raised:
+        opt.step(zopeft.metric_closure(model, batch, reward))
+    assert str(raised.value).startswith(f"objective reward returned a {shown}, not a number (it is called as f(scores, "
+                                        "gold): ")
+    assert all(map(torch.equal, before, trainable(model)))
+    opt.step(zopeft.metric_closure(model, batch, "margin"))  # the user's mistake did not turn batching off
+    assert evaluation_path(opt) == "batched"
+
+
+def test_cli_says_in_one_line_that_an_objective_returned_no_number(tmp_path, monkeypatch):
+    from test_cli import invoke, write_recipe
+    from test_user_errors import one_error_line
+
+    (tmp_path / "my_scores.py").write_text("def label(scores, gold):\n    return 'positive'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    one_error_line(invoke("train", write_recipe(tmp_path), "zo.objective=python:my_scores:label"),
+                   "objective python:my_scores:label returned a str ('positive'), not a number")
+    sys.modules.pop("my_scores", None)
+
+
 def test_flat_objective_steps_are_skipped_and_counted():
     model, tok = lora_llm()
-    records = load_records("sst2", "train")[:2]
-    batch = zopeft.candidate_batch(tok, [TEMPLATE.format(**r) for r in records], [" negative", " positive"],
-                                   [r["label"] for r in records])
-    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    batch = sentiment_batch(tok, 2)
+    before = trainable(model)
     opt = zopeft.FZOO(model, lr=1e-2, eps=1e-4, n_perturbations=3)
     opt.step(zopeft.metric_closure(model, batch, "accuracy"))  # ε too small to flip a prediction
     assert opt.last_stats["skipped"].startswith("sigma=0") and opt.skipped_steps == 1
-    assert all(torch.equal(a, p) for a, p in zip(before, (p for p in model.parameters() if p.requires_grad)))
+    assert all(map(torch.equal, before, trainable(model)))
 
 
 def test_a_run_on_a_flat_objective_says_what_to_change(tmp_path):

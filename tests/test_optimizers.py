@@ -195,9 +195,42 @@ def test_replay_from_step_log_rebuilds_the_run(name):
     for _ in range(10):
         opt.step(lambda: quadratic(w))
     w2, opt2 = make(name, seed=5)
+    start = opt2.points.fingerprint()
     opt2.replay(opt.step_log)
     assert torch.equal(w2.detach(), w.detach())
-    assert all(set(r) <= {"step", "lr", "losses", "skipped"} for r in opt.step_log)
+    first, *rest = opt.step_log  # the first step records the seed and the weights it began from
+    assert (first["seed"], first["start"]) == (5, start)
+    assert all(set(r) <= {"step", "lr", "losses", "skipped"} for r in rest)
+
+
+def test_replay_refuses_another_seed_and_weights_the_run_did_not_start_from():
+    w, opt = make("fzoo", seed=5)
+    for _ in range(3):
+        opt.step(lambda: quadratic(w))
+    w2, other_seed = make("fzoo", seed=6)
+    with pytest.raises(ValueError, match=r"^replay: the log was recorded with seed 5, this optimizer has seed 6: "
+                                         r"build it with seed=5$"):
+        other_seed.replay(opt.step_log)
+    trained = zopeft.FZOO([w], lr=0.05, seed=5)  # a fresh optimizer over weights that already hold the run
+    trained_weights = w.detach().clone()
+    with pytest.raises(ValueError, match=r"^replay: these are not the weights step 0 of the log began from .* e\.g\. "
+                                         "weights that already hold the trained adapter"):
+        trained.replay(opt.step_log)
+    assert torch.equal(w2.detach(), torch.zeros(6)) and torch.equal(w.detach(), trained_weights)
+    assert other_seed.step_index == trained.step_index == 0 and not other_seed.step_log and not trained.step_log
+
+
+def test_replay_of_a_log_that_went_on_from_weights_written_outside_is_refused_there():
+    w, opt = make("mezo", seed=1)
+    opt.step(lambda: quadratic(w))
+    with torch.no_grad():
+        w.add_(1.0)  # e.g. weights loaded from elsewhere: the run goes on from them
+    opt.step(lambda: quadratic(w))
+    assert "start" in opt.step_log[1]  # the second stretch of the log records where it began
+    w2, again = make("mezo", seed=1)
+    with pytest.raises(ValueError, match="at step 1 the run went on from weights that the steps before it do not "
+                                         "rebuild .* this optimizer now holds the replayed steps 0-0"):
+        again.replay(opt.step_log)
 
 
 def test_non_finite_loss_skips_the_step_and_restores_exactly():
@@ -376,6 +409,10 @@ def _lora():
      "optimizer state was saved by FZOO, this optimizer is MeZO: continue the run with FZOO"),
     (lambda m, b: MeZO(m, lr=1e-3).replay([{"step": 0, "loss": 1.0}]), ValueError,
      "replay: record 0 is neither a step (step, lr, losses) nor a rollback (rollback_to, lr_scale); it has ['loss', "),
+    (lambda m, b: MeZO(m, lr=1e-3).replay([{"step": 0, "lr": [1e-3], "losses": ["1.0", 2.0]}]), ValueError,
+     "replay: record 0 (step) has losses ['1.0', 2.0], not a list of numbers; pass the records of opt.step_log"),
+    (lambda m, b: MeZO(m, lr=1e-3).replay([{"step": 0, "lr": [1e-3, 1e-3], "losses": [1.0, 2.0]}]), ValueError,
+     "replay: record 0 has learning rates for 2 param group(s), this optimizer has 1"),
 ])
 def test_library_misuse_is_one_clear_error_before_anything_changes(misuse, error, message):
     from conftest import fixed_batch

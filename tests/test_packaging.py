@@ -51,8 +51,12 @@ def test_recipes_ship_in_the_wheel_and_work_without_the_repository(tmp_path):
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
                             "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
+    assert "absent from the `packages` configuration" not in built.stdout + built.stderr  # an error in future setuptools
     (wheel,) = (tmp_path / "dist").glob("zopeft-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    data = sorted(str(p.relative_to(REPO)) for p in (REPO / "zopeft" / "bundled_data").rglob("*")
+                  if p.suffix in (".md", ".jsonl", ".tsv"))
+    assert [d for d in data if d not in names] == []  # the bundled datasets and their provenance
     modules = sorted(str(p.relative_to(REPO)) for p in (REPO / "zopeft").rglob("*.py") if "bundled_data" not in p.parts)
     assert [m for m in modules if m not in names] == []  # every subpackage is listed in pyproject.toml
     bundled = sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))

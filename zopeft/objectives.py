@@ -34,9 +34,10 @@ import torch, so that recipes can be validated without it.
 from __future__ import annotations
 
 import importlib
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .hints import did_you_mean
 
@@ -44,8 +45,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "DIFFERENTIABLE", "OBJECTIVES", "CandidateBatch", "Objective", "accuracy_error", "candidate_cross_entropy",
-    "clipped_margin", "flat_objective_warning", "resolve_objective",
+    "DIFFERENTIABLE", "OBJECTIVES", "CandidateBatch", "Objective", "ObjectiveError", "accuracy_error",
+    "candidate_cross_entropy", "clipped_margin", "flat_objective_warning", "resolve_objective",
 ]
 
 Objective = Callable[["torch.Tensor", "torch.Tensor"], float]
@@ -76,10 +77,17 @@ DIFFERENTIABLE = ("loss", "candidate_ce")
 """The ``zo.objective`` values a first-order optimizer (the AdamW baseline) can train on."""
 
 
+class ObjectiveError(ValueError):
+    """A user's objective failed or returned something other than one number (the message says which)."""
+
+
 def resolve_objective(spec: str | Objective) -> Objective:
-    """An objective from a name (:data:`OBJECTIVES`), ``python:module:function``, or a callable."""
+    """An objective from a name (:data:`OBJECTIVES`), ``python:module:function``, or a callable.
+
+    A function of the user's is checked at every call: it must return one number.
+    """
     if callable(spec):
-        return spec
+        return spec if spec in OBJECTIVES.values() else _UserObjective(getattr(spec, "__name__", repr(spec)), spec)
     if spec.startswith("python:"):
         module, _, name = spec[len("python:"):].rpartition(":")
         if not module or not name:
@@ -99,20 +107,39 @@ def resolve_objective(spec: str | Objective) -> Objective:
     return OBJECTIVES[spec]
 
 
+_CONTRACT = ("it is called as f(scores, gold): log-probabilities (examples, candidates) and gold indices (examples,); "
+             "it returns one number to minimise")
+
+
 @dataclass(frozen=True)
 class _UserObjective:
-    """A ``python:MODULE:FUNCTION`` objective: a failure of the function names it and what it is given."""
+    """A user's objective (``python:MODULE:FUNCTION`` or a callable): a failure, or a value that is not one
+    number, is an :class:`ObjectiveError` that names the function and what it is given."""
 
     spec: str
     fn: Objective
 
     def __call__(self, scores: torch.Tensor, gold: torch.Tensor) -> float:
         try:
-            return float(self.fn(scores, gold))
+            value = self.fn(scores, gold)
         except Exception as err:  # the user's code: any failure, told in one line with the contract
-            raise ValueError(f"objective {self.spec} failed: {type(err).__name__}: {err} (it is called as "
-                             f"f(scores, gold): log-probabilities (examples, candidates) and gold indices (examples,); "
-                             "it returns one number to minimise)") from err
+            raise ObjectiveError(f"objective {self.spec} failed: {type(err).__name__}: {err} ({_CONTRACT})") from err
+        number = _as_number(value)
+        if number is None:
+            shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+            raise ObjectiveError(f"objective {self.spec} returned a {type(value).__name__} ({shown}), not a number "
+                                 f"({_CONTRACT})")
+        return number
+
+
+def _as_number(value: Any) -> float | None:
+    """``value`` as a float if it is one number (int, float, NumPy scalar, one-element tensor or array), else None."""
+    if getattr(value, "ndim", None) is not None and hasattr(value, "item"):  # a tensor or an array
+        size = value.numel() if callable(getattr(value, "numel", None)) else value.size
+        if size != 1:
+            return None
+        value = value.item()
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
 
 
 @dataclass

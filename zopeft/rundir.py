@@ -32,6 +32,7 @@ import torch
 from .checkpoint import (
     atomic_directory, atomic_files, check_safetensors, load_state, remove_stale_temporaries, save_state, write_text_atomic,
 )
+from .jsonl import CRC_KEY, checked_line, dumps
 from .recipe import Recipe, RecipeError, load_recipe
 
 __all__ = [
@@ -67,19 +68,28 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 class JsonlLog:
-    """An append-only JSON-lines log; opening it keeps only the records ``keep`` accepts from ``source``.
+    """An append-only JSON-lines log (strict JSON); opening it keeps only the records ``keep`` accepts from ``source``.
 
-    That is how a resumed run drops what the killed run logged after its checkpoint.
+    That is how a resumed run drops what the killed run logged after its checkpoint.  A ``checked``
+    log ends each line with a checksum chained from the line before (:mod:`zopeft.jsonl`).
     """
 
-    def __init__(self, path: Path, keep: Callable[[dict[str, Any]], bool], source: Path | None = None) -> None:
-        self.path = path
-        self.kept = [r for r in read_jsonl(source or path) if keep(r)]
-        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.kept))
+    def __init__(
+        self, path: Path, keep: Callable[[dict[str, Any]], bool], source: Path | None = None, *, checked: bool = False
+    ) -> None:
+        self.path, self.checked, self._crc = path, checked, 0
+        self.kept = [{k: v for k, v in r.items() if k != CRC_KEY} for r in read_jsonl(source or path) if keep(r)]
+        write_text_atomic(path, "".join(map(self._line, self.kept)))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(self._line(record))
+
+    def _line(self, record: dict[str, Any]) -> str:
+        if not self.checked:
+            return dumps(record) + "\n"
+        line, self._crc = checked_line(record, self._crc)
+        return line + "\n"
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
@@ -288,7 +298,7 @@ class RunDir:
         if not recipe.is_zeroth_order:
             return log, None
         source = checkpoint.parent / STEP_LOG_NAME if checkpoint is not None else None
-        steps = JsonlLog(self.path / STEP_LOG_NAME, lambda r: r["step"] < start, source)
+        steps = JsonlLog(self.path / STEP_LOG_NAME, lambda r: r["step"] < start, source, checked=True)
         if [r["step"] for r in steps.kept] != list(range(start)):
             echo(f"{STEP_LOG_NAME}: no complete step log before step {start} (looked in {source}); "
                  "`zopeft replay` will not be able to rebuild this run")
@@ -305,7 +315,7 @@ class RunDir:
             if guard is not None:
                 save_state(guard.state_dict(), tmp, "guard")
             save_state({"torch": torch.get_rng_state()}, tmp, "rng")
-            (tmp / STATE_NAME).write_text(json.dumps({"global_step": step, **state}, indent=1))
+            (tmp / STATE_NAME).write_text(dumps({"global_step": step, **state}, indent=1))
             (tmp / RECIPE_NAME).write_text(recipe.to_yaml())
         if recipe.save_total_limit:
             for old in self.checkpoints()[: -recipe.save_total_limit]:

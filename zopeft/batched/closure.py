@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..objectives import CandidateBatch, Objective, candidate_cross_entropy, resolve_objective
+from ..objectives import CandidateBatch, Objective, ObjectiveError, candidate_cross_entropy, resolve_objective
 from ..optim.evaluation_log import report_path
 from .adapters.base import Unsupported, applied
 from .loss import CandidateScores, Criterion, LossPlan, plan_loss
@@ -43,7 +43,9 @@ def loss_closure(model: nn.Module, batch: Mapping[str, Any], *, perturbation_bat
     """A closure for ``opt.step``/``opt.estimate`` that also offers batched evaluation.
 
     Args:
-        model: the (PEFT-wrapped) model; ``model(**batch).loss`` is the loss.
+        model: the (PEFT-wrapped) model; ``model(**batch).loss`` is the loss.  Of a
+            ``torch.compile``-d model the original module is evaluated (the batched path
+            swaps module forwards, which a compiled graph would not see).
         batch: the model's keyword inputs, with ``labels``.
         perturbation_batch_size: replicas (loss evaluations) per forward pass; overrides
             the optimizer's ``perturbation_batch_size``; ``None``: the optimizer's, else
@@ -118,7 +120,7 @@ class BatchedLoss:
     def __init__(self, model: nn.Module, batch: Mapping[str, Any], *, perturbation_batch_size: int | None = None) -> None:
         if perturbation_batch_size is not None and perturbation_batch_size < 1:
             raise ValueError(f"perturbation_batch_size must be >= 1, got {perturbation_batch_size}")
-        self.model = model
+        self.model = getattr(model, "_orig_mod", model)  # torch.compile(model): its original module
         self.batch = batch
         self.perturbation_batch_size = perturbation_batch_size
         self._replicated: dict[int, dict[str, Any]] = {}
@@ -197,7 +199,7 @@ class BatchedLoss:
             _failed[model] = reason
             report_path(optimizer, "sequential", reason, slower=True)
             return None
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, ObjectiveError):  # the user's objective failed: not the batched path
             raise
         except Exception as exc:  # noqa: BLE001 - never let the fast path break a run the slow path handles
             reason = f"batched evaluation failed ({type(exc).__name__}: {exc}); using sequential from now on"

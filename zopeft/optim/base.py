@@ -15,8 +15,9 @@ per buffer), so the weights are restored bit-exactly after every evaluation and 
 step costs a constant number of tensor operations however many tensors there are.
 A step whose loss is not finite, or whose update would make a weight non-finite,
 is skipped with the weights untouched.  Every step is recorded as a compact
-:class:`StepRecord` (step index, learning rates, losses), from which
-:meth:`ZOOptimizer.replay` rebuilds the run without a forward pass.
+:class:`StepRecord` (step index, learning rates, losses; the first one also the seed and a
+fingerprint of the weights it started from), from which :meth:`ZOOptimizer.replay` rebuilds
+the run without a forward pass, refusing weights or a seed other than the run's.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from . import eps_check
 from .evaluation_log import report_path
 from .points import Buffer, Point, Points
 from .settings import BASE, parse_memory
+from .step_records import checked_records
 
 __all__ = ["Evaluation", "StepRecord", "ZOOptimizer"]
 
@@ -50,12 +52,19 @@ Evaluation = Point
 
 
 class StepRecord(TypedDict, total=False):
-    """What one step leaves in :attr:`ZOOptimizer.step_log` (a few numbers)."""
+    """What one step leaves in :attr:`ZOOptimizer.step_log` (a few numbers).
+
+    The first step of an optimizer (and the first after :meth:`~ZOOptimizer.load_state_dict`, or
+    after trainable tensors were written outside it) also records ``seed`` and ``start``, the
+    fingerprint of the weights the step began from, which :meth:`~ZOOptimizer.replay` checks.
+    """
 
     step: int
     lr: list[float]
     losses: list[float]
     skipped: str
+    seed: int
+    start: int
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -126,6 +135,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"perturbation_batch_size must be >= 1, got {perturbation_batch_size}")
         if sync_check_steps < 0:
             raise ValueError(f"sync_check_steps must be >= 0, got {sync_check_steps}")
+        if isinstance(params, nn.Module):  # torch.compile(model): the tensors and modes are the original's
+            params = getattr(params, "_orig_mod", params)
         self._module = params if isinstance(params, nn.Module) else None
         if self._module is not None:
             require_exact_4bit_cpu_path(self._module)
@@ -146,6 +157,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._pending_count = 0
         self.last_stats: dict[str, Any] = {}
         self.step_log: list[StepRecord] = []
+        self._start: int | None = None  # the fingerprint the next step records as its start (None: none to record)
+        self._new_start = True  # whether the next step begins a stretch of the log (a fresh or reloaded optimizer)
         self._owned: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
     # ----- what a method defines -------------------------------------------------------------
@@ -218,7 +231,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         when the trainable tensors belong to it.
         """
         owned = isinstance(model, nn.Module) and self._owns(model)
-        module = self._module or (model if owned else None)
+        module = self._module if self._module is not None else (model if owned else None)
         if module is None or not module.training:
             yield
             return
@@ -242,6 +255,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._check_closure(closure)
         if self._pending is None:  # a step begins from the model's weights, even if changed outside
             self._adopt()
+            if self._new_start:  # before any point is written (in place, restoring is not bit-exact)
+                self._start, self._new_start = self.points.fingerprint(), False
         evaluations = self.evaluations()
         comm = self.comm
         with self.evaluation_mode(getattr(closure, "model", None)):
@@ -269,6 +284,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         micro_batches, self._pending, self._pending_count = self._pending_count, None, 0
         lrs = [g["lr"] * g.get("lr_scale", 1.0) for g in self.param_groups]  # the guard's backoff on top of a scheduler
         record: StepRecord = {"step": self._step, "lr": lrs, "losses": losses}
+        if self._start is not None:
+            record.update(seed=self.seed, start=self._start)
+            self._start = None
         self._advance(record)
         if self.comm is not None:
             self.last_stats["comm_bytes"] = micro_batches * self.comm.payload_bytes(len(losses))
@@ -315,16 +333,22 @@ class ZOOptimizer(torch.optim.Optimizer):
         optimizer over the run's starting weights replays a log from step 0).  A rollback
         record (``{"step", "rollback_to", "lr_scale"}``, written by :class:`zopeft.Guard`)
         returns the weights to the state after step ``rollback_to`` and sets the groups'
-        learning-rate scales, as the run did.
+        learning-rate scales, as the run did.  A log that records its seed and starting weights
+        (``seed``, ``start``) is refused, before any step is applied, by an optimizer with another
+        seed or over other weights (e.g. ones that already hold the trained adapter).
         """
-        records = list(records)
+        records = checked_records(records)
+        seeds = sorted({r["seed"] for r in records if "seed" in r} - {self.seed})
+        if seeds:
+            raise ValueError(f"replay: the log was recorded with seed {seeds[0]}, this optimizer has seed {self.seed}: "
+                             f"build it with seed={seeds[0]}")
         for i, record in enumerate(records):
-            if not ({"step", "lr", "losses"} <= record.keys() or {"rollback_to", "lr_scale"} <= record.keys()):
-                raise ValueError(
-                    f"replay: record {i} is neither a step (step, lr, losses) nor a rollback (rollback_to, lr_scale); "
-                    f"it has {sorted(record)}: pass the records of opt.step_log or a run's zo_steps.jsonl"
-                )
+            rates = record["lr"] if "lr" in record else record["lr_scale"]
+            if len(rates) != len(self.param_groups):
+                raise ValueError(f"replay: record {i} has learning rates for {len(rates)} param group(s), this "
+                                 f"optimizer has {len(self.param_groups)}")
         self._adopt()
+        began = self._step
         targets = {r["rollback_to"] for r in records if "rollback_to" in r}
         kept = {self._step - 1: self.snapshot()} if self._step - 1 in targets else {}
         for record in records:
@@ -336,10 +360,14 @@ class ZOOptimizer(torch.optim.Optimizer):
                     f"replay: the log's step {record['step']} is not this optimizer's next step {self._step}; "
                     "replay onto the run's starting weights with a fresh optimizer (same seed)"
                 )
+            if "start" in record:
+                self._check_start(record, began)
             self._advance({k: v for k, v in record.items() if k != "skipped"})  # type: ignore[arg-type]
             self.last_stats["replayed"] = True
             if record["step"] in targets:
                 kept[record["step"]] = self.snapshot()
+        if records:  # the log goes on from the replayed weights
+            self._new_start = False
 
     def snapshot(self) -> dict[str, Any]:
         """The trainable values and the method state (e.g. AdaMeZO's window), for :meth:`rollback`."""
@@ -367,9 +395,27 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "the loss: build the optimizer from the model the closure evaluates (after wrapping it with PEFT)"
             )
 
+    def _check_start(self, record: StepRecord, began: int) -> None:
+        """Refuse to replay ``record`` unless the weights are the ones its step began from in the run."""
+        if record["start"] == self.points.fingerprint():
+            return
+        if record["step"] == began:
+            raise ValueError(
+                f"replay: these are not the weights step {record['step']} of the log began from (their fingerprint "
+                f"{self.points.fingerprint()}, the log's {record['start']}), e.g. weights that already hold the "
+                "trained adapter, another model or adapter initialisation: replay onto the run's starting weights"
+            )
+        raise ValueError(
+            f"replay: at step {record['step']} the run went on from weights that the steps before it do not rebuild "
+            f"(written outside its optimizer, e.g. loaded from elsewhere): the log alone cannot rebuild the run; this "
+            f"optimizer now holds the replayed steps {began}-{record['step'] - 1}"
+        )
+
     def _adopt(self) -> None:
         """Continue from the trainable tensors written outside the optimizer since it last wrote them."""
+        self._check_tensors()
         changed = self.points.adopt_outside_writes()
+        self._new_start = self._new_start or bool(changed)  # the log alone does not lead to these weights
         if changed and self._step:
             logger.warning("zopeft: %d trainable tensor(s) were written outside the optimizer before step %d; it "
                            "continues from them (as torch.optim would), but its step log alone no longer rebuilds "
@@ -392,6 +438,33 @@ class ZOOptimizer(torch.optim.Optimizer):
             **({"skipped": record["skipped"]} if "skipped" in record else {}),
             **self.step_stats(losses),
         }
+
+    def _check_tensors(self) -> None:
+        """Refuse to go on over tensors the model no longer trains, or that changed dtype or device since."""
+        for b in self.points.buffers:
+            for t in b.tensors:
+                if not t.requires_grad:
+                    raise RuntimeError(
+                        f"zopeft: {self._tensor_name(t)} no longer requires grad (model.set_adapter(...) or "
+                        "requires_grad_(False) since the optimizer was built?): its steps would move tensors the model "
+                        "no longer trains and change nothing; build a new optimizer over the model's trainable tensors"
+                    )
+                if t.dtype != b.dtype or t.device != b.device:
+                    raise RuntimeError(
+                        f"zopeft: {self._tensor_name(t)} is now {t.dtype} on {t.device}, the optimizer was built over "
+                        f"it as {b.dtype} on {b.device} (model.to(...) after building it?): build the optimizer after "
+                        "casting or moving the model"
+                    )
+
+    def _tensor_name(self, tensor: torch.Tensor) -> str:
+        """The trainable tensor's parameter name (an optimizer built from a module), else its place in the groups."""
+        named = self._module.named_parameters() if self._module is not None else ()
+        name = next((n for n, p in named if p is tensor), None)
+        if name is not None:
+            return f"trainable tensor {name!r}"
+        group, index = next((g, i) for g, group in enumerate(self.param_groups)
+                            for i, p in enumerate(group["params"]) if p is tensor)
+        return f"trainable tensor {index} of param group {group}"
 
     def _apply(self, record: StepRecord) -> None:
         """The update of ``record`` (its step's noise, losses and learning rates); a skip reason goes into it."""
@@ -516,6 +589,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.points.load_masters(state["masters"])
         else:
             self.points.sync_from_model()
+        self._new_start = True  # a resumed run's log goes on from these weights
 
     def sync_masters(self) -> None:
         """Re-read every master copy from the model.
