@@ -41,11 +41,11 @@ def replay_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
     if not steps or steps != list(range(len(steps))):
         raise RecipeError([f"{run.path / STEP_LOG_NAME}: missing or not one record per step from step 0 "
                            "(written by zopeft train for ZO runs); this run cannot be replayed"])
-    check_output_target(out_dir, overwrite=overwrite, keep=[run.path])
+    check_output_target(out_dir, overwrite=overwrite, written_by="zopeft replay", keep=[run.path])
     torch.manual_seed(recipe.seed)  # the adapter's initialisation, as in training
     model, tokenizer = load_model(model_spec(recipe), adapter_spec(recipe))
     make_optimizer(recipe, model).replay(records)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, "zopeft replay") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_NAME).write_text(recipe.to_yaml())
