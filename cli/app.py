@@ -107,7 +107,8 @@ def _untrained(result) -> str | None:
     skipped = sum(result.skipped.values())
     if not result.steps_run or skipped < result.steps_run:
         return None
-    reasons = ", ".join(f"{why}: {n}" for why, n in result.skipped.items())
+    reasons = ", ".join(f"{why if why.startswith('non-finite') else 'every point equal, ' + why}: {n}"
+                        for why, n in result.skipped.items())
     if all(why.startswith("non-finite") for why in result.skipped):
         fix = "no point of any step gave a finite value: check zo.objective's function, the data and compute_dtype"
     else:

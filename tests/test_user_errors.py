@@ -217,6 +217,8 @@ def test_eval_and_merge_of_an_adapter_trained_on_another_base(run_dir, tmp_path)
                    "--recipe:", "nope.yaml does not exist")
     one_error_line(invoke("merge", "--adapter", run_dir, "--out", tmp_path / "merged", "--dtype", "int8"),
                    "--dtype 'int8' is not one of bf16, fp16, fp32, bfloat16")
+    one_error_line(invoke("merge", "--adapter", run_dir, "--out", tmp_path / "merged", "--max-shard-size", "1KB"),
+                   "--max-shard-size '1KB': give a size of at least 1MB")
     assert not (tmp_path / "merged").exists()
 
 

@@ -15,6 +15,7 @@ from .splits import DataSplits
 __all__ = ["DTYPES", "describe_checks", "merge_adapter"]
 
 WRITTEN_BY = "zopeft merge"
+MIN_SHARD_BYTES = 10**6
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16",
           "float32": "float32"}
 
@@ -32,6 +33,7 @@ def merge_adapter(
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    _check_shard_size(max_shard_size)
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"--adapter {adapter_dir}: no adapter_config.json there (pass a training output_dir or checkpoint-N)")
@@ -54,6 +56,19 @@ def merge_adapter(
     report = merge_and_export(spec, adapter_dir, out_dir, dtype=DTYPES[dtype], max_shard_size=max_shard_size,
                               verify_batch=batch, written_by=WRITTEN_BY)
     return {**report, "quantization_bit": recipe.quantization_bit}
+
+
+def _check_shard_size(size: str) -> None:
+    """Refuse a ``--max-shard-size`` that transformers cannot read, or one that would split a model into
+    thousands of files, before the merge (not after it)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        value = convert_file_size_to_int(size)
+    except ValueError:
+        value = None
+    if value is None or value < MIN_SHARD_BYTES:
+        raise ValueError(f"--max-shard-size {size!r}: give a size of at least 1MB with its unit, e.g. 5GB or 500MB")
 
 
 def describe_checks(report: dict[str, Any]) -> list[str]:
