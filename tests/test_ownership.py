@@ -118,3 +118,18 @@ def test_lr_find_counts_are_bounded(tmp_path):
     recipe = write_recipe(tmp_path)
     for option, value in (("--points", "1000000"), ("--points", "1"), ("--span", "inf"), ("--fraction", "nan")):
         one_error_line(invoke("lr-find", recipe, option, value), "--points in 2..50")
+
+
+def test_a_run_of_zopeft_0_2_without_a_manifest_resumes_and_starts_over(tmp_path):
+    recipe = write_recipe(tmp_path, max_steps=2, save_steps=1)
+    assert invoke("train", recipe).exit_code == 0
+    out = tmp_path / "out"
+    (out / MANIFEST_NAME).unlink()  # as zopeft 0.2 left it
+    (out / "notes.txt").write_text("mine")
+    resumed = invoke("train", recipe, "resume_from_checkpoint=auto", "max_steps=3")
+    assert resumed.exit_code == 0 and "RESUMING" in resumed.output, resumed.output
+    assert "kept" not in resumed.output  # the model card and tokenizer files it finds hold the same bytes
+    (out / MANIFEST_NAME).unlink()
+    again = invoke("train", recipe, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert (out / "notes.txt").read_text() == "mine" and "notes.txt" not in manifest(out)["names"]

@@ -115,6 +115,13 @@ def test_raising_max_steps_under_a_linear_schedule_says_what_it_does(run_copy):
     assert "max_steps: 4 -> 5 under lr_scheduler_type linear" in result.output
 
 
+def test_resuming_with_the_forwards_batched_otherwise_says_it_is_no_longer_bit_identical(run_copy):
+    result = invoke("train", run_copy / "recipe.yaml", "resume_from_checkpoint=auto", "max_steps=5", "zo.batched=false")
+    assert result.exit_code == 0, result.output
+    assert ("zo.batched: true -> false since checkpoint-4: the perturbed forwards are grouped differently, which rounds "
+            "differently: this run can differ in the last bits from one that never stopped") in result.output
+
+
 def test_resuming_on_changed_training_data_is_refused(tmp_path):
     data = tmp_path / "data.jsonl"
     records = [{"sentence": f"review {i}", "label": i % 2} for i in range(16)]

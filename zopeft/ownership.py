@@ -117,10 +117,10 @@ def claim(directory: str | Path, names: Iterable[str], written_by: str) -> None:
     """Record ``names`` as zopeft's in ``directory`` (created if needed) before they are written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    current = manifest(directory) or {"written_by": written_by, "names": []}
-    listed = sorted({*current["names"], *names})
-    if current.get("names") != listed or not (directory / MANIFEST_NAME).exists():
-        text = json.dumps({"written_by": current["written_by"], "names": listed}, indent=1)
+    current = manifest(directory)
+    listed = sorted({*(current["names"] if current else ()), *names})
+    if current is None or current["names"] != listed:
+        text = json.dumps({"written_by": current["written_by"] if current else written_by, "names": listed}, indent=1)
         write_text_atomic(directory / MANIFEST_NAME, text + "\n")
 
 

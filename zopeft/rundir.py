@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import filecmp
 import fnmatch
 import json
 import logging
@@ -173,7 +174,11 @@ class RunDir:
         if not (self.path / LOG_NAME).is_file():
             return set()
         return {p.name for p in self.path.iterdir()
-                if any(fnmatch.fnmatch(p.name, n) for n in RUN_OUTPUTS) or _step_of(p) is not None}
+                if any(fnmatch.fnmatch(p.name, n) for n in (*RUN_OUTPUTS, *FULL_OUTPUTS)) or _step_of(p) is not None}
+
+    def _claim(self, names: Iterable[str]) -> None:
+        """Record ``names`` in the manifest before writing them (a 0.2 run's files are adopted into a new one)."""
+        claim(self.path, [*self.owned(), *names], WRITTEN_BY)
 
     def foreign(self) -> list[str]:
         """The entries zopeft did not write (never replaced or removed)."""
@@ -328,9 +333,10 @@ class RunDir:
             ])
         stretched = recipe.lr_scheduler_type in STRETCHED_SCHEDULES or (
             recipe.lr_scheduler_type == "constant_with_warmup" and isinstance(recipe.warmup_steps, float))
-        regrouped = [k for k in REGROUPING_ZO_KEYS if getattr(saved.zo, k, None) != getattr(recipe.zo, k, None)]
+        old, new = saved.zo.model_dump(), recipe.zo.model_dump()
+        regrouped = [k for k in REGROUPING_ZO_KEYS if old.get(k) != new.get(k)]
         if regrouped:
-            changes = ", ".join(f"zo.{k}: {getattr(saved.zo, k, None)} -> {getattr(recipe.zo, k, None)}" for k in regrouped)
+            changes = ", ".join(f"zo.{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in regrouped)
             echo(f"{changes} since {checkpoint.name}: the perturbed forwards are grouped differently, which rounds "
                  "differently: this run can differ in the last bits from one that never stopped")
         if saved.max_steps != recipe.max_steps and stretched:
@@ -362,7 +368,7 @@ class RunDir:
             for name in removed:
                 remove(self.path / name)
             echo(f"output_dir: removed the previous run's {', '.join(removed)} from {self.path}")
-        claim(self.path, [RECIPE_NAME, LOG_NAME, STEP_LOG_NAME, *(TRACKER_DIRS[n] for n in recipe.report_to)], WRITTEN_BY)
+        self._claim([RECIPE_NAME, LOG_NAME, STEP_LOG_NAME, *(TRACKER_DIRS[n] for n in recipe.report_to)])
         write_text_atomic(self.path / RECIPE_NAME, recipe.to_yaml())
         log = JsonlLog(self.path / LOG_NAME, lambda r: r.get("step", 0) <= start)
         if not recipe.is_zeroth_order:
@@ -378,7 +384,7 @@ class RunDir:
                         state: dict[str, Any], guard: Any = None) -> Path:
         """Write ``checkpoint-<step>`` atomically, then keep only the newest ``save_total_limit``."""
         path = self.path / f"checkpoint-{step}"
-        claim(self.path, [path.name], WRITTEN_BY)
+        self._claim([path.name])
         with atomic_directory(path, WRITTEN_BY) as tmp:
             model.save_pretrained(tmp)
             save_state(opt.state_dict(), tmp, "optimizer")
@@ -414,20 +420,21 @@ class RunDir:
         return json.loads((checkpoint / STATE_NAME).read_text())
 
     def save_final(self, model: torch.nn.Module, tokenizer: Any, echo: Echo) -> None:
-        """Write the trained adapter (PEFT layout) and tokenizer, each file renamed into place; a file of
-        the same name that zopeft did not write (e.g. a README.md) is kept, and said so."""
+        """Write the trained adapter (PEFT layout) and tokenizer, each file renamed into place; a file of the same
+        name that zopeft did not write (e.g. a README.md) is kept, and said so unless it holds the same bytes."""
         others = set(self.foreign())
         with atomic_files(self.path) as staging:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             kept = sorted(p.name for p in staging.iterdir() if p.name in others)
+            differ = [n for n in kept if not ((self.path / n).is_file() and (staging / n).is_file()
+                                              and filecmp.cmp(staging / n, self.path / n, shallow=False))]
             for name in kept:
                 remove(staging / name)
-            claim(self.path, [p.name for p in staging.iterdir()], WRITTEN_BY)
-        if kept:
-            echo(f"output_dir: kept {', '.join(kept)}, which zopeft did not write: the adapter's own "
-                 f"{'copies were' if len(kept) > 1 else 'copy was'} not saved (loading the adapter does not need "
-                 "them)")
+            self._claim([p.name for p in staging.iterdir()])
+        if differ:
+            echo(f"output_dir: kept {', '.join(differ)}, which zopeft did not write: the run's own "
+                 f"{'copies were' if len(differ) > 1 else 'copy was'} not saved there")
 
     def plot(self) -> Path | None:
         """``training_curves.png`` from the log (None without matplotlib, the ``plot`` extra)."""
@@ -436,7 +443,7 @@ class RunDir:
         except ImportError:
             logger.info("matplotlib not installed: skipping the loss plot (pip install 'zopeft[plot]')")
             return None
-        claim(self.path, [PLOT_NAME], WRITTEN_BY)
+        self._claim([PLOT_NAME])
         return plot_log(self.path / LOG_NAME, self.path / PLOT_NAME)
 
 
