@@ -298,9 +298,13 @@ def lr_find(
         from zopeft.lr_find import lr_find as find
         from zopeft.ownership import check_output_file, write_output_file
 
-        if not (0 < fraction <= 1 and 2 <= points <= MAX_POINTS and 1 < span <= MAX_SPAN):
-            raise ValueError(f"--fraction must be in (0, 1], --points in 2..{MAX_POINTS} (each is a short training run), "
-                             f"--span in (1, {MAX_SPAN:g}]; got {fraction:g}, {points}, {span:g}")
+        for ok, problem in ((0 < fraction <= 1, f"--fraction {fraction:g}: a share of the recipe's steps in (0, 1]"),
+                            (2 <= points <= MAX_POINTS, f"--points {points}: from 2 to {MAX_POINTS} learning rates "
+                                                        "(each is a short training run)"),
+                            (1 < span <= MAX_SPAN, f"--span {span:g}: above 1 and at most {MAX_SPAN:g} (the grid "
+                                                   "runs from lr/span to lr*span)")):
+            if not ok:
+                raise ValueError(problem)
         resolved = _resolve(recipe, overrides)
         target = output or Path(resolved.output_dir) / "lr_find.json"
         for path, option in ((target, "--output"), (write_recipe, "--write-recipe")):

@@ -116,8 +116,11 @@ def test_result_files_are_checked_before_the_work_and_replaced_only_with_overwri
 
 def test_lr_find_counts_are_bounded(tmp_path):
     recipe = write_recipe(tmp_path)
-    for option, value in (("--points", "1000000"), ("--points", "1"), ("--span", "inf"), ("--fraction", "nan")):
-        one_error_line(invoke("lr-find", recipe, option, value), "--points in 2..50")
+    for option, value, expected in (("--points", "1000000", "--points 1000000: from 2 to 50 learning rates"),
+                                    ("--points", "1", "--points 1: from 2 to 50"),
+                                    ("--span", "inf", "--span inf: above 1 and at most 1e+06"),
+                                    ("--fraction", "nan", "--fraction nan: a share of the recipe's steps in (0, 1]")):
+        one_error_line(invoke("lr-find", recipe, option, value), expected)
 
 
 def test_a_run_of_zopeft_0_2_without_a_manifest_resumes_and_starts_over(tmp_path):

@@ -265,7 +265,7 @@ def test_merge_and_replay_overwrite_replace_only_their_own_previous_output(run_c
         assert result.exit_code == 0, result.output
         other = "replay" if command == "merge" else "merge"  # another command's output is not its own
         one_error_line(invoke(other, *(("--adapter", run_copy) if other == "merge" else (run_copy,)), "--out", out,
-                              "--overwrite"), "--out:", "never replaced")
+                              "--overwrite"), "--out:", "never replace")
         (out / "notes.txt").write_text("mine")  # a file the user added: the directory is no longer only zopeft's
         one_error_line(invoke(command, *source, "--out", out, "--overwrite"), "--out:", "never replaced")
         assert (out / "notes.txt").read_text() == "mine"

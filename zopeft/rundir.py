@@ -155,6 +155,9 @@ def check_output_target(out: Path, *, overwrite: bool, written_by: str, keep: It
     if run:
         raise RecipeError([f"{option}: {out} holds a training run or adapter ({run}) and is never replaced; "
                            "choose another directory"])
+    if previous is not None and not foreign(target):
+        raise RecipeError([f"{option}: {out} holds the output of `{previous['written_by']}`, which `{written_by}` "
+                           "never replaces; choose another directory"])
     raise RecipeError([f"{option}: {out} holds files `{written_by}` did not write ({_shown(foreign(target))}), "
                        "which are never replaced, --overwrite or not; choose a new or empty directory"])
 
