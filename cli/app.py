@@ -36,7 +36,7 @@ app.add_typer(recipes_app, name="recipes")
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file (see `zopeft recipes`)")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="dotted overrides: max_steps=200 zo.eps=1e-3")]
 Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks and the libraries' warnings")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace what is there (never a run or an adapter)")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace a previous output of this command (nothing else)")]
 Threads = Annotated[Optional[int], typer.Option(
     "--threads", help="torch CPU threads (the recipe's threads key; default: what torch chooses)")]
 ReplaceFile = Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")]
