@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import shutil
 import sys
 import warnings
@@ -34,9 +35,11 @@ app.add_typer(recipes_app, name="recipes")
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file (see `zopeft recipes`)")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="dotted overrides: max_steps=200 zo.eps=1e-3")]
 Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks and the libraries' warnings")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace what is there (never a run or an adapter)")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace a previous output of this command (nothing else)")]
 Threads = Annotated[Optional[int], typer.Option(
     "--threads", help="torch CPU threads (the recipe's threads key; default: what torch chooses)")]
+ReplaceFile = Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")]
+MAX_POINTS, MAX_SPAN = 50, 1e6  # lr-find: each point is a short training run; the grid spans lr/span .. lr*span
 
 
 def _quiet_libraries() -> None:
@@ -113,28 +116,80 @@ def _cost(result) -> str:
             f"{result.forward_equivalents} forward-pass equivalents (a backward ≈ 2 forwards)")
 
 
+def _untrained(result) -> str | None:
+    """What to say when no step of the run made an update (every one skipped), else None."""
+    skipped = sum(result.skipped.values())
+    if not result.steps_run or skipped < result.steps_run:
+        return None
+    reasons = ", ".join(f"{why if why.startswith('non-finite') else 'every point equal, ' + why}: {n}"
+                        for why, n in result.skipped.items())
+    if all(why.startswith("non-finite") for why in result.skipped):
+        fix = "no point of any step gave a finite value: check zo.objective's function, the data and compute_dtype"
+    else:
+        fix = "raise zo.eps or per_device_train_batch_size, or use zo.objective: margin (see the warning above)"
+    return (f"no step trained: all {result.steps_run} steps were skipped ({reasons}), so the adapter in "
+            f"{result.output_dir} is the one the run started from; {fix}")
+
+
+def _resume_command(recipe: Path, overrides: list[str] | None, threads: int | None) -> str:
+    """The command line that resumes a stopped ``zopeft train`` from its latest checkpoint."""
+    kept = [o for o in overrides or [] if not o.startswith(("resume_from_checkpoint=", "overwrite_output_dir="))]
+    flags = [] if threads is None else ["--threads", str(threads)]
+    return shlex.join(["zopeft", "train", str(recipe), *kept, "resume_from_checkpoint=auto", *flags])
+
+
+def _stopped_line(stopped, output_dir: str, resume: str) -> str:
+    """Where a run stopped by a signal left off, and how to go on."""
+    from zopeft.rundir import RunDir
+
+    if stopped.step is not None:
+        return (f"stopped by {stopped.name} after step {stopped.step}: saved {output_dir}/checkpoint-{stopped.step}; "
+                f"resume with: {resume}")
+    latest = RunDir(output_dir).checkpoints()
+    if latest:
+        return (f"stopped by {stopped.name} before this run finished a step; the latest checkpoint is {latest[-1]}; "
+                f"resume with: {resume}")
+    return f"stopped by {stopped.name} before the first step: nothing to resume; run the same command again"
+
+
 @app.command()
 def train(
     recipe: RecipeArg,
     overrides: Overrides = None,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="start over in an output_dir that holds a previous run (overwrite_output_dir=true)")] = False,
+        "--overwrite", help="start over in an output_dir that holds a previous run, or write beside files zopeft did "
+        "not write (never replacing them) (overwrite_output_dir=true)")] = False,
     threads: Threads = None,
     debug: Debug = False,
 ) -> None:
-    """Train an adapter as the recipe says (overrides: key=value, dotted for nested keys)."""
+    """Train an adapter as the recipe says (overrides: key=value, dotted for nested keys).
+
+    SIGTERM or Ctrl-C: the step in progress ends, a checkpoint is saved, and the exit status is 128 + the signal.
+    """
+    from zopeft.stopping import Stopped
+
     with _user_errors(debug):
         from zopeft.metrics import compare_line
         from zopeft.runner import train as run
 
         flags = [*(["overwrite_output_dir=true"] if overwrite else []), *_threads(threads)]
-        result = run(_resolve(recipe, [*(overrides or []), *flags]), echo=typer.echo)
+        resolved = _resolve(recipe, [*(overrides or []), *flags])
+        try:
+            result = run(resolved, echo=typer.echo)
+        except Stopped as stopped:
+            typer.secho(_stopped_line(stopped, resolved.output_dir, _resume_command(recipe, overrides, threads)),
+                        fg="yellow", err=True)
+            raise typer.Exit(stopped.exit_code) from None
     if result.eval_after:
         typer.echo(f"eval on {result.evaluated_on}: {compare_line(result.eval_before, result.eval_after)}")
     typer.echo(f"done: {result.steps} steps, {_cost(result)} -> {result.output_dir}")
     rest = result.wall_seconds - result.train_seconds - result.eval_seconds
     typer.echo(f"time: {_seconds(result.wall_seconds)}s wall = {_seconds(result.train_seconds)}s training + "
                f"{_seconds(result.eval_seconds)}s evaluation + {_seconds(rest)}s loading, checks and saving")
+    untrained = _untrained(result)
+    if untrained:
+        typer.secho(f"error: {untrained}", fg="red", err=True)
+        raise typer.Exit(1)
 
 
 def _seconds(value: float) -> str:
@@ -152,6 +207,7 @@ def evaluate(
                                        "records the guard judges (zo.guard.select_size); or another split of the dataset "
                                        "(a saved DatasetDict's test)")] = "dev",
     output: Annotated[Optional[Path], typer.Option(help="JSON file for the metrics")] = None,
+    overwrite: ReplaceFile = False,
     threads: Threads = None,
     debug: Debug = False,
 ) -> None:
@@ -159,13 +215,14 @@ def evaluate(
     with _user_errors(debug):
         from zopeft.jsonl import dumps as strict_json
         from zopeft.metrics import collapse_warning, report_lines
+        from zopeft.ownership import check_output_file, write_output_file
         from zopeft.runner import evaluate as run
 
         resolved = _resolve(recipe, [*(overrides or []), *_threads(threads)])
+        target = output or (adapter or Path(resolved.output_dir)) / f"eval_{split}.json"
+        check_output_file(target, overwrite=overwrite, option="--output")
         metrics = run(resolved, adapter=adapter, split=split)
-    target = output or (adapter or Path(resolved.output_dir)) / f"eval_{split}.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(strict_json(metrics, indent=1))
+        write_output_file(target, strict_json(metrics, indent=1), "zopeft eval")
     typer.echo(f"eval on {metrics['evaluated_on']}")
     for line in report_lines(metrics):
         typer.echo(line)
@@ -250,16 +307,27 @@ def lr_find(
     span: Annotated[float, typer.Option(help="the grid runs from lr/span to lr*span (log-spaced)")] = 30.0,
     output: Annotated[Optional[Path], typer.Option(help="JSON file (default: output_dir/lr_find.json)")] = None,
     write_recipe: Annotated[Optional[Path], typer.Option(help="write a copy of the recipe with the recommended lr")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace existing --output / --write-recipe files")] = False,
     debug: Debug = False,
 ) -> None:
     """Short runs over a log-spaced grid of learning rates around the recipe's; print and save the recommendation."""
     with _user_errors(debug):
         from zopeft.jsonl import dumps as strict_json
         from zopeft.lr_find import lr_find as find
+        from zopeft.ownership import check_output_file, write_output_file
 
-        if not (0 < fraction <= 1 and points >= 2 and span > 1):
-            raise ValueError("--fraction must be in (0, 1], --points >= 2, --span > 1")
+        for ok, problem in ((0 < fraction <= 1, f"--fraction {fraction:g}: a share of the recipe's steps in (0, 1]"),
+                            (2 <= points <= MAX_POINTS, f"--points {points}: from 2 to {MAX_POINTS} learning rates "
+                                                        "(each is a short training run)"),
+                            (1 < span <= MAX_SPAN, f"--span {span:g}: above 1 and at most {MAX_SPAN:g} (the grid "
+                                                   "runs from lr/span to lr*span)")):
+            if not ok:
+                raise ValueError(problem)
         resolved = _resolve(recipe, overrides)
+        target = output or Path(resolved.output_dir) / "lr_find.json"
+        for path, option in ((target, "--output"), (write_recipe, "--write-recipe")):
+            if path is not None:
+                check_output_file(path, overwrite=overwrite, option=option)
         result = find(resolved, fraction=fraction, points=points, span=span, echo=typer.echo,
                       progress=sys.stderr.isatty())
     typer.echo(f"{'lr':>10} {'probe before':>13} {'probe after':>12} {'change':>9}  status")
@@ -267,16 +335,15 @@ def lr_find(
         mark = " <- recommended" if row["lr"] == result.recommended else ""
         typer.echo(f"{row['lr']:10.3g} {row['probe_before']:13.4f} {row['probe_after']:12.4f} {row['change']:+9.4f}  "
                    f"{row['status']}{mark}")
-    target = output or Path(resolved.output_dir) / "lr_find.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(strict_json({**result.to_dict(), "recipe_lr": resolved.learning_rate}, indent=1))
+    write_output_file(target, strict_json({**result.to_dict(), "recipe_lr": resolved.learning_rate}, indent=1),
+                      "zopeft lr-find")
     if result.recommended is None:
         typer.echo(f"no learning rate improved the probe loss in {result.steps} steps: try a larger --fraction or --span")
     else:
         typer.echo(f"recommended learning_rate: {result.recommended:.3g} ({result.rule})")
         if write_recipe is not None:  # the resolved recipe (overrides included) with the recommended lr
             tuned = resolved.model_copy(update={"learning_rate": float(f"{result.recommended:.3g}")})
-            write_recipe.write_text(tuned.to_yaml())
+            write_output_file(write_recipe, tuned.to_yaml(), "zopeft lr-find")
             typer.echo(f"written: {write_recipe}")
     typer.echo(f"written: {target}")
 

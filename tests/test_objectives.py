@@ -192,8 +192,9 @@ def test_a_run_on_a_flat_objective_says_what_to_change(tmp_path):
     from test_cli import invoke, write_recipe
 
     result = invoke("train", write_recipe(tmp_path), "zo.objective=accuracy", "zo.eps=1e-7", "max_steps=4")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # no step trained: the run failed, and says so last
     assert "warning: 4 of 4 steps were skipped" in result.output and "raise zo.eps" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: no step trained: all 4 steps were skipped (every point equal")
     result = invoke("train", write_recipe(tmp_path, output_dir=str(tmp_path / "o2")), "zo.objective=margin",
                     "zo.eps=1e-2", "max_steps=4")
     assert result.exit_code == 0 and "steps were skipped" not in result.output, result.output

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zopeft
-from zopeft import AdaMeZO, FZOO, MeZO, draw_noise, noise_key
+from zopeft import FZOO, MeZO, draw_noise, noise_key
 
 TARGET = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25])
 

@@ -29,7 +29,8 @@ def test_replay_rebuilds_the_adapter_bit_for_bit(tmp_path, optimizer):
     assert result.exit_code == 0, result.output
     assert "replayed 3 steps" in result.output and "bit-identical to" in result.output
     assert (tmp_path / "replayed" / "adapter_config.json").exists()
-    one_error_line(invoke("replay", tmp_path / "out", "--out", tmp_path / "replayed"), "--out:", "never replaced")
+    one_error_line(invoke("replay", tmp_path / "out", "--out", tmp_path / "replayed"), "--out:",
+                   "holds the output of a previous `zopeft replay`; pass --overwrite")
 
 
 def test_replay_refuses_first_order_runs_and_incomplete_logs(tmp_path):

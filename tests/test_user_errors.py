@@ -115,6 +115,13 @@ def test_raising_max_steps_under_a_linear_schedule_says_what_it_does(run_copy):
     assert "max_steps: 4 -> 5 under lr_scheduler_type linear" in result.output
 
 
+def test_resuming_with_the_forwards_batched_otherwise_says_it_is_no_longer_bit_identical(run_copy):
+    result = invoke("train", run_copy / "recipe.yaml", "resume_from_checkpoint=auto", "max_steps=5", "zo.batched=false")
+    assert result.exit_code == 0, result.output
+    assert ("zo.batched: true -> false since checkpoint-4: the perturbed forwards are grouped differently, which rounds "
+            "differently: this run can differ in the last bits from one that never stopped") in result.output
+
+
 def test_resuming_on_changed_training_data_is_refused(tmp_path):
     data = tmp_path / "data.jsonl"
     records = [{"sentence": f"review {i}", "label": i % 2} for i in range(16)]
@@ -217,6 +224,8 @@ def test_eval_and_merge_of_an_adapter_trained_on_another_base(run_dir, tmp_path)
                    "--recipe:", "nope.yaml does not exist")
     one_error_line(invoke("merge", "--adapter", run_dir, "--out", tmp_path / "merged", "--dtype", "int8"),
                    "--dtype 'int8' is not one of bf16, fp16, fp32, bfloat16")
+    one_error_line(invoke("merge", "--adapter", run_dir, "--out", tmp_path / "merged", "--max-shard-size", "1KB"),
+                   "--max-shard-size '1KB': give a size of at least 1MB")
     assert not (tmp_path / "merged").exists()
 
 
@@ -239,12 +248,27 @@ def test_merge_never_replaces_a_run_and_needs_overwrite_for_anything_else(run_co
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
     file.write_text("mine")
-    one_error_line(invoke("merge", "--adapter", run_copy, "--out", busy), "non-empty directory", "--overwrite")
-    one_error_line(invoke("merge", "--adapter", run_copy, "--out", file), "(a file)", "--overwrite")
+    for flags in ((), ("--overwrite",)):  # what merge did not write is never replaced, --overwrite or not
+        one_error_line(invoke("merge", "--adapter", run_copy, "--out", busy, *flags),
+                       "holds files `zopeft merge` did not write (notes.txt)", "never replaced")
+        one_error_line(invoke("merge", "--adapter", run_copy, "--out", file, *flags), "is a file")
     assert (busy / "notes.txt").read_text() == "mine" and file.read_text() == "mine"
-    result = invoke("merge", "--adapter", run_copy, "--out", file, "--overwrite", "--dtype", "fp32")
-    assert result.exit_code == 0, result.output
-    assert (file / "model.safetensors").exists() and not list(tmp_path.glob(".model.bin.*"))
+
+
+def test_merge_and_replay_overwrite_replace_only_their_own_previous_output(run_copy, tmp_path):
+    for command, source in (("merge", ("--adapter", run_copy, "--dtype", "fp32")), ("replay", (run_copy,))):
+        out = tmp_path / command
+        assert invoke(command, *source, "--out", out).exit_code == 0
+        one_error_line(invoke(command, *source, "--out", out), f"holds the output of a previous `zopeft {command}`",
+                       "pass --overwrite")
+        result = invoke(command, *source, "--out", out, "--overwrite")
+        assert result.exit_code == 0, result.output
+        other = "replay" if command == "merge" else "merge"  # another command's output is not its own
+        one_error_line(invoke(other, *(("--adapter", run_copy) if other == "merge" else (run_copy,)), "--out", out,
+                              "--overwrite"), "--out:", "never replace")
+        (out / "notes.txt").write_text("mine")  # a file the user added: the directory is no longer only zopeft's
+        one_error_line(invoke(command, *source, "--out", out, "--overwrite"), "--out:", "never replaced")
+        assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_train_refuses_a_previous_run_unless_overwrite(run_copy):
@@ -270,29 +294,57 @@ def test_one_train_per_output_dir_and_a_dead_runs_lock_and_temporaries_are_taken
     out.mkdir()
     pid = dead_pid()
     (out / ".zopeft.lock").write_text(f"{pid}\n")
-    (out / f".checkpoint-4.tmp-{pid}").mkdir()
-    (out / f".trainer_log.jsonl.tmp-{pid}").write_text("partial")
-    (out / ".notes.tmp-keep").write_text("not ours")
-    (tmp_path / f".checkpoint-4.tmp-{pid}").mkdir()  # outside output_dir: not touched
+    (out / f".checkpoint-4.zopeft-tmp-{pid}").mkdir()
+    (out / f".trainer_log.jsonl.zopeft-tmp-{pid}").write_text("partial")
+    (tmp_path / f".checkpoint-4.zopeft-tmp-{pid}").mkdir()  # outside output_dir: not touched
     result = invoke("train", path)
     assert result.exit_code == 0, result.output
-    assert f"took over the lock of pid {pid}" in result.output and "cleaned up what killed runs left unfinished: " in result.output
-    assert sorted(p.name for p in out.glob(".*")) == [".notes.tmp-keep"]
-    assert (tmp_path / f".checkpoint-4.tmp-{pid}").exists()
+    assert f"took over the lock file left by pid {pid}: no process holds its lock" in result.output
+    assert "cleaned up what killed runs left unfinished: " in result.output
+    assert sorted(p.name for p in out.glob(".*")) == [".zopeft-manifest.json"]
+    assert (tmp_path / f".checkpoint-4.zopeft-tmp-{pid}").exists()
+
+
+def test_a_lock_file_naming_a_live_process_that_does_not_hold_it_is_taken_over_without_calling_it_dead(tmp_path):
+    """The flock decides: pid 1 is alive, but it does not hold the lock (a file left behind, a reused pid)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".zopeft.lock").write_text("1\n")
+    result = invoke("train", write_recipe(tmp_path, max_steps=1))
+    assert result.exit_code == 0, result.output
+    assert "took over the lock file left by pid 1: no process holds its lock" in result.output
+    assert "no longer running" not in result.output and not (out / ".zopeft.lock").exists()
+
+
+def test_the_start_up_clean_up_removes_only_zopefts_temporaries_and_survives_any_name(tmp_path):
+    """User files named like 0.2's temporaries (.NAME.old-PID), and numbers no pid can be, are left alone."""
+    from zopeft.ownership import remove_stale_temporaries
+
+    pid = dead_pid()
+    (tmp_path / ".photos.old-31337").mkdir()
+    (tmp_path / ".photos.old-31337" / "cat.jpg").write_text("mine")
+    for name in (".vimrc.old-2024", ".bashrc.old-99999999999", ".notes.tmp-keep", f".x.zopeft-tmp-{'9' * 30}",
+                 ".x.zopeft-tmp-0", f".x.zopeft-tmp-{pid}.bak"):
+        (tmp_path / name).write_text("mine")
+    (tmp_path / f".recipe.yaml.zopeft-tmp-{pid}").write_text("partial")
+    (tmp_path / f".runs.zopeft-tmp-{pid}").symlink_to(tmp_path / ".photos.old-31337")  # a link: never followed
+    assert remove_stale_temporaries(tmp_path) == [f".recipe.yaml.zopeft-tmp-{pid}", f".runs.zopeft-tmp-{pid}"]
+    assert (tmp_path / ".photos.old-31337" / "cat.jpg").read_text() == "mine"
+    assert len(list(tmp_path.iterdir())) == 7
 
 
 def test_a_checkpoint_replaced_when_its_writer_was_killed_between_the_renames_is_put_in_place(tmp_path):
     """atomic_directory moved checkpoint-4 aside (.old) and died before renaming its complete .tmp into place."""
-    from zopeft.checkpoint import remove_stale_temporaries
+    from zopeft.ownership import remove_stale_temporaries
 
     pid = dead_pid()
-    for name, text in ((f".checkpoint-4.old-{pid}", "previous"), (f".checkpoint-4.tmp-{pid}", "new"),
-                       ("checkpoint-6", "kept"), (f".checkpoint-6.tmp-{pid}", "half-written")):
+    for name, text in ((f".checkpoint-4.zopeft-old-{pid}", "previous"), (f".checkpoint-4.zopeft-tmp-{pid}", "new"),
+                       ("checkpoint-6", "kept"), (f".checkpoint-6.zopeft-tmp-{pid}", "half-written")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "state.json").write_text(text)
     done = remove_stale_temporaries(tmp_path)
-    assert done == [f".checkpoint-4.tmp-{pid} (complete: now checkpoint-4)", f".checkpoint-4.old-{pid}",
-                    f".checkpoint-6.tmp-{pid}"]
+    assert done == [f".checkpoint-4.zopeft-tmp-{pid} (complete: now checkpoint-4)", f".checkpoint-4.zopeft-old-{pid}",
+                    f".checkpoint-6.zopeft-tmp-{pid}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
     assert (tmp_path / "checkpoint-4" / "state.json").read_text() == "new"
     assert (tmp_path / "checkpoint-6" / "state.json").read_text() == "kept"

@@ -2,9 +2,9 @@
 
 Nested state (optimizer, scheduler, RNG) is split into ``NAME.json`` for plain
 values and ``NAME.safetensors`` for tensors.  Directories are assembled under a
-temporary name (``.NAME.tmp-PID``) and renamed into place, so a run killed mid-save
-leaves the previous checkpoint intact and never a half-written one; the temporaries a
-killed process leaves behind are removed by :func:`remove_stale_temporaries`.
+temporary name (:func:`zopeft.ownership.temporary`) and renamed into place, so a run killed
+mid-save leaves the previous checkpoint intact and never a half-written one; the temporaries a
+killed process leaves behind are removed by :func:`zopeft.ownership.remove_stale_temporaries`.
 
 ``NAME.json`` is strict JSON: a non-finite float (a guard's best loss before its first
 step) is written as ``{"__float__": "inf"}`` and read back as the float.
@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,40 +24,44 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = [
-    "atomic_directory", "atomic_files", "check_safetensors", "load_state", "remove_stale_temporaries", "save_state",
-    "write_text_atomic",
-]
+from .ownership import aside, claim, remove, temporary, write_text_atomic
+
+__all__ = ["atomic_directory", "atomic_files", "check_safetensors", "load_state", "save_state", "write_text_atomic"]
 
 _TENSOR, _DICT, _FLOAT = "__tensor__", "__dict__", "__float__"
-_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
 
 
 @contextlib.contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``final`` only if the block succeeds."""
+def atomic_directory(final: str | Path, written_by: str | None = None) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``final`` only if the block succeeds.
+
+    ``written_by`` (a command, e.g. ``zopeft merge``): the directory gets a manifest of its
+    files (:mod:`zopeft.ownership`), so that the command may replace it later and nothing else.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(final)
+    tmp = temporary(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        if written_by is not None:
+            claim(tmp, [p.name for p in tmp.iterdir()], written_by)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    old = aside(final)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    _remove(old)
+    remove(old)
 
 
 @contextlib.contextmanager
 def atomic_files(directory: str | Path) -> Iterator[Path]:
     """Yield a staging directory whose files are each renamed into ``directory`` if the block succeeds."""
     directory = Path(directory)
-    staging = _temporary(directory / "files")
+    staging = temporary(directory / "files")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -67,59 +70,6 @@ def atomic_files(directory: str | Path) -> Iterator[Path]:
             os.replace(f, directory / f.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _temporary(final: Path) -> Path:
-    """Where :func:`atomic_directory` and :func:`write_text_atomic` assemble ``final``."""
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        return True
-    return True
-
-
-def remove_stale_temporaries(directory: str | Path) -> list[str]:
-    """Remove the ``.NAME.tmp-PID`` / ``.NAME.old-PID`` entries directly in ``directory`` whose process is gone.
-
-    These are what a process killed in the middle of :func:`atomic_directory` or
-    :func:`write_text_atomic` leaves; nothing else is touched.  One killed between
-    :func:`atomic_directory`'s two renames (``NAME`` already moved aside to ``.NAME.old-PID``) left
-    a complete ``.NAME.tmp-PID``: that one is put in place as ``NAME``.  Returns what was done, a
-    name each.
-    """
-    done = []
-    for path in sorted(Path(directory).glob(".*")):  # .NAME.old-PID sorts before .NAME.tmp-PID
-        match = _TEMPORARY.fullmatch(path.name)
-        if not match or not path.exists() or int(match["pid"]) == os.getpid() or _process_alive(int(match["pid"])):
-            continue
-        final, new = path.with_name(match["name"]), path.with_name(f".{match['name']}.tmp-{match['pid']}")
-        if match["kind"] == "old" and new.exists() and not final.exists():
-            os.replace(new, final)
-            done.append(f"{new.name} (complete: now {final.name})")
-        _remove(path)
-        done.append(path.name)
-    return done
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a text file via a temporary file and rename."""
-    path = Path(path)
-    tmp = _temporary(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_state(state: Any, directory: str | Path, name: str) -> None:
@@ -147,11 +97,11 @@ def save_state(state: Any, directory: str | Path, name: str) -> None:
     if tensors:  # first, and each file by rename: a NAME.json on disk means its tensors are complete
         path = directory / f"{name}.safetensors"
         try:
-            save_file(tensors, str(_temporary(path)))
+            save_file(tensors, str(temporary(path)))
         except BaseException:
-            _temporary(path).unlink(missing_ok=True)
+            temporary(path).unlink(missing_ok=True)
             raise
-        os.replace(_temporary(path), path)
+        os.replace(temporary(path), path)
     write_text_atomic(directory / f"{name}.json", text)
 
 

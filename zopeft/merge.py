@@ -14,6 +14,8 @@ from .splits import DataSplits
 
 __all__ = ["DTYPES", "describe_checks", "merge_adapter"]
 
+WRITTEN_BY = "zopeft merge"
+MIN_SHARD_BYTES = 10**6
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16",
           "float32": "float32"}
 
@@ -26,11 +28,12 @@ def merge_adapter(
 
     The base and task come from the recipe saved beside the adapter (or ``recipe_path``);
     the export is verified on a batch of the recipe's eval data (see
-    :func:`zopeft.models.merge_and_export` for the report).  ``out_dir`` must be new or empty
-    unless ``overwrite``; a directory holding a run or an adapter is never replaced.
+    :func:`zopeft.models.merge_and_export` for the report).  ``out_dir`` must be new or empty, or
+    (with ``overwrite``) a previous merge output: nothing else is ever replaced.
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    _check_shard_size(max_shard_size)
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"--adapter {adapter_dir}: no adapter_config.json there (pass a training output_dir or checkpoint-N)")
@@ -43,7 +46,7 @@ def merge_adapter(
     if not recipe_file.exists():
         raise RecipeError([f"--recipe: no {RECIPE_NAME} beside the adapter; pass the training recipe with --recipe"])
     recipe = load_recipe(recipe_file, check_files=False)
-    check_output_target(out_dir, overwrite=overwrite, keep=[adapter_dir])
+    check_output_target(out_dir, overwrite=overwrite, written_by=WRITTEN_BY, keep=[adapter_dir])
     spec = model_spec(recipe)
     task = build_task_for(recipe)
     data = DataSplits(recipe, task)
@@ -51,8 +54,21 @@ def merge_adapter(
     batch = task.collate(records[:verify_examples], load_tokenizer(spec))
     batch.pop("labels", None)
     report = merge_and_export(spec, adapter_dir, out_dir, dtype=DTYPES[dtype], max_shard_size=max_shard_size,
-                              verify_batch=batch)
+                              verify_batch=batch, written_by=WRITTEN_BY)
     return {**report, "quantization_bit": recipe.quantization_bit}
+
+
+def _check_shard_size(size: str) -> None:
+    """Refuse a ``--max-shard-size`` that transformers cannot read, or one that would split a model into
+    thousands of files, before the merge (not after it)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        value = convert_file_size_to_int(size)
+    except ValueError:
+        value = None
+    if value is None or value < MIN_SHARD_BYTES:
+        raise ValueError(f"--max-shard-size {size!r}: give a size of at least 1MB with its unit, e.g. 5GB or 500MB")
 
 
 def describe_checks(report: dict[str, Any]) -> list[str]:

@@ -286,7 +286,7 @@ def _agreement(logits: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor
 
 def merge_and_export(
     spec: ModelSpec, adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = "bfloat16",
-    max_shard_size: str = "5GB", verify_batch: dict[str, torch.Tensor] | None = None,
+    max_shard_size: str = "5GB", verify_batch: dict[str, torch.Tensor] | None = None, written_by: str | None = None,
 ) -> dict[str, Any]:
     """Merge the adapter into the base reloaded UNQUANTIZED in fp32, write ``out_dir``, verify logits.
 
@@ -295,7 +295,8 @@ def merge_and_export(
     of the weights to ``dtype``) and, when the spec is quantized, on the quantized base the
     adapter was trained on (``quantized``: adds the quantization gap, since the merged model
     holds the unquantized weights).  Each check: max |logit difference| (and the largest
-    |logit| for scale) and top-token agreement over the batch's positions.
+    |logit| for scale) and top-token agreement over the batch's positions.  ``written_by``: the
+    command that ``out_dir``'s manifest names (:func:`zopeft.checkpoint.atomic_directory`).
     """
     peft_type = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("peft_type", "")
     if peft_type in UNMERGEABLE:
@@ -310,7 +311,7 @@ def merge_and_export(
         reference = model(**batch).logits
         merged = model.merge_and_unload().to(getattr(torch, dtype))
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, written_by) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
     del model, merged

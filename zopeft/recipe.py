@@ -14,7 +14,8 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -26,6 +27,7 @@ from .data import TABLE_FORMATS
 from .hints import did_you_mean
 from .objectives import DIFFERENTIABLE
 from .optim.settings import GUARD_DEFAULTS
+from .recipe_yaml import MAX_BYTES, load_yaml
 from .registry import available_optimizers
 from .training_arguments import FOREIGN_KEYS, read_spellings, steps_or_fraction
 
@@ -38,6 +40,7 @@ FIRST_ORDER_OPTIMIZERS = ("adamw",)
 REPORTERS = ("tensorboard", "wandb")  # report_to: besides trainer_log.jsonl, which is always written
 STEPS = 10**9  # upper bound of every step count: a typo guard, not a limit anyone reaches
 BATCH = 4096  # per-device batch sizes above this are typos (use gradient_accumulation_steps)
+TEMPLATE_CHARS = 100_000  # a prompt with its few-shot examples is a few thousand characters
 # Keys whose change makes a checkpoint meaningless to resume from.
 ESSENTIAL_KEYS = (
     "model_name_or_path", "quantization_bit", "quantization_type", "double_quantization", "compute_dtype",
@@ -73,9 +76,26 @@ class RecipeError(ValueError):
         self.errors = errors
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type is a number: int or float, maybe in a union or ``Annotated`` (not a bool)."""
+    origin = get_origin(annotation)
+    if origin in (Union, UnionType, Annotated):
+        kinds = get_args(annotation)[: 1 if origin is Annotated else None]
+        return bool not in kinds and any(map(_numeric, kinds))
+    return annotation in (int, float)
+
+
 class _Strict(BaseModel):
     # allow_inf_nan=False: every float key must be finite (.inf / .nan are refused with the key's name)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """``true`` / ``false`` are not numbers (pydantic would read them as 1 and 0: ``learning_rate: true``)."""
+        if isinstance(value, bool) and info.field_name and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"Input should be a number, got {str(value).lower()}")
+        return value
 
 
 def _template_fields(template: str) -> list[str]:
@@ -240,10 +260,12 @@ def _zo_block(data: Any) -> ZOSettings:
     except ValidationError as err:
         lines = []
         for e in _merged(err.errors()):
-            if e["type"] == "extra_forbidden":
-                key = str(e["loc"][-1])
-                takes = ", ".join(k for k in model.model_fields if k != "ignored")
-                lines.append(f"zo.{key}: unknown key{did_you_mean(key, model.model_fields, cutoff=0.5)}; {name} takes {takes}")
+            if e["type"] == "extra_forbidden":  # named by its full path: zo.guard.foo
+                *parents, key = map(str, e["loc"])
+                names = [k for k in _field_names(tuple(parents), model) if k != "ignored"]
+                owner = ".".join(["zo", *parents]) if parents else name
+                lines.append(f"{'.'.join(['zo', *parents, key])}: unknown key{did_you_mean(key, names, cutoff=0.5)}; "
+                             f"{owner} takes {', '.join(names)}")
             else:
                 lines.append(_format({**e, "loc": ("zo", *e["loc"])}))
         raise ValueError("\n".join(lines)) from None
@@ -392,6 +414,9 @@ class Recipe(_Strict):
         """A prompt whose ``{fields}`` are named, well formed, and not just a chat template's name (llama3)."""
         if value is None:
             return value
+        if len(value) > TEMPLATE_CHARS:
+            raise ValueError(f"template: {len(value)} characters; at most {TEMPLATE_CHARS} (a prompt with its few-shot "
+                             "examples is a few thousand)")
         try:
             fields = _template_fields(value)
         except ValueError as err:
@@ -410,6 +435,14 @@ class Recipe(_Strict):
         if value is not None and not isinstance(value, (list, dict)):
             raise ValueError(f"label_words: a list of words ([' bad', ' good']) or a mapping of labels to words "
                              f"({{0: ' bad', 1: ' good'}}), got {value!r}")
+        pairs = value.items() if isinstance(value, dict) else enumerate(value or [])
+        first: dict[Any, Any] = {}  # word -> its first label
+        for label, word in pairs:
+            if isinstance(word, str) and word in first:
+                raise ValueError(f"label_words: labels {first[word]!r} and {label!r} have the same word {word!r}, so no "
+                                 "prediction could tell them apart; give each label its own word")
+            if isinstance(word, str):
+                first[word] = label
         return value
 
     @field_validator("column_names", "text_fields", mode="before")
@@ -565,7 +598,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         text = key.strip() in _text_keys() and not quoted
         if text and key.strip() in ESCAPED_KEYS:
             value = re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m[1]], value)
-        node[leaf] = None if not value.strip() else value if text else _scalar(value)
+        try:
+            node[leaf] = None if not value.strip() else value if text else _scalar(value)
+        except ValueError as err:
+            raise RecipeError([f"override {key.strip()}=...: {err}"]) from None
     return out
 
 
@@ -581,9 +617,11 @@ def _text_keys(model: type[BaseModel] | None = None, prefix: str = "") -> set[st
 
 
 def _scalar(value: str) -> Any:
-    """A YAML value (``[q_proj, v_proj]`` a list; the schema types the rest); text YAML cannot parse stays text."""
+    """A YAML value (``[q_proj, v_proj]`` a list; the schema types the rest); text YAML cannot parse stays text.
+
+    ``ValueError`` past :func:`zopeft.recipe_yaml.load_yaml`'s bounds."""
     try:
-        return yaml.safe_load(value)
+        return load_yaml(value)
     except yaml.YAMLError:  # e.g. template={sentence} It was
         return value
 
@@ -595,8 +633,9 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _field_names(path: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = Recipe
+def _field_names(path: tuple[Any, ...], model: type[BaseModel] | None = None) -> list[str]:
+    """The keys of the mapping at ``path`` (dotted parts) in ``model``'s schema (default: the recipe's)."""
+    model = model or Recipe
     for part in path:
         field = model.model_fields.get(str(part))
         sub = field.annotation if field else None
@@ -654,10 +693,15 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, *, 
         path = Path(path)
         if not path.is_file():
             raise RecipeError([f"recipe file {str(path)!r} not found (list the bundled ones with `zopeft recipes`)"])
+        if path.stat().st_size > MAX_BYTES:
+            raise RecipeError([f"{path}: {path.stat().st_size} bytes; a recipe is at most {MAX_BYTES} (a few KB is "
+                               "usual): is it the right file?"])
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise RecipeError([f"{path}: not valid YAML: {str(err).splitlines()[0]}"]) from None
+        except ValueError as err:
+            raise RecipeError([f"{path}: {err}"]) from None
         if not isinstance(data, dict):
             raise RecipeError([f"{path}: a recipe is a mapping of keys to values, got {type(data).__name__}"])
     data = _merge(data, parse_overrides(overrides or []))

@@ -7,11 +7,14 @@ recipe key to fix and the record's fields.
 
 from __future__ import annotations
 
+import string
 from typing import Any
 
 from .hints import did_you_mean
 
-__all__ = ["canon_label", "choice_texts", "fill", "label_index", "label_keys", "prompt_text", "require_text_fields"]
+__all__ = [
+    "canon_label", "choice_texts", "fill", "label_index", "label_keys", "prompt_text", "require_text_fields", "text_of",
+]
 
 
 def _fields_hint(name: str, record: dict) -> str:
@@ -58,21 +61,40 @@ def label_index(record: dict, label_field: str, keys: list[Any] | None) -> int:
     return keys.index(label)
 
 
+def _null(name: str) -> ValueError:
+    return ValueError(f"field {name!r} is null, which would become the prompt text 'None'; give the record a text "
+                      "there, or drop the record")
+
+
+def text_of(record: dict, name: str) -> str:
+    """The record's field ``name`` as text (``KeyError`` if it has none, ``ValueError`` if it is null)."""
+    if record[name] is None:
+        raise _null(name)
+    return str(record[name])
+
+
 def fill(template: str, record: dict) -> str:
-    """The template with the record's fields filled in."""
+    """The template with the record's fields filled in (a null field is refused, not written as 'None')."""
     try:
-        return template.format_map(record)
+        text = template.format_map(record)
     except KeyError as err:
         raise KeyError(f"template field {err.args[0]!r} is not in the record ({_fields_hint(str(err.args[0]), record)}); "
                        "use these fields in the template") from None
+    null = next((f for _, f, _, _ in string.Formatter().parse(template) if f is not None and record.get(f, "") is None), None)
+    if null is not None:
+        raise _null(null)
+    return text
 
 
 def require_text_fields(record: dict, names: list[str]) -> None:
-    """Raise ``KeyError`` naming the first of ``names`` the record lacks."""
+    """Raise ``KeyError`` naming the first of ``names`` the record lacks, ``ValueError`` for the first that is null."""
     missing = [n for n in names if n not in record]
     if missing:
         raise KeyError(f"text field {missing[0]!r} is not in the record ({_fields_hint(missing[0], record)}); "
                        "fix text_fields")
+    null = next((n for n in names if record[n] is None), None)
+    if null is not None:
+        raise _null(null)
 
 
 def prompt_text(record: dict, template: str | None, text_fields: list[str] | None, kind: str) -> str:
@@ -81,17 +103,19 @@ def prompt_text(record: dict, template: str | None, text_fields: list[str] | Non
         return fill(template, record)
     if text_fields:
         require_text_fields(record, text_fields)
-        return "\n".join(str(record[f]) for f in text_fields)
+        return "\n".join(text_of(record, f) for f in text_fields)
     raise ValueError(f"{kind}: give a template (e.g. 'Review: {{sentence}}\\nSentiment:') or text_fields")
 
 
 def choice_texts(record: dict, choices_field: str) -> list[str]:
     """A multiple-choice record's candidates: the ``choices_field`` list, else ``choice1``, ``choice2``, ..."""
     if choices_field in record:
+        if record[choices_field] is None or None in record[choices_field]:
+            raise _null(choices_field)
         return [str(c) for c in record[choices_field]]
     found, i = [], 1
     while f"choice{i}" in record:
-        found.append(str(record[f"choice{i}"]))
+        found.append(text_of(record, f"choice{i}"))
         i += 1
     if len(found) < 2:
         raise KeyError(f"record has neither {choices_field!r} nor choice1, choice2, ... "

@@ -54,7 +54,7 @@ def replay_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
                            "(written by zopeft train for ZO runs); this run cannot be replayed"])
     saved = sorted(run.path.glob("adapter_model.safetensors")) or sorted(run.path.glob("model*.safetensors"))
     _check_complete(run, len(steps), finished=bool(saved))
-    check_output_target(out_dir, overwrite=overwrite, keep=[run.path])
+    check_output_target(out_dir, overwrite=overwrite, written_by="zopeft replay", keep=[run.path])
     torch.manual_seed(recipe.seed)  # the adapter's initialisation, as in training
     model, tokenizer = load_model(model_spec(recipe), adapter_spec(recipe))
     opt = make_optimizer(recipe, model)
@@ -63,7 +63,7 @@ def replay_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
         opt.replay(records)
     except ValueError as err:
         raise RecipeError([f"{run.path / STEP_LOG_NAME}: {err}"]) from None
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, "zopeft replay") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_NAME).write_text(recipe.to_yaml())

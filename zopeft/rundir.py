@@ -9,16 +9,22 @@ What a run leaves there::
     checkpoint-N/          adapter, optimizer / scheduler / RNG state, trainer_state.json, recipe.yaml
     adapter_model.safetensors, adapter_config.json, tokenizer files: the final adapter (PEFT layout)
     training_curves.png
+    runs/, wandb/          report_to's trackers (tensorboard, wandb)
     .zopeft.lock           while a `zopeft train` runs in it (its pid)
+    .zopeft-manifest.json  the names zopeft wrote here (:mod:`zopeft.ownership`)
 
 Every file is written atomically (a temporary and a rename); a killed process's temporaries are
-removed by the next run.  Nothing here builds a model: :mod:`zopeft.components` does.
+removed by the next run.  A file zopeft did not write is never replaced or removed: a run refuses
+to start where one has a name it writes, and does not save its optional files (the PEFT model card
+README.md, tokenizer files) over one.  Nothing here builds a model: :mod:`zopeft.components` does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import filecmp
+import fnmatch
 import json
 import logging
 import os
@@ -29,11 +35,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (
-    atomic_directory, atomic_files, check_safetensors, load_state, remove_stale_temporaries, save_state, write_text_atomic,
-)
+from .checkpoint import atomic_directory, atomic_files, check_safetensors, load_state, save_state, write_text_atomic
 from .jsonl import CRC_KEY, checked_line, dumps
+from .ownership import LOCK_NAME, claim, foreign, manifest, remove, remove_stale_temporaries
 from .recipe import Recipe, RecipeError, load_recipe
+from .trackers import TRACKER_DIRS, tracker_problem
 
 __all__ = [
     "LOG_NAME", "RECIPE_NAME", "STEP_LOG_NAME", "JsonlLog", "RunDir", "checkpoint_problem", "check_output_target",
@@ -42,9 +48,15 @@ __all__ = [
 
 logger = logging.getLogger("zopeft")
 LOG_NAME, STEP_LOG_NAME, RECIPE_NAME, STATE_NAME = "trainer_log.jsonl", "zo_steps.jsonl", "recipe.yaml", "trainer_state.json"
-LOCK_NAME, PLOT_NAME = ".zopeft.lock", "training_curves.png"
+PLOT_NAME, WRITTEN_BY = "training_curves.png", "zopeft train"
 # files that mark a directory as holding a run or an adapter (besides checkpoint-N directories)
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", LOG_NAME, STEP_LOG_NAME)
+# what a run writes and cannot do without (besides checkpoint-N): a file of such a name that zopeft did not write
+# stops a run before it starts; a full fine-tune writes the model's files instead of the adapter's
+RUN_OUTPUTS = (RECIPE_NAME, PLOT_NAME, *RUN_FILES)
+FULL_OUTPUTS = ("config.json", "generation_config.json", "model*.safetensors*")
+# zo keys that group the perturbed forwards: a change on resume rounds differently (not bit-identical)
+REGROUPING_ZO_KEYS = ("batched", "perturbation_batch_size", "max_memory")
 STATE_FILES = ("optimizer", "scheduler", "rng")  # save_state names in a checkpoint
 # schedules whose learning rate at every step depends on max_steps (and any with warmup_steps a fraction of it)
 STRETCHED_SCHEDULES = ("linear", "cosine", "polynomial")
@@ -55,7 +67,11 @@ Echo = Callable[[str], None]
 def _step_of(path: Path) -> int | None:
     """N of a ``checkpoint-N`` directory, None for any other name."""
     prefix, _, step = path.name.partition("-")
-    return int(step) if prefix == "checkpoint" and step.isdigit() and path.is_dir() else None
+    return int(step) if prefix == "checkpoint" and step.isdigit() and len(step) < 19 and path.is_dir() else None
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", …" if len(names) > 4 else "")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -120,11 +136,14 @@ def _holds_run(directory: Path) -> str | None:
     return None
 
 
-def check_output_target(out: Path, *, overwrite: bool, keep: Iterable[Path] = (), option: str = "--out") -> None:
-    """Refuse (:class:`RecipeError`) to write ``out`` unless it is new, an empty directory, or ``overwrite``.
+def check_output_target(out: Path, *, overwrite: bool, written_by: str, keep: Iterable[Path] = (),
+                        option: str = "--out") -> None:
+    """Refuse (:class:`RecipeError`) to write the directory ``out`` unless it is new, empty, or (with
+    ``overwrite``) a previous output of the same command (``written_by``, its manifest says).
 
-    Never, flag or not: a directory that holds a run, an adapter or checkpoints (at any
-    depth), one of the ``keep`` paths (e.g. the adapter being merged) or the current directory.
+    Never, flag or not: a file, a directory holding anything else (a run, an adapter or checkpoints
+    at any depth, any file that command did not write), one of the ``keep`` paths (e.g. the adapter
+    being merged) or the current directory.
     """
     target = out.resolve()
     for path in (*keep, Path.cwd()):
@@ -133,16 +152,24 @@ def check_output_target(out: Path, *, overwrite: bool, keep: Iterable[Path] = ()
             raise RecipeError([f"{option}: writing {out} would replace {path}; choose another directory"])
     if not target.exists():
         return
-    if target.is_dir():
-        run = _holds_run(target)
-        if run:
-            raise RecipeError([f"{option}: {out} holds a training run or adapter ({run}) and is never replaced; "
-                               "choose another directory"])
-        if not any(target.iterdir()):
-            return
-    if not overwrite:
-        what = "a non-empty directory" if target.is_dir() else "a file"
-        raise RecipeError([f"{option}: {out} exists ({what}); pass --overwrite to replace it, or choose another path"])
+    if not target.is_dir():
+        raise RecipeError([f"{option}: {out} is a file; choose a directory that does not exist yet"])
+    previous = manifest(target)
+    ours = previous is not None and previous["written_by"] == written_by and not foreign(target)
+    if ours and not overwrite:
+        raise RecipeError([f"{option}: {out} holds the output of a previous `{written_by}`; pass --overwrite to "
+                           "replace it, or choose another directory"])
+    if ours or not any(target.iterdir()):
+        return
+    run = _holds_run(target)
+    if run:
+        raise RecipeError([f"{option}: {out} holds a training run or adapter ({run}) and is never replaced; "
+                           "choose another directory"])
+    if previous is not None and not foreign(target):
+        raise RecipeError([f"{option}: {out} holds the output of `{previous['written_by']}`, which `{written_by}` "
+                           "never replaces; choose another directory"])
+    raise RecipeError([f"{option}: {out} holds files `{written_by}` did not write ({_shown(foreign(target))}), "
+                       "which are never replaced, --overwrite or not; choose a new or empty directory"])
 
 
 class RunDir:
@@ -152,13 +179,42 @@ class RunDir:
         self.path = Path(path)
 
     # ----- what is there ---------------------------------------------------------------------
+    def owned(self) -> set[str]:
+        """The names zopeft wrote here: its manifest's (a run of zopeft 0.2, without one: its run files)."""
+        listed = manifest(self.path)
+        if listed is not None:
+            return set(listed["names"])
+        if not (self.path / LOG_NAME).is_file():
+            return set()
+        return {p.name for p in self.path.iterdir()
+                if any(fnmatch.fnmatch(p.name, n) for n in (*RUN_OUTPUTS, *FULL_OUTPUTS)) or _step_of(p) is not None}
+
+    def _claim(self, names: Iterable[str]) -> None:
+        """Record ``names`` in the manifest before writing them (a 0.2 run's files are adopted into a new one)."""
+        claim(self.path, [*self.owned(), *names], WRITTEN_BY)
+
+    def foreign(self) -> list[str]:
+        """The entries zopeft did not write (never replaced or removed)."""
+        return foreign(self.path, self.owned())
+
     def checkpoints(self) -> list[Path]:
-        """The ``checkpoint-N`` directories, oldest first."""
-        return sorted((p for p in self.path.glob("checkpoint-*") if _step_of(p) is not None), key=_step_of)
+        """The ``checkpoint-N`` directories zopeft wrote, oldest first."""
+        owned = self.owned()
+        return sorted((p for p in self.path.glob("checkpoint-*") if _step_of(p) is not None and p.name in owned),
+                      key=_step_of)
 
     def run_files(self) -> list[str]:
         """Names of what a previous run left here (run files and checkpoints)."""
-        return [n for n in RUN_FILES if (self.path / n).exists()] + [p.name for p in self.checkpoints()]
+        owned = self.owned()
+        return [n for n in RUN_FILES if n in owned and (self.path / n).exists()] + [p.name for p in self.checkpoints()]
+
+    def _trained_nothing(self) -> bool:
+        """Whether the run here stopped before leaving anything to continue or rebuild from: no checkpoint, no
+        final weights, no step record."""
+        weights = [n for n in self.owned() if fnmatch.fnmatch(n, "*model*.safetensors") and (self.path / n).exists()]
+        if self.checkpoints() or weights:
+            return False
+        return not read_jsonl(self.path / STEP_LOG_NAME) and not any("loss" in r for r in read_jsonl(self.path / LOG_NAME))
 
     def recipe(self) -> Recipe:
         """The recipe the run saved (``recipe.yaml``)."""
@@ -175,8 +231,9 @@ class RunDir:
     def locked(self, echo: Echo) -> Iterator[None]:
         """Hold ``.zopeft.lock`` (with this pid) for the duration; remove killed processes' temporaries.
 
-        A lock whose process is gone (the kernel releases it at exit) is taken over with a
-        message.  Directories this call created are removed again if the block leaves them empty.
+        The lock is the ``flock`` on that file, which the kernel releases when its process ends: a
+        lock file that no process holds is taken over, with a message.  Directories this call
+        created are removed again if the block leaves them empty.
         """
         if self.path.exists() and not self.path.is_dir():
             raise RecipeError([f"output_dir: {self.path} is a file; choose a directory"])
@@ -200,22 +257,50 @@ class RunDir:
 
     # ----- before a run: what to resume, and whether it may start here -----------------------
     def prepare(self, recipe: Recipe, world_size: int, echo: Echo) -> Path | None:
-        """The checkpoint to resume (or None) after every check that needs no model; writes nothing."""
+        """The checkpoint to resume (or None) after every check that needs no model (report_to's trackers
+        included); writes nothing."""
+        problem = tracker_problem(recipe.report_to)
+        if problem:
+            raise RecipeError([f"report_to: {problem}"])
         others = [p.name for p in self.path.glob("checkpoint-*") if p.is_dir() and _step_of(p) is None]
         if others:
             echo(f"output_dir: leaving {', '.join(others)} alone (only checkpoint-<step> directories are resumed and rotated)")
+        self._check_foreign(recipe)
         checkpoint = self._resume_point(recipe, echo)
         if checkpoint is not None:
             self._check_resumable(recipe, checkpoint, world_size, echo)
         previous = self.run_files()
         if previous and not self._holds(checkpoint) and not recipe.overwrite_output_dir:
-            shown = ", ".join(previous[:4]) + (", …" if len(previous) > 4 else "")
+            if self._trained_nothing():
+                echo(f"output_dir: the run in {self.path} stopped before training a step (no checkpoint, adapter or "
+                     f"step record; it left {_shown(previous)}): starting over")
+                return checkpoint
             resume = "" if recipe.resume_from_checkpoint == "auto" else "continue it with resume_from_checkpoint=auto, "
             raise RecipeError([
-                f"output_dir: {self.path} already holds a run ({shown}); {resume}choose another output_dir, "
+                f"output_dir: {self.path} already holds a run ({_shown(previous)}); {resume}choose another output_dir, "
                 "or start over with --overwrite (overwrite_output_dir: true)"
             ])
         return checkpoint
+
+    def _check_foreign(self, recipe: Recipe) -> None:
+        """Refuse files zopeft did not write where a run writes, and (without overwrite_output_dir) anywhere
+        in an output_dir that holds no zopeft run."""
+        others = self.foreign()
+        outputs = (*RUN_OUTPUTS, *(FULL_OUTPUTS if recipe.finetuning_type == "full" else ()),
+                   *(TRACKER_DIRS[name] for name in recipe.report_to))
+        clashes = [n for n in others if any(fnmatch.fnmatch(n, o) for o in outputs) or _step_of(self.path / n) is not None]
+        if others and not self.run_files() and not recipe.overwrite_output_dir:
+            move = f" ({_shown(clashes)}, which a run writes, would have to move first)" if clashes else ""
+            raise RecipeError([
+                f"output_dir: {self.path} holds files zopeft did not write ({_shown(others)}) and no zopeft run; choose "
+                "a new or empty directory, or pass --overwrite to write the run beside them (zopeft never replaces "
+                f"or removes them){move}"
+            ])
+        if clashes:
+            raise RecipeError([
+                f"output_dir: {self.path} holds {_shown(clashes)}, which zopeft did not write and a run writes there "
+                "(it never replaces them, --overwrite or not); move them, or choose another output_dir"
+            ])
 
     def _holds(self, checkpoint: Path | None) -> bool:
         """Whether ``checkpoint`` is one of this run's (a resume in place)."""
@@ -261,6 +346,12 @@ class RunDir:
             ])
         stretched = recipe.lr_scheduler_type in STRETCHED_SCHEDULES or (
             recipe.lr_scheduler_type == "constant_with_warmup" and isinstance(recipe.warmup_steps, float))
+        old, new = saved.zo.model_dump(), recipe.zo.model_dump()
+        regrouped = [k for k in REGROUPING_ZO_KEYS if old.get(k) != new.get(k)]
+        if regrouped:
+            changes = ", ".join(f"zo.{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in regrouped)
+            echo(f"{changes} since {checkpoint.name}: the perturbed forwards are grouped differently, which rounds "
+                 "differently: this run can differ in the last bits from one that never stopped")
         if saved.max_steps != recipe.max_steps and stretched:
             echo(f"max_steps: {saved.max_steps} -> {recipe.max_steps} under lr_scheduler_type {recipe.lr_scheduler_type}: "
                  f"from step {step} on the learning rate follows the {recipe.max_steps}-step schedule, so this run "
@@ -281,18 +372,16 @@ class RunDir:
     def open_logs(self, recipe: Recipe, start: int, checkpoint: Path | None, echo: Echo) -> tuple[JsonlLog, JsonlLog | None]:
         """Write recipe.yaml; open trainer_log.jsonl and (ZO) zo_steps.jsonl, each cut back to ``start``.
 
-        A run that starts over (``overwrite_output_dir``) first removes the previous run's
-        checkpoints and files.  A run resumed from another directory's checkpoint takes the
-        step log up to its step from there.
+        A run that starts over (``overwrite_output_dir``, or after a run that trained nothing:
+        :meth:`prepare`) first removes what zopeft wrote here before.  A run resumed from another
+        directory's checkpoint takes the step log up to its step from there.
         """
-        if recipe.overwrite_output_dir and not self._holds(checkpoint) and self.run_files():
-            removed = self.run_files()
+        if not self._holds(checkpoint) and self.run_files() and (recipe.overwrite_output_dir or self._trained_nothing()):
+            removed = sorted(n for n in self.owned() if os.path.lexists(self.path / n))
             for name in removed:
-                if (self.path / name).is_dir():
-                    shutil.rmtree(self.path / name)
-                else:
-                    (self.path / name).unlink()
-            echo(f"overwrite_output_dir: removed the previous run's {', '.join(removed)} from {self.path}")
+                remove(self.path / name)
+            echo(f"output_dir: removed the previous run's {', '.join(removed)} from {self.path}")
+        self._claim([RECIPE_NAME, LOG_NAME, STEP_LOG_NAME, *(TRACKER_DIRS[n] for n in recipe.report_to)])
         write_text_atomic(self.path / RECIPE_NAME, recipe.to_yaml())
         log = JsonlLog(self.path / LOG_NAME, lambda r: r.get("step", 0) <= start)
         if not recipe.is_zeroth_order:
@@ -308,7 +397,8 @@ class RunDir:
                         state: dict[str, Any], guard: Any = None) -> Path:
         """Write ``checkpoint-<step>`` atomically, then keep only the newest ``save_total_limit``."""
         path = self.path / f"checkpoint-{step}"
-        with atomic_directory(path) as tmp:
+        self._claim([path.name])
+        with atomic_directory(path, WRITTEN_BY) as tmp:
             model.save_pretrained(tmp)
             save_state(opt.state_dict(), tmp, "optimizer")
             save_state(sched.state_dict(), tmp, "scheduler")
@@ -342,11 +432,22 @@ class RunDir:
         torch.set_rng_state(load_state(checkpoint, "rng")["torch"])
         return json.loads((checkpoint / STATE_NAME).read_text())
 
-    def save_final(self, model: torch.nn.Module, tokenizer: Any) -> None:
-        """Write the trained adapter (PEFT layout) and tokenizer, each file renamed into place."""
+    def save_final(self, model: torch.nn.Module, tokenizer: Any, echo: Echo) -> None:
+        """Write the trained adapter (PEFT layout) and tokenizer, each file renamed into place; a file of the same
+        name that zopeft did not write (e.g. a README.md) is kept, and said so unless it holds the same bytes."""
+        others = set(self.foreign())
         with atomic_files(self.path) as staging:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+            kept = sorted(p.name for p in staging.iterdir() if p.name in others)
+            differ = [n for n in kept if not ((self.path / n).is_file() and (staging / n).is_file()
+                                              and filecmp.cmp(staging / n, self.path / n, shallow=False))]
+            for name in kept:
+                remove(staging / name)
+            self._claim([p.name for p in staging.iterdir()])
+        if differ:
+            echo(f"output_dir: kept {', '.join(differ)}, which zopeft did not write: the run's own "
+                 f"{'copies were' if len(differ) > 1 else 'copy was'} not saved there")
 
     def plot(self) -> Path | None:
         """``training_curves.png`` from the log (None without matplotlib, the ``plot`` extra)."""
@@ -355,6 +456,7 @@ class RunDir:
         except ImportError:
             logger.info("matplotlib not installed: skipping the loss plot (pip install 'zopeft[plot]')")
             return None
+        self._claim([PLOT_NAME])
         return plot_log(self.path / LOG_NAME, self.path / PLOT_NAME)
 
 
@@ -382,8 +484,9 @@ def _acquire(lock: Path, echo: Echo) -> int:
                 break  # still the file at that path (not one its previous holder just removed)
         os.close(fd)
     previous = _read_pid(fd)
-    if previous is not None:
-        echo(f"output_dir: took over the lock of pid {previous}, which is no longer running")
+    if previous is not None:  # decided by the flock alone: a pid in the file may have been reused since
+        echo(f"output_dir: took over the lock file left by pid {previous}: no process holds its lock (a run that "
+             "ended without removing it)")
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from .optim.base import ZOOptimizer
 from .recipe import Recipe
 from .rundir import LOG_NAME, RunDir
 from .splits import Split
+from .stopping import StopSignals
 from .trackers import Trackers
 
 __all__ = ["RunResult", "evaluate", "train"]
@@ -62,6 +64,8 @@ class RunResult:
     eval_before: dict[str, Any] = field(default_factory=dict)
     eval_after: dict[str, Any] = field(default_factory=dict)
     resumed_from: Path | None = None
+    steps_run: int = 0  # the steps this process ran (a resumed run's since the resume)
+    skipped: dict[str, int] = field(default_factory=dict)  # those that made no update, by reason (e.g. non-finite loss)
 
 
 def _logged(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -100,13 +104,15 @@ def train(recipe: Recipe, *, echo: Callable[[str], None] = print, progress: bool
     rank 0 alone holds the output directory's lock, evaluates, prints, and writes logs,
     checkpoints and the adapter.  Every check that needs no model (resume point, a previous
     run in the way, the records against the task format) runs before the model loads, and
-    a run that fails before training leaves ``output_dir`` as it found it.
+    a run that fails before training leaves ``output_dir`` as it found it.  SIGTERM and SIGINT
+    stop it after a checkpoint (:mod:`zopeft.stopping`: :class:`~zopeft.stopping.Stopped`).
     """
     with distributed_session() as (rank, world_size), torch_threads(recipe):
         run = RunDir(recipe.output_dir)
         main = rank == 0
-        with run.locked(echo) if main else contextlib.nullcontext():
-            return _train(recipe, run, rank, world_size, echo if main else (lambda _: None), progress)
+        echo = echo if main else (lambda _: None)
+        with StopSignals(echo) as stops, run.locked(echo) if main else contextlib.nullcontext():
+            return _train(recipe, run, rank, world_size, echo, progress, stops)
 
 
 def _checks_eps(recipe: Recipe) -> bool:
@@ -140,7 +146,8 @@ def _train_step(
 
 
 def _train(
-    recipe: Recipe, run: RunDir, rank: int, world_size: int, echo: Callable[[str], None], progress: bool | None
+    recipe: Recipe, run: RunDir, rank: int, world_size: int, echo: Callable[[str], None], progress: bool | None,
+    stops: StopSignals,
 ) -> RunResult:
     main, began = rank == 0, time.perf_counter()
     # ----- setup: checks, then the parts ------------------------------------------------------
@@ -275,18 +282,22 @@ def _train(
                 if step_log is not None:  # before the checkpoint: the step log never lags behind it
                     for record in opt.step_log[logged:]:  # the step's record, and the guard's rollbacks
                         step_log.write(record)
-                if main and recipe.save_steps and done % recipe.save_steps == 0:
+                stopping = stops.requested()  # a signal: save a checkpoint of this step and stop
+                if main and (recipe.save_steps and done % recipe.save_steps == 0 or stopping):
                     position = done * recipe.gradient_accumulation_steps * recipe.per_device_train_batch_size * shards
                     run.save_checkpoint(done, recipe, model, opt, sched, {
                         "forward_passes": forward_passes, "epoch": position // n, "example_position": position % n,
                         "world_size": world_size, "loss_ema": ema.value, "train_data": train_data,
                     }, guard)
+                stops.step_done(done)
                 if not going:
                     break
         train_seconds = time.perf_counter() - loop_began - (eval_seconds - eval_before_loop)
+        skipped = Counter(r["skipped"] for r in getattr(opt, "step_log", ()) if "skipped" in r)
         if isinstance(opt, ZOOptimizer):
             opt.check_replicas()
-            flat = flat_objective_warning(opt.skipped_steps, last, recipe.zo.objective, recipe.zo.eps)
+            flat_steps = opt.skipped_steps - sum(n for why, n in skipped.items() if why.startswith("non-finite"))
+            flat = flat_objective_warning(flat_steps, last, recipe.zo.objective, recipe.zo.eps)
             if main and flat:
                 echo(f"warning: {flat}")
         eval_after = run_eval(last, judge=False)[0]
@@ -295,7 +306,7 @@ def _train(
             trackers.close()
     # ----- save ----------------------------------------------------------------------------------
     if main:
-        run.save_final(model, tokenizer)
+        run.save_final(model, tokenizer, echo)
         plot = run.plot()
         echo(f"adapter: {run.path} | log: {run.path / LOG_NAME}" + (f" | plot: {plot}" if plot else ""))
     barrier()
@@ -304,5 +315,5 @@ def _train(
         forward_equivalents=forward_equivalents(recipe, forward_passes), train_seconds=train_seconds,
         eval_seconds=eval_seconds, wall_seconds=time.perf_counter() - began,
         evaluated_on=evaluated.description if evaluated else None, eval_before=eval_before, eval_after=eval_after,
-        resumed_from=checkpoint,
+        resumed_from=checkpoint, steps_run=last - start, skipped=dict(skipped),
     )

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .hints import did_you_mean
 from .metrics import class_metrics
 from .objectives import CandidateBatch
-from .records import choice_texts, fill, label_index, label_keys, prompt_text, require_text_fields
+from .records import choice_texts, fill, label_index, label_keys, prompt_text, require_text_fields, text_of
 
 __all__ = ["ALPACA_TEMPLATE", "LABEL_WORD_SCORINGS", "TASK_KINDS", "Task", "build_task", "candidate_batch"]
 
@@ -384,7 +384,7 @@ class MultipleChoiceTask(_CandidateTask):
         if self.template is None and not self.text_fields:
             for name in ("prompt", "premise"):
                 if name in record:
-                    return str(record[name])
+                    return text_of(record, name)
         return prompt_text(record, self.template, self.text_fields, self.kind)
 
     def read(self, record: dict) -> tuple[str, list[str], int]:
@@ -429,15 +429,15 @@ class SFTTask:
         if self.template is not None:
             prompt = fill(self.template, record)
         elif "prompt" in record:
-            prompt = str(record["prompt"])
+            prompt = text_of(record, "prompt")
         elif "instruction" in record:
             has_input = str(record.get("input") or "").strip()
             prompt = (ALPACA_TEMPLATE if has_input else _ALPACA_NO_INPUT).format(
-                instruction=record["instruction"], input=record.get("input") or ""
+                instruction=text_of(record, "instruction"), input=record.get("input") or ""
             )
         else:
             raise KeyError(f"sft record needs prompt/completion or instruction/input/output (fields: {', '.join(record)})")
-        return prompt, str(record[completion_key])
+        return prompt, text_of(record, completion_key)
 
     def check(self, record: dict) -> None:
         self.split(record)
