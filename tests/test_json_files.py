@@ -43,7 +43,8 @@ def test_a_run_whose_losses_are_not_finite_writes_strict_json_that_resumes_and_r
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     recipe = write_recipe(tmp_path, max_steps=2, save_steps=1, zo__objective="python:nan_objective:nan")
-    assert invoke("train", recipe).exit_code == 0
+    trained = invoke("train", recipe)  # every step skipped: the run ends with an error line and status 1
+    assert trained.exit_code == 1 and "error: no step trained" in trained.output, trained.output
     run = tmp_path / "out"
     written = [run / "trainer_log.jsonl", run / "zo_steps.jsonl"]
     written += [p for p in run.rglob("*.json") if p.name != "tokenizer_config.json"]
@@ -53,7 +54,7 @@ def test_a_run_whose_losses_are_not_finite_writes_strict_json_that_resumes_and_r
     steps = [r for r in map(strict, (run / "zo_steps.jsonl").read_text().splitlines()) if "losses" in r]
     assert len(steps) == 2 and all(r["skipped"] and r["losses"] == [None] * len(r["losses"]) for r in steps)
     resumed = invoke("train", recipe, "max_steps=3", "resume_from_checkpoint=auto")  # reads the files back
-    assert resumed.exit_code == 0, resumed.output
+    assert resumed.exit_code == 1 and "RESUMING" in resumed.output and "no step trained" in resumed.output, resumed.output
     replayed = invoke("replay", run, "--out", tmp_path / "replayed")
     assert replayed.exit_code == 0 and "replayed 3 steps" in replayed.output, replayed.output
     evaluated = invoke("eval", recipe, "--adapter", run, "--output", tmp_path / "eval.json")
