@@ -141,7 +141,8 @@ def evaluate(
     threads: Threads = None,
     debug: Debug = False,
 ) -> None:
-    """Evaluate on a split: accuracy, macro-F1, loss, per-class precision / recall and the confusion matrix."""
+    """Evaluate on a split: accuracy, macro-F1, loss, per-class precision / recall and the confusion matrix
+    (a generation task: F1, exact match and loss, and each record's generation in generations_SPLIT.jsonl)."""
     with _user_errors(debug):
         from zopeft.metrics import collapse_warning, report_lines
         from zopeft.runner import evaluate as run
@@ -150,7 +151,12 @@ def evaluate(
         metrics = run(resolved, adapter=adapter, split=split)
     target = output or (adapter or Path(resolved.output_dir)) / f"eval_{split}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
+    generations = metrics.pop("generations", None)
     target.write_text(json.dumps(metrics, indent=1))
+    if generations is not None:
+        written = target.parent / f"generations_{split}.jsonl"
+        written.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in generations))
+        typer.echo(f"written: {written}")
     typer.echo(f"eval on {metrics['evaluated_on']}")
     for line in report_lines(metrics):
         typer.echo(line)
@@ -158,6 +164,35 @@ def evaluate(
     if warning:
         typer.secho(f"warning: {warning}", fg="yellow", err=True)
     typer.echo(f"written: {target}")
+
+
+@app.command()
+def generate(
+    source: Annotated[Path, typer.Argument(help="a recipe (its base model), a training output_dir or checkpoint-N "
+                                           "(its adapter), or a merged model directory")],
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        help="a prompt, used as given (\\n: a newline); repeat for several")] = None,
+    file: Annotated[Optional[Path], typer.Option(
+        help="records (.jsonl, .json, .csv) formatted with the recipe's template; scored where they hold answers")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(
+        help="the recipe for a merged model (template, max_new_tokens, stop_strings), or instead of a run's")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="new tokens at most (default: the recipe's, else 16)")] = None,
+    threads: Threads = None,
+    debug: Debug = False,
+) -> None:
+    """Print what the model generates greedily: for --prompt the answers, for --file one JSON line per record."""
+    with _user_errors(debug):
+        from zopeft.data import load_records
+        from zopeft.inference import generate as run
+        from zopeft.recipe import unescape
+
+        if (prompt is None) == (file is None):
+            raise ValueError("give --prompt TEXT or --file RECORDS, one of them")
+        records = load_records(file) if file is not None else None
+        rows = run(source, prompts=[unescape(p) for p in prompt] if prompt else None, records=records, recipe=recipe,
+                   max_new_tokens=max_new_tokens, threads=threads)
+    for row in rows:
+        typer.echo(row["generation"] if file is None else json.dumps(row, ensure_ascii=False))
 
 
 @app.command()
