@@ -12,11 +12,22 @@ the same LoRA initialisation and example order for every optimizer.  Tasks (:dat
 * ``sst2-2shot``: the demo recipe's 2-shot prompt with `` bad``/`` good``, batches of 4; the model
   starts badly calibrated (~56%), so the optimizers' speeds differ by far more than the noise.
 * ``rte``: the bundled RTE prompt.
+* ``squad``: the bundled SQuAD questions (``{context}\nQuestion: {question}\nAnswer:``), answers
+  generated greedily (16 new tokens at most, cut at the first newline), scored by SQuAD F1 (ranked,
+  kept under the curves' ``accuracy`` key so that every task reads alike) and exact match, on all
+  500 dev questions; the tune slice is the last 100 training questions, never trained on.  The
+  optimizer ``fzoo-f1`` is FZOO on ``zo.objective: f1`` (1 − the F1 of each point's generations on
+  the batch); the others train on the loss of the first gold answer.
 
 Budget and counting.  Every optimizer gets the same budget of *forward-pass equivalents*: a ZO
 loss evaluation is one (MeZO and AdaMeZO: 2 per step, FZOO: N+1 = 9 per step); a first-order
 AdamW step is counted as 3 (one forward pass + a backward pass, which costs about two forward
-passes) - the usual estimate, stated rather than measured.  HiZOO spends 3 per step.  The ZO optimizers evaluate their
+passes) - the usual estimate, stated rather than measured.  HiZOO spends 3 per step.  A greedy generation
+of up to 16 new tokens (``fzoo-f1``'s evaluation of one point) counts as :data:`GENERATION_FORWARD_EQUIVALENTS`
+= 2: the prefill is one forward pass over the prompt, and the cached decoding steps (one token per row
+each) cost about one more on this CPU (measured 1.4-2.0x a loss forward on the same 4 SQuAD prompts,
+SmolLM2-135M, one thread; in FLOPs they are ~5% of the prefill, so this charges the F1 objective its
+wall time, not its arithmetic).  The ZO optimizers evaluate their
 points with zopeft's batched path (the points as replicas of the batch in one forward pass:
 the same losses to fp32 rounding, fewer and larger forwards).  Wall time is training time only
 (evaluation excluded) on a machine that may be shared: see the recorded load averages.
@@ -61,6 +72,7 @@ import torch
 from . import common
 
 ADAMW_FORWARD_EQUIVALENTS = 3  # forward + backward ≈ 1 + 2 forward passes
+GENERATION_FORWARD_EQUIVALENTS = 2  # a greedy generation: the prefill + its cached decoding steps (module docstring)
 PAPERS = {
     "fzoo": "FZOO paper: about 3x fewer forward passes than MeZO to the same accuracy",
     "adamezo": "AdaMeZO paper: up to 70% fewer forward passes than MeZO",
@@ -75,6 +87,8 @@ class OptimizerSetting:
     kwargs: dict[str, Any]
     grid: tuple[float, ...]
     quick_lr: float
+    method: str | None = None  # the registered optimizer (default: the setting's name)
+    objective: str = "loss"  # or f1: the generations' (a generation task only)
 
 
 OPTIMIZERS: dict[str, OptimizerSetting] = {
@@ -90,6 +104,9 @@ OPTIMIZERS: dict[str, OptimizerSetting] = {
     # smoothing (1e-8), so the step length, and the grid, are MeZO's
     "hizoo": OptimizerSetting({"eps": 1e-2, "hessian_smooth": 1e-8}, (1e-4, 3e-4, 1e-3, 3e-3), 1e-4),
     "adamw": OptimizerSetting({}, (1e-4, 3e-4, 1e-3, 3e-3), 1e-4),
+    # FZOO on 1 − F1 of the generations: eps 1e-2, as zo.objective accuracy needed on the demo (README: at
+    # 1e-3 a perturbation rarely changes a discrete outcome, and the step is skipped); σ-normalised step
+    "fzoo-f1": OptimizerSetting({"eps": 1e-2, "n_perturbations": 8}, (1e-3, 3e-3, 1e-2, 3e-2), 1e-2, "fzoo", "f1"),
 }
 
 
@@ -105,6 +122,8 @@ class TaskSetting:
     batch_size: int
     target_gain: float
     recipe: str | None = None  # a bundled recipe whose template and label words replace the dataset's
+    metric: str = "accuracy"  # the score ranked, tuned on and plotted (squad: f1)
+    tune_split: str = "dev"  # where the tune slice is (train: it is then never trained on)
 
 
 TASKS = {
@@ -114,6 +133,8 @@ TASKS = {
     # are large and fast; batches of 4, as in the demo
     "sst2-2shot": TaskSetting("sst2", 128, (0, 256), (256, 456), 4, 0.20, "smollm2_lora_fzoo_sst2_demo"),
     "rte": TaskSetting("rte", 128, (0, 177), (177, 277), 16, 0.03),
+    # generated answers, all 500 dev questions reported; prompts cut to 512 - 16 tokens (most fit whole)
+    "squad": TaskSetting("squad", 512, (0, 500), (900, 1000), 4, 0.05, metric="f1", tune_split="train"),
 }
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -144,17 +165,20 @@ class _ZOTrainer:
                  watch: str = "loss") -> None:
         import zopeft
 
-        self.model = model
-        self.opt = zopeft.get_optimizer(name, model, lr=lr, seed=seed, batched=True, **OPTIMIZERS[name].kwargs)
+        setting = OPTIMIZERS[name]
+        self.model, self.objective = model, setting.objective
+        self.opt = zopeft.get_optimizer(setting.method or name, model, lr=lr, seed=seed, batched=True, **setting.kwargs)
         self.guard = zopeft.Guard(self.opt, watch=watch) if guard else None  # each watch with its own defaults
         self.stopped: str | None = None  # the guard's reason to stop
 
-    def step(self, batch: dict[str, torch.Tensor]) -> None:
-        from zopeft.batched import loss_closure
+    def step(self, batch: Any) -> None:
+        from zopeft.batched import generation_closure, loss_closure
         from zopeft.guard import GuardStop
 
+        closure = (loss_closure(self.model, batch) if self.objective == "loss"
+                   else generation_closure(self.model, batch, self.objective))
         try:
-            (self.guard or self.opt).step(loss_closure(self.model, batch))
+            (self.guard or self.opt).step(closure)
         except GuardStop as stop:
             self.stopped = str(stop)
 
@@ -180,7 +204,7 @@ class _ZOTrainer:
 
     @property
     def forward_equivalents(self) -> int:
-        return self.opt.forward_passes
+        return self.opt.forward_passes * (1 if self.objective == "loss" else GENERATION_FORWARD_EQUIVALENTS)
 
 
 class _AdamWTrainer:
@@ -245,15 +269,31 @@ class Race:
         records = load_records(TASKS[name].dataset, split)
         return records[bounds[0] : bounds[1]] if bounds else records
 
-    def evaluate(self, model: torch.nn.Module, task_name: str, bounds: tuple[int, int]) -> dict[str, float]:
-        return self.task(task_name).evaluate(model, self.tokenizer, self.records(task_name, "dev", bounds), batch_size=32)
+    @classmethod
+    def training_records(cls, name: str) -> list[dict]:
+        """The train split, less the tune slice where it lies there."""
+        setting, records = TASKS[name], cls.records(name, "train")
+        return records[: setting.tune[0]] + records[setting.tune[1] :] if setting.tune_split == "train" else records
 
-    def batch(self, task: Any, train: list[dict], seed: int, step: int, bs: int) -> dict[str, torch.Tensor]:
-        """Batch ``step`` (of ``bs`` examples) of the example order of ``seed`` (a new permutation each epoch)."""
+    def evaluate(self, model: torch.nn.Module, task_name: str, bounds: tuple[int, int], eval_set: str = "report",
+                 ) -> dict[str, Any]:
+        """The task's metrics on ``bounds`` of the report (dev) or tune split (without a generation task's answers);
+        ``accuracy``: its ranked score."""
+        setting = TASKS[task_name]
+        split = setting.tune_split if eval_set == "tune" else "dev"
+        metrics = self.task(task_name).evaluate(model, self.tokenizer, self.records(task_name, split, bounds),
+                                                batch_size=32)
+        return {**{k: v for k, v in metrics.items() if k != "generations"}, "accuracy": metrics[setting.metric]}
+
+    def batch(self, task: Any, train: list[dict], seed: int, step: int, bs: int, generation: bool = False) -> Any:
+        """Batch ``step`` (of ``bs`` examples) of the example order of ``seed`` (a new permutation each epoch);
+        ``generation``: the examples' prompts and answers to generate from (a generation task)."""
         n = len(train)
         indices = [_order(seed, p // n, n)[p % n] for p in range(step * bs, (step + 1) * bs)]
-        batch = task.collate([train[i] for i in indices], self.tokenizer)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        records = [train[i] for i in indices]
+        if generation:
+            return task.generation_batch(records, self.tokenizer).to(self.device)
+        return {k: v.to(self.device) for k, v in task.collate(records, self.tokenizer).items()}
 
     def run(self, spec: RunSpec, start: dict[str, float] | None, partial: Path | None = None) -> dict[str, Any]:
         """Train until the budget is spent, evaluating every ``eval_every`` forward-pass equivalents
@@ -268,7 +308,7 @@ class Race:
         trainer = (_AdamWTrainer(model, spec.lr) if spec.optimizer == "adamw"
                    else _ZOTrainer(spec.optimizer, model, spec.lr, spec.seed, spec.guard, spec.guard_watch))
         judge_on_tune = spec.guard and spec.guard_watch == "eval"  # select on the tune slice, report on the report set
-        task, train = self.task(spec.task), self.records(spec.task, "train")
+        task, train = self.task(spec.task), self.training_records(spec.task)
         curve = [_point(0, 0, 0.0, start)] if start else []
         steps, seconds, next_eval = 0, 0.0, spec.eval_every
         if partial is not None and (partial / "run.json").exists():
@@ -281,16 +321,17 @@ class Race:
             steps, seconds, next_eval, curve = state["steps"], state["seconds"], state["next_eval"], state["curve"]
             print(f"  continuing {spec.optimizer} lr={spec.lr:g} seed={spec.seed} after {steps} steps", flush=True)
         while trainer.forward_equivalents < spec.budget:
-            batch = self.batch(task, train, spec.seed, steps, spec.batch_size)
+            batch = self.batch(task, train, spec.seed, steps, spec.batch_size,
+                               OPTIMIZERS[spec.optimizer].objective != "loss")
             seconds += common.timed(lambda: trainer.step(batch), self.device)
             steps += 1
             done = trainer.forward_equivalents >= spec.budget or getattr(trainer, "stopped", None) is not None
             if trainer.forward_equivalents >= next_eval or done:
                 if judge_on_tune:
-                    trainer.observe_eval(self.evaluate(model, spec.task, TASKS[spec.task].tune)["accuracy"])
+                    trainer.observe_eval(self.evaluate(model, spec.task, TASKS[spec.task].tune, "tune")["accuracy"])
                     done = done or trainer.stopped is not None
                 if spec.eval_set == "report" or done:
-                    metrics = self.evaluate(model, spec.task, spec.eval_slice)
+                    metrics = self.evaluate(model, spec.task, spec.eval_slice, spec.eval_set)
                     curve.append(_point(steps, trainer.forward_equivalents, seconds, metrics))
                 while next_eval <= trainer.forward_equivalents:
                     next_eval += spec.eval_every
@@ -308,6 +349,7 @@ class Race:
             "final_accuracy": curve[-1]["accuracy"],
             "final_loss": curve[-1]["loss"],
             "best_accuracy": max(p["accuracy"] for p in curve),
+            **({"final_exact_match": curve[-1]["exact_match"]} if "exact_match" in curve[-1] else {}),
             "curve": curve,
             "load_average": common.load_average(),
             **({"guard_events": trainer.guard.events, "guard_stop": trainer.stopped} if getattr(trainer, "guard", None)
@@ -320,9 +362,10 @@ def _order(seed: int, epoch: int, n: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
 
 
-def _point(steps: int, forward_equivalents: int, seconds: float, metrics: dict[str, float]) -> dict[str, Any]:
+def _point(steps: int, forward_equivalents: int, seconds: float, metrics: dict[str, Any]) -> dict[str, Any]:
     return {"steps": steps, "forward_equivalents": forward_equivalents, "train_seconds": seconds,
-            "accuracy": metrics["accuracy"], "loss": metrics["loss"]}
+            "accuracy": metrics["accuracy"], "loss": metrics["loss"],
+            **{k: metrics[k] for k in ("f1", "exact_match") if k in metrics}}
 
 
 # ----- recorded runs (for --resume) --------------------------------------------------------------
@@ -384,7 +427,7 @@ def summarise(task: str, optimizer: str, lr: float, runs: list[dict[str, Any]], 
     fwd = [p["forward_equivalents"] for p in reached]
     secs = [p["train_seconds"] for p in reached]
     return {
-        "task": task, "optimizer": optimizer, "lr": lr, "seeds": len(runs),
+        "task": task, "optimizer": optimizer, "lr": lr, "seeds": len(runs), "metric": TASKS[task].metric,
         "fwd_per_step": runs[0]["forward_equivalents"] / max(runs[0]["steps"], 1),
         "s_per_step": common.mean_std([r["seconds_per_step"] for r in runs])[0],
         "final_accuracy": common.mean_std([r["final_accuracy"] for r in runs]),
@@ -394,6 +437,7 @@ def summarise(task: str, optimizer: str, lr: float, runs: list[dict[str, Any]], 
         "seconds_to_target": common.mean_std(secs) if len(reached) == len(runs) else None,
         "final_acc": _pm([r["final_accuracy"] for r in runs], ".3f"),
         "best_acc": _pm([r["best_accuracy"] for r in runs], ".3f"),
+        "final_em": _pm([r["final_exact_match"] for r in runs if "final_exact_match" in r], ".3f"),
         "fwd_target": _pm(fwd, ".0f"),
         "s_target": _pm(secs, ".0f"),
     }
@@ -405,7 +449,7 @@ def compare(rows: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
     for task in dict.fromkeys(r["task"] for r in rows):
         by_opt = {r["optimizer"]: r for r in rows if r["task"] == task}
         mezo = by_opt.get("mezo")
-        for name in ("fzoo", "adamezo", "hizoo", "adamw"):
+        for name in ("fzoo", "fzoo-f1", "adamezo", "hizoo", "adamw"):
             other = by_opt.get(name)
             if mezo is None or other is None:
                 continue
@@ -456,7 +500,7 @@ def plot(curves: dict[str, dict[str, list[dict[str, Any]]]], targets: dict[str, 
                 ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats],
                                 color=line.get_color(), alpha=0.15)
             ax.axhline(targets[task], color="grey", linestyle="--", linewidth=1, label="target")
-            ax.set(xlabel=x_label, ylabel=f"{task} dev accuracy (report set)")
+            ax.set(xlabel=x_label, ylabel=f"{task} dev {TASKS[task].metric} (report set)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -469,9 +513,9 @@ def plot(curves: dict[str, dict[str, list[dict[str, Any]]]], targets: dict[str, 
 # ----- main --------------------------------------------------------------------------------------
 COLUMNS: list[common.Column] = [
     ("task", "task", ""), ("optimizer", "optimizer", ""), ("lr", "lr", "g"), ("seeds", "seeds", "d"),
-    ("fwd/step", "fwd_per_step", ".0f"), ("s/step", "s_per_step", ".2f"), ("final acc", "final_acc", ""),
-    ("best acc", "best_acc", ""), ("reached", "reached", ""), ("fwd to target", "fwd_target", ""),
-    ("s to target", "s_target", ""),
+    ("fwd/step", "fwd_per_step", ".0f"), ("s/step", "s_per_step", ".2f"), ("metric", "metric", ""),
+    ("final acc", "final_acc", ""), ("best acc", "best_acc", ""), ("final EM", "final_em", ""), ("reached", "reached", ""),
+    ("fwd to target", "fwd_target", ""), ("s to target", "s_target", ""),
 ]
 COMPARE_COLUMNS: list[common.Column] = [
     ("task", "task", ""), ("optimizer", "optimizer", ""), ("forward passes to target vs MeZO", "verdict", ""),
@@ -560,8 +604,9 @@ class Experiment:
         still running) invocation already holds complete comparisons for the first seeds.
         """
         plan = self.plan
-        lrs = {name: self.choose_lr(task, name) for name in plan.grids}
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in plan.grids}
+        names = [name for name in plan.grids if OPTIMIZERS[name].objective in ("loss", TASKS[task].metric)]
+        lrs = {name: self.choose_lr(task, name) for name in names}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for seed in plan.seeds:
             for name, lr in lrs.items():
                 spec = RunSpec(task, name, lr, seed, plan.budget, plan.eval_every, "report", report, plan.model,
@@ -628,7 +673,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tasks[task] = {**asdict(TASKS[task]), "batch_size": plan.batch_for(task), "report_examples": report[1] - report[0],
                        "zero_shot": zero_shot, "target_gain": plan.gain_for(task),
                        "target_accuracy": zero_shot["accuracy"] + plan.gain_for(task)}
-        print(f"{task}: zero-shot report accuracy {zero_shot['accuracy']:.3f} on {report[1] - report[0]} examples; "
+        print(f"{task}: zero-shot report {TASKS[task].metric} {zero_shot['accuracy']:.3f} on {report[1] - report[0]} examples; "
               f"target {tasks[task]['target_accuracy']:.3f}", flush=True)
         curves[task] = experiment.run_race(task, report, zero_shot)
         rows += [summarise(task, name, runs[0]["lr"], runs, tasks[task]["target_accuracy"])
@@ -660,7 +705,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "eval_every": plan.eval_every,
         "counting": (f"ZO: one loss evaluation = one forward pass (zopeft's forward_passes); AdamW: one step = "
                      f"{ADAMW_FORWARD_EQUIVALENTS} forward-pass equivalents (1 forward + backward ~ 2 forwards, "
-                     "estimated, not measured). ZO evaluations use the batched path (zopeft.batched)."),
+                     "estimated, not measured); a greedy generation (fzoo-f1's evaluation of a point) = "
+                     f"{GENERATION_FORWARD_EQUIVALENTS} (the prefill + its cached decoding steps, measured 1.4-2.0x a "
+                     "loss forward on this CPU). ZO evaluations use the batched path (zopeft.batched)."),
         "optimizers": {n: {"fixed": OPTIMIZERS[n].kwargs, "grid": list(g)} for n, g in plan.grids.items()},
         "tuning": experiment.tuning or "none (one lr per optimizer)",
         "table": table,
