@@ -153,17 +153,17 @@ def evaluate(
     target.parent.mkdir(parents=True, exist_ok=True)
     generations = metrics.pop("generations", None)
     target.write_text(json.dumps(metrics, indent=1))
-    if generations is not None:
-        written = target.parent / f"generations_{split}.jsonl"
-        written.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in generations))
-        typer.echo(f"written: {written}")
+    written = [target]
+    if generations is not None:  # a generation task: each record's prompt, generation, answers and scores
+        written.append(target.parent / f"generations_{split}.jsonl")
+        written[-1].write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in generations))
     typer.echo(f"eval on {metrics['evaluated_on']}")
     for line in report_lines(metrics):
         typer.echo(line)
     warning = collapse_warning(metrics)
     if warning:
         typer.secho(f"warning: {warning}", fg="yellow", err=True)
-    typer.echo(f"written: {target}")
+    typer.echo(f"written: {', '.join(map(str, written))}")
 
 
 @app.command()

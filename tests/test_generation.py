@@ -355,6 +355,22 @@ def test_cli_generate_from_a_merged_model_and_with_adamw(tmp_path):
     assert no_template.exit_code == 2 and "--file: records are formatted with the recipe's template" in no_template.output
 
 
+def test_a_users_csv_of_the_same_shape_is_a_generation_dataset(tmp_path):
+    data = tmp_path / "qa.csv"
+    paris = '"Paris is in France.",Where is Paris?,"[""France"", ""in France""]"\n'
+    data.write_text("passage,question,answers\n" + paris * 4 + "Rome is in Italy.,Where is Rome?,Italy\n" * 4)
+    recipe = generation_recipe(tmp_path, dataset=str(data), task="generation", template="{passage}\nQuestion: {question}"
+                               "\nAnswer:", max_train_samples=None, max_eval_samples=None, val_size=2)
+    shown = invoke("validate", recipe)
+    assert shown.exit_code == 0, shown.output
+    assert 'answers of the first training record (answers): ["' in shown.output and "eval: qa.csv, held out" in shown.output
+    result = invoke("eval", recipe, "--split", "train")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "out" / "generations_train.jsonl").read_text().splitlines()]
+    assert len(rows) == 6  # 8 records, 2 held out by val_size
+    assert {json.dumps(r["answers"]) for r in rows} == {'["France", "in France"]', '["Italy"]'}  # a JSON list, or a text
+
+
 BAD_RECORDS = {
     "no_answer_field": {"context": "c", "question": "q"},
     "empty_answers": {"context": "c", "question": "q", "answers": []},
