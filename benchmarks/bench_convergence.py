@@ -579,7 +579,7 @@ class Experiment:
             done = self.race.run(spec, start, self.log.partial(spec))
             self.log.add(spec, done)
             print(f"  {spec.task} {spec.optimizer} lr={spec.lr:g} seed={spec.seed} ({spec.eval_set}): "
-                  f"acc {done['final_accuracy']:.3f} after {done['forward_equivalents']} fwd-eq, "
+                  f"{TASKS[spec.task].metric} {done['final_accuracy']:.3f} after {done['forward_equivalents']} fwd-eq, "
                   f"{done['train_seconds']:.0f} s training ({time.perf_counter() - began:.0f} s with eval)", flush=True)
         return done
 
