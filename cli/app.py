@@ -211,25 +211,65 @@ def evaluate(
     threads: Threads = None,
     debug: Debug = False,
 ) -> None:
-    """Evaluate on a split: accuracy, macro-F1, loss, per-class precision / recall and the confusion matrix."""
+    """Evaluate on a split: accuracy, macro-F1, loss, per-class precision / recall and the confusion matrix
+    (a generation task: F1, exact match and loss, and each record's generation in generations_SPLIT.jsonl)."""
     with _user_errors(debug):
         from zopeft.jsonl import dumps as strict_json
         from zopeft.metrics import collapse_warning, report_lines
         from zopeft.ownership import check_output_file, write_output_file
+        from zopeft.resolved import task_settings
         from zopeft.runner import evaluate as run
 
         resolved = _resolve(recipe, [*(overrides or []), *_threads(threads)])
         target = output or (adapter or Path(resolved.output_dir)) / f"eval_{split}.json"
-        check_output_file(target, overwrite=overwrite, option="--output")
+        written = [target]
+        if task_settings(resolved)["kind"] == "generation":  # each record's prompt, generation, answers and scores
+            written.append(target.with_name(f"generations_{split}.jsonl"))
+        for path in written:
+            check_output_file(path, overwrite=overwrite, option="--output")
         metrics = run(resolved, adapter=adapter, split=split)
+        generations = metrics.pop("generations", None)
         write_output_file(target, strict_json(metrics, indent=1), "zopeft eval")
+        if generations is not None:
+            write_output_file(written[1], "".join(strict_json(row, ensure_ascii=False) + "\n" for row in generations),
+                              "zopeft eval")
     typer.echo(f"eval on {metrics['evaluated_on']}")
     for line in report_lines(metrics):
         typer.echo(line)
     warning = collapse_warning(metrics)
     if warning:
         typer.secho(f"warning: {warning}", fg="yellow", err=True)
-    typer.echo(f"written: {target}")
+    typer.echo(f"written: {', '.join(map(str, written))}")
+
+
+@app.command()
+def generate(
+    source: Annotated[Path, typer.Argument(help="a recipe (its base model), a training output_dir or checkpoint-N "
+                                           "(its adapter), or a merged model directory")],
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        help="a prompt, used as given (\\n: a newline); repeat for several")] = None,
+    file: Annotated[Optional[Path], typer.Option(
+        help="records (.jsonl, .json, .csv) formatted with the recipe's template; scored where they hold answers")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(
+        help="the recipe for a merged model (template, max_new_tokens, stop_strings), or instead of a run's")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="new tokens at most (default: the recipe's, else 16)")] = None,
+    threads: Threads = None,
+    debug: Debug = False,
+) -> None:
+    """Print what the model generates greedily: for --prompt the answers, for --file one JSON line per record."""
+    with _user_errors(debug):
+        from zopeft.data import load_records
+        from zopeft.inference import generate as run
+        from zopeft.jsonl import dumps as strict_json
+        from zopeft.recipe import unescape
+
+        if (prompt is None) == (file is None):
+            raise ValueError("give --prompt TEXT or --file RECORDS, one of them")
+        records = load_records(file) if file is not None else None
+        rows = run(source, prompts=[unescape(p) for p in prompt] if prompt else None, records=records, recipe=recipe,
+                   max_new_tokens=max_new_tokens, threads=threads)
+    for row in rows:
+        typer.echo(row["generation"] if file is None else strict_json(row, ensure_ascii=False))
 
 
 @app.command()

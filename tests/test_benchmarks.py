@@ -58,12 +58,16 @@ def _load(result: dict) -> dict:
 
 def test_batched(tmp_path: Path) -> None:
     result = bench_batched.main(_args(tmp_path, "--model", "tiny", "--ns", "2", "--quant", "none",
-                                      "--labels", "answer", "--repeats", "1"))
+                                      "--labels", "answer", "--repeats", "1", "--generation", "tiny"))
     data = _load(result)
     assert Path(result["json"]).name == "batched_cpu.json"
     (row,) = data["results"]
     assert row["n_perturbations"] == 2 and row["sequential_s"] > 0 and row["batched_s"] > 0
     assert row["max_rel_loss_diff"] < 1e-4  # the batched path computes the same losses
+    (generation,) = data["generation"]["results"]  # 9 points x 4 SQuAD prompts, one generate call vs nine
+    assert (generation["points"], generation["prompts"], generation["new_tokens"]) == (9, 4, 16)
+    assert generation["identical"] == "yes" and len(generation["generations"]) == 4
+    assert generation["sequential_s"] > 0 and generation["batched_s"] > 0 and generation["batched_peak_mib"] >= 0
 
 
 def test_anatomy(tmp_path: Path) -> None:
@@ -216,6 +220,27 @@ def test_an_interrupted_convergence_run_continues_bit_for_bit(tmp_path: Path, mo
 
     assert [strip(r) for r in cut["runs"]] == [strip(r) for r in whole["runs"]]
     assert not any((tmp_path / "cut").glob("*.partial/*"))  # removed as each run finished
+
+
+def test_convergence_on_squad_scores_f1_and_charges_generations(tmp_path: Path) -> None:
+    """The squad task: F1 ranked (under "accuracy") with exact match beside it, FZOO on F1 charged 2 per generation,
+    the tune slice held out of training."""
+    argv = _args(tmp_path, "--quick", "--model", "tiny", "--tasks", "squad", "--optimizers", "mezo,fzoo,adamw",
+                 "--objectives", "loss,f1,candidate_ce", "--budget", "18", "--eval-every", "18", "--report-size", "3")
+    data = _load(bench_convergence.main(argv))
+    runs = {r["optimizer"] + (f":{r['objective']}" if r.get("objective", "loss") != "loss" else ""): r
+            for r in data["runs"]}
+    # candidate_ce is not a squad objective, and AdamW has no gradient of F1
+    assert set(runs) == {"mezo", "mezo:f1", "fzoo", "fzoo:f1", "adamw"}
+    assert runs["fzoo:f1"]["forward_equivalents"] == 18 and runs["fzoo:f1"]["steps"] == 1  # 9 generations x 2
+    assert runs["mezo"]["forward_equivalents"] == 18 and runs["mezo"]["steps"] == 9
+    zero_shot = data["tasks"]["squad"]["zero_shot"]
+    assert zero_shot["accuracy"] == zero_shot["f1"] and "exact_match" in zero_shot and "generations" not in zero_shot
+    for run in runs.values():
+        assert all({"f1", "exact_match"} <= p.keys() and p["accuracy"] == p["f1"] for p in run["curve"])
+        assert "final_exact_match" in run
+    assert {r["metric"] for r in data["results"]} == {"f1"}
+    assert len(bench_convergence.Race.training_records("squad")) == 900  # train[900:1000] is the tune slice
 
 
 def test_convergence_tasks_and_defaults() -> None:

@@ -62,7 +62,8 @@ def test_builtin_defaults_build_every_kind_that_applies() -> None:
 
 
 def test_bundled_size_is_small() -> None:
-    assert sum(p.stat().st_size for p in BUNDLED_DIR.rglob("*") if p.is_file()) < 1_500_000
+    # SQuAD's 1,500 questions carry their paragraphs (1.55 MB); the classification subsets 0.86 MB
+    assert sum(p.stat().st_size for p in BUNDLED_DIR.rglob("*") if p.is_file()) < 2_500_000
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs the shared source data")

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from .batched import loss_closure, metric_closure
+from .batched import generation_closure, loss_closure, metric_closure
+from .generation import GenerationBatch
 from .models import AdapterSpec, ModelSpec
-from .objectives import Objective, resolve_objective
+from .objectives import GenerationObjective, Objective, resolve_generation_objective, resolve_objective
 from .recipe import Recipe, RecipeError
 from .registry import get_optimizer
 from .resolved import task_settings
@@ -77,21 +78,29 @@ def forward_equivalents(recipe: Recipe, forward_passes: int) -> int:
 
 
 @contextlib.contextmanager
-def torch_threads(recipe: Recipe) -> Iterator[int]:
-    """torch's CPU threads set to the recipe's ``threads`` (if given) for the duration; yields the number in use."""
+def torch_threads(recipe: Recipe | int | None) -> Iterator[int]:
+    """torch's CPU threads set to the recipe's ``threads`` (or a count; None: unchanged) for the duration; yields the
+    number in use."""
     before = torch.get_num_threads()
-    if recipe.threads is not None:
-        torch.set_num_threads(recipe.threads)
+    threads = recipe.threads if isinstance(recipe, Recipe) else recipe
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
 
 
-def objective(recipe: Recipe, task: Task) -> Objective | None:
-    """The recipe's ``zo.objective`` as a function (``None``: the loss); refused for a task without candidates."""
+def objective(recipe: Recipe, task: Task) -> Objective | GenerationObjective | None:
+    """The recipe's ``zo.objective`` as a function (``None``: the loss); refused for a task without candidates
+    or generations."""
     if recipe.zo.objective == "loss":
         return None
+    if hasattr(task, "generation_batch"):
+        try:
+            return resolve_generation_objective(recipe.zo.objective)
+        except ValueError as err:
+            raise RecipeError([f"zo.objective: {err}"]) from None
     if not hasattr(task, "candidate_batch"):
         raise RecipeError([
             f"zo.objective: {recipe.zo.objective} scores candidates (label words, answer choices or classes); task "
@@ -135,13 +144,19 @@ def make_optimizer(recipe: Recipe, model: torch.nn.Module, world_size: int = 1) 
 
 
 def training_batch(task: Task, records: list[dict], tokenizer: Any, model: torch.nn.Module, scored: bool) -> Any:
-    """A micro-batch of ``records`` on the model's device: the task's batch, or (``scored``) its candidate batch."""
+    """A micro-batch of ``records`` on the model's device: the task's batch, or (``scored``) its candidate batch
+    (a generation task: its prompts to generate from)."""
     device = next(p.device for p in model.parameters())
     if scored:
-        return task.candidate_batch(records, tokenizer).to(device)
+        make = task.generation_batch if hasattr(task, "generation_batch") else task.candidate_batch
+        return make(records, tokenizer).to(device)
     return {k: v.to(device) for k, v in task.collate(records, tokenizer).items()}
 
 
-def zo_closure(model: torch.nn.Module, batch: Any, target: Objective | None) -> Any:
-    """What a ZO step evaluates on a :func:`training_batch`: its loss, or ``target`` on its candidates."""
-    return loss_closure(model, batch) if target is None else metric_closure(model, batch, target)
+def zo_closure(model: torch.nn.Module, batch: Any, target: Objective | GenerationObjective | None) -> Any:
+    """What a ZO step evaluates on a :func:`training_batch`: its loss, or ``target`` on its candidates or generations."""
+    if target is None:
+        return loss_closure(model, batch)
+    if isinstance(batch, GenerationBatch):
+        return generation_closure(model, batch, target)
+    return metric_closure(model, batch, target)

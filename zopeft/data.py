@@ -1,4 +1,4 @@
-"""Loading records: the bundled datasets (``sst2``, ``rte``, ``boolq``) or local data files.
+"""Loading records: the bundled datasets (``sst2``, ``rte``, ``boolq``, ``squad``) or local data files.
 
 A record is a plain ``dict`` (one row / JSON object).  :data:`BUILTIN_DATASETS` also carries each
 bundled dataset's default task settings, so a recipe can say just ``dataset: sst2``.
@@ -47,6 +47,14 @@ BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
             "template": "{passage}\nQuestion: {question}?\nAnswer:",
             "label_words": {0: " No", 1: " Yes"},  # JSON false / true; the tasks map booleans to 0 / 1
             "text_fields": ["question", "passage"],
+        },
+    },
+    "squad": {
+        "files": {"train": "squad/train.jsonl", "dev": "squad/dev.jsonl"},
+        "task": {
+            "kind": "generation",
+            "template": "{context}\nQuestion: {question}\nAnswer:",  # the gold answers: answer_field "answers"
+            "text_fields": ["question", "context"],
         },
     },
 }

@@ -20,7 +20,8 @@ from typing import Any
 __all__ = ["COLLAPSE_SHARE", "EMA", "class_metrics", "collapse_warning", "compare_line", "predicted_counts", "report_lines"]
 
 COLLAPSE_SHARE = 0.8  # a label with this share of the predictions (and 10 points above its gold share) is warned about
-HEADLINE = {"accuracy": "accuracy", "macro_f1": "macro-F1", "loss": "loss", "perplexity": "perplexity"}
+HEADLINE = {"accuracy": "accuracy", "macro_f1": "macro-F1", "f1": "F1", "exact_match": "exact match", "loss": "loss",
+            "perplexity": "perplexity"}
 
 
 def _ratio(a: int, b: int) -> float:

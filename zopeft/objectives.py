@@ -16,6 +16,15 @@ to *minimise*:
   surrogate of the error that saturates once an example is right (or wrong) by 1 nat;
 * ``python:module:function``: ``function(scores, gold) -> float``, e.g. a reward.
 
+Generation tasks (:class:`zopeft.tasks.GenerationTask`) have objectives of their own, of the
+greedy generations of each point (:func:`zopeft.generation_closure`):
+
+* ``f1`` / ``exact_match``: 1 − the mean SQuAD F1 / exact match against the gold answers;
+* ``python:module:function``: ``function(generations: list[str], records: list[dict]) -> float``.
+  A call that raises or returns no number makes that point's value NaN: the step is skipped and
+  counted, as for a NaN loss, a WARNING says why the first time, and :func:`objective_failures`
+  sums it up after a run.
+
 A discrete objective is often flat: when all of a step's points give the same value FZOO's σ (or
 MeZO's difference) is 0 and the step is skipped (counted in ``skipped_steps``).  Two things make
 it so: a small batch (with 4 examples the error rate takes five values) and, more often, a
@@ -34,20 +43,28 @@ import torch, so that recipes can be validated without it.
 from __future__ import annotations
 
 import importlib
+import logging
+import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .hints import did_you_mean
+from .squad_metrics import best_over_answers, exact_match, f1
 
 if TYPE_CHECKING:
     import torch
 
+    from .generation import GenerationBatch
+
 __all__ = [
-    "DIFFERENTIABLE", "OBJECTIVES", "CandidateBatch", "Objective", "ObjectiveError", "accuracy_error",
-    "candidate_cross_entropy", "clipped_margin", "flat_objective_warning", "resolve_objective",
+    "DIFFERENTIABLE", "GENERATION_OBJECTIVES", "OBJECTIVES", "CandidateBatch", "GenerationObjective", "Objective",
+    "ObjectiveError", "accuracy_error", "candidate_cross_entropy", "clipped_margin", "exact_match_error", "f1_error",
+    "flat_objective_warning", "objective_failures", "resolve_generation_objective", "resolve_objective",
 ]
+
+logger = logging.getLogger("zopeft")
 
 Objective = Callable[["torch.Tensor", "torch.Tensor"], float]
 """``objective(scores (examples, candidates), gold (examples,)) -> float`` to minimise."""
@@ -81,6 +98,50 @@ class ObjectiveError(ValueError):
     """A user's objective failed or returned something other than one number (the message says which)."""
 
 
+GenerationObjective = Callable[[list[str], "GenerationBatch"], float]
+"""``objective(generations, batch) -> float`` to minimise; ``batch.answers`` are the gold answers."""
+
+
+def f1_error(generations: list[str], batch: GenerationBatch) -> float:
+    """1 − the mean SQuAD F1 of the generations (the best over each prompt's gold answers)."""
+    return 1.0 - sum(best_over_answers(f1, g, a) for g, a in zip(generations, batch.answers)) / len(generations)
+
+
+def exact_match_error(generations: list[str], batch: GenerationBatch) -> float:
+    """1 − the mean SQuAD exact match of the generations."""
+    return 1.0 - sum(best_over_answers(exact_match, g, a) for g, a in zip(generations, batch.answers)) / len(generations)
+
+
+GENERATION_OBJECTIVES: dict[str, GenerationObjective] = {"f1": f1_error, "exact_match": exact_match_error}
+
+
+def _user_function(spec: str) -> Callable[..., Any]:
+    """The function a ``python:MODULE:FUNCTION`` objective names."""
+    module, _, name = spec[len("python:"):].rpartition(":")
+    if not module or not name:
+        raise ValueError(f"objective {spec!r}: write python:MODULE:FUNCTION, e.g. python:my_rewards:f1")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"objective {spec!r}: cannot import {name} from {module} ({err})") from None
+    if not callable(fn):
+        raise ValueError(f"objective {spec!r}: {module}.{name} is not callable")
+    return fn
+
+
+def _by_name(spec: str, names: dict[str, Any], others: dict[str, Any], scored: str, others_score: str) -> Any:
+    """The objective ``spec`` names in ``names``; one line for a name of the ``others`` kind or a typo."""
+    if spec in others:
+        raise ValueError(f"objective {spec!r} scores {others_score}; {scored} take {', '.join(names)} or "
+                         "python:MODULE:FUNCTION")
+    if spec not in names:
+        raise ValueError(
+            f"unknown objective {spec!r}{did_you_mean(spec, [*names, 'loss'])}"
+            f"; choose loss, {', '.join(names)} or python:MODULE:FUNCTION"
+        )
+    return names[spec]
+
+
 def resolve_objective(spec: str | Objective) -> Objective:
     """An objective from a name (:data:`OBJECTIVES`), ``python:module:function``, or a callable.
 
@@ -89,22 +150,22 @@ def resolve_objective(spec: str | Objective) -> Objective:
     if callable(spec):
         return spec if spec in OBJECTIVES.values() else _UserObjective(getattr(spec, "__name__", repr(spec)), spec)
     if spec.startswith("python:"):
-        module, _, name = spec[len("python:"):].rpartition(":")
-        if not module or not name:
-            raise ValueError(f"objective {spec!r}: write python:MODULE:FUNCTION, e.g. python:my_rewards:f1")
-        try:
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"objective {spec!r}: cannot import {name} from {module} ({err})") from None
-        if not callable(fn):
-            raise ValueError(f"objective {spec!r}: {module}.{name} is not callable")
-        return _UserObjective(spec, fn)
-    if spec not in OBJECTIVES:
-        raise ValueError(
-            f"unknown objective {spec!r}{did_you_mean(spec, [*OBJECTIVES, 'loss'])}"
-            f"; choose loss, {', '.join(OBJECTIVES)} or python:MODULE:FUNCTION"
-        )
-    return OBJECTIVES[spec]
+        return _UserObjective(spec, _user_function(spec))
+    return _by_name(spec, OBJECTIVES, GENERATION_OBJECTIVES, "candidates (label words, answer choices, classes)",
+                    "generated answers (task generation)")
+
+
+def resolve_generation_objective(spec: str | Callable[[list[str], list[dict]], float]) -> GenerationObjective:
+    """A generation objective from a name (:data:`GENERATION_OBJECTIVES`), ``python:module:function`` or a
+    callable ``(generations, records) -> float`` (a resolved objective is returned as it is)."""
+    if isinstance(spec, _UserGenerationObjective) or spec in GENERATION_OBJECTIVES.values():
+        return spec  # type: ignore[return-value]
+    if callable(spec):
+        return _UserGenerationObjective(getattr(spec, "__name__", repr(spec)), spec)
+    if spec.startswith("python:"):
+        return _UserGenerationObjective(spec, _user_function(spec))
+    return _by_name(spec, GENERATION_OBJECTIVES, OBJECTIVES, "generated answers",
+                    "candidates (label words, answer choices, classes)")
 
 
 _CONTRACT = ("it is called as f(scores, gold): log-probabilities (examples, candidates) and gold indices (examples,); "
@@ -143,6 +204,43 @@ def _as_number(value: Any) -> float | None:
 
 
 @dataclass
+class _UserGenerationObjective:
+    """A user's ``(generations, records) -> float``: a call that raises or returns no number gives NaN (the
+    step is skipped), counted in ``failures``; the first is logged as a WARNING."""
+
+    spec: str
+    fn: Callable[[list[str], list[dict]], Any]
+    failures: int = 0
+    first_failure: str | None = None
+
+    def __call__(self, generations: list[str], batch: GenerationBatch) -> float:
+        try:
+            value = self.fn(generations, batch.records)
+            number = _as_number(value)
+            if number is None:
+                raise TypeError(f"it returned {value!r}, not a number")
+            return number
+        except Exception as err:  # the user's code: any failure skips the step, never the run
+            self.failures += 1
+            if self.first_failure is None:
+                self.first_failure = f"{type(err).__name__}: {err}"
+                logger.warning("zopeft: objective %s failed (%s); the step is skipped. It is called as f(generations, "
+                               "records): the generated answers (list of str) and their records (list of dict); it "
+                               "returns one number to minimise", self.spec, self.first_failure)
+            return math.nan
+
+
+def objective_failures(objective: object) -> str | None:
+    """What a run says when its user objective failed: how often, the first error, and the contract."""
+    failures = getattr(objective, "failures", 0)
+    if not failures:
+        return None
+    return (f"zo.objective {objective.spec} failed {failures} time{'s' * (failures != 1)} (first: "  # type: ignore[attr-defined]
+            f"{objective.first_failure}); each failure skipped its step (counted in skipped_steps). It is called as "  # type: ignore[attr-defined]
+            "f(generations, records) and returns one number to minimise")
+
+
+@dataclass
 class CandidateBatch:
     """Model inputs whose label tokens are candidate continuations, and how rows map to examples.
 
@@ -175,6 +273,7 @@ def flat_objective_warning(skipped: int, steps: int, objective: str, eps: float)
     """What to change when over a quarter of a run's steps were skipped on an objective other than the loss."""
     if objective == "loss" or steps < 4 or 4 * skipped <= steps:
         return None
+    smooth = "loss" if objective in GENERATION_OBJECTIVES else "margin"  # what moves with every weight
     return (f"{skipped} of {steps} steps were skipped: every point of a step gave the same {objective}, so the step "
             f"had no direction; perturbations of zo.eps={eps:g} rarely change a prediction: raise zo.eps (1e-2 or more) "
-            "or per_device_train_batch_size, or use zo.objective: margin")
+            f"or per_device_train_batch_size, or use zo.objective: {smooth}")

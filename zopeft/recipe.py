@@ -23,7 +23,7 @@ from pydantic import (
     field_validator, model_validator,
 )
 
-from .data import TABLE_FORMATS
+from .data import BUILTIN_DATASETS, TABLE_FORMATS
 from .hints import did_you_mean
 from .objectives import DIFFERENTIABLE
 from .optim.settings import GUARD_DEFAULTS
@@ -33,7 +33,7 @@ from .training_arguments import FOREIGN_KEYS, read_spellings, steps_or_fraction
 
 __all__ = [
     "FIRST_ORDER_OPTIMIZERS", "REPORTERS", "Recipe", "RecipeError", "ZOSettings", "bundled_recipes_dir", "load_recipe",
-    "parse_overrides",
+    "parse_overrides", "unescape",
 ]
 
 FIRST_ORDER_OPTIMIZERS = ("adamw",)
@@ -46,7 +46,7 @@ ESSENTIAL_KEYS = (
     "model_name_or_path", "quantization_bit", "quantization_type", "double_quantization", "compute_dtype",
     "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "num_virtual_tokens",
     "modules_to_save", "dataset", "task", "template", "label_words", "text_fields", "label_field", "choices_field",
-    "column_names", "label_word_scoring", "val_size", "cutoff_len", "max_train_samples", "per_device_train_batch_size",
+    "column_names", "label_word_scoring", "answer_field", "max_new_tokens", "stop_strings", "val_size", "cutoff_len", "max_train_samples", "per_device_train_batch_size",
     "gradient_accumulation_steps", "seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "zo",
 )
 # zo keys that change how a step is computed, not what it computes: free to change on resume.
@@ -176,8 +176,8 @@ class ZOSettings(_Strict):
     optimizer: str = Field("fzoo", description="a registered ZO optimizer (fzoo, mezo, adamezo, hizoo, ...) or adamw "
                            "(the first-order baseline)")
     objective: str = Field("loss", description="what ZO minimises: loss (the language-model loss of the gold "
-                           "continuation), candidate_ce (cross-entropy over the candidates), accuracy, margin or "
-                           "python:MODULE:FUNCTION (see zopeft.objectives)")
+                           "continuation), candidate_ce (cross-entropy over the candidates), accuracy, margin, f1, "
+                           "exact_match (task generation) or python:MODULE:FUNCTION (see zopeft.objectives)")
     guard: GuardSettings = Field(default_factory=GuardSettings)
     check_eps: Literal["auto", "always", "never"] = Field(
         "auto", description="before the first step, check that zo.eps is above the forward pass's rounding "
@@ -186,17 +186,19 @@ class ZOSettings(_Strict):
     @field_validator("objective")
     @classmethod
     def _known_objective(cls, value: str) -> str:
-        from .objectives import OBJECTIVES
+        from .objectives import GENERATION_OBJECTIVES, OBJECTIVES
 
+        known = ["loss", *OBJECTIVES, *GENERATION_OBJECTIVES]
         if value.startswith("python:"):
             module, _, name = value[len("python:"):].rpartition(":")
             if not module or not name:
                 raise ValueError(f"write python:MODULE:FUNCTION, e.g. python:my_rewards:f1, got {value!r}")
             if importlib.util.find_spec(module.split(".")[0]) is None:
                 raise ValueError(f"module {module!r} of {value!r} is not importable (is it on PYTHONPATH?)")
-        elif value not in ("loss", *OBJECTIVES):
-            raise ValueError(f"unknown objective {value!r}{did_you_mean(value, ['loss', *OBJECTIVES])}; choose loss, "
-                             f"{', '.join(OBJECTIVES)} or python:MODULE:FUNCTION")
+        elif value not in known:
+            raise ValueError(f"unknown objective {value!r}{did_you_mean(value, known)}; choose loss, "
+                             f"{', '.join(OBJECTIVES)} (label words, choices, classes), "
+                             f"{', '.join(GENERATION_OBJECTIVES)} (task generation) or python:MODULE:FUNCTION")
         return value
 
     def optimizer_kwargs(self) -> dict[str, Any]:
@@ -304,7 +306,7 @@ class Recipe(_Strict):
     val_size: int | float | None = Field(
         None, description="records held out of dataset for evaluation, never trained on: a fraction (0.1) or a count "
         "(200), drawn with seed; 0: none. Default: 10% for a dataset without eval_dataset or a dev/validation split")
-    task: Literal["classification", "multiple_choice", "sft", "sequence_classification"] | None = None
+    task: Literal["classification", "multiple_choice", "sft", "sequence_classification", "generation"] | None = None
     template: str | None = None
     label_words: dict[int | str, str] | list[str] | None = None
     text_fields: list[str] | None = Field(
@@ -317,6 +319,11 @@ class Recipe(_Strict):
                                "continuations (else choice1, choice2, ...)")
     column_names: list[str] | None = Field(None, min_length=1, description="the columns of CSV/TSV files without a "
                                            "header row (as a list or comma-separated)")
+    answer_field: str = Field("answers", min_length=1, description="generation: the gold answers (a text or a list "
+                              "of texts); the first is trained on, the best scores")
+    max_new_tokens: int = Field(16, ge=1, le=1024, description="generation: tokens generated at most per answer")
+    stop_strings: list[str] = Field(["\n"], description="generation: an answer ends at EOS or at the first of these "
+                                    "after its leading white space (default: a newline); [] for EOS alone")
     label_word_scoring: Literal["sum", "mean", "first"] = Field(
         "sum", description="classification: rank label words by the sum of their tokens' log-probs, their mean, or "
         "the first token's (LM-BFF/MeZO)")
@@ -445,6 +452,16 @@ class Recipe(_Strict):
                 first[word] = label
         return value
 
+    @field_validator("stop_strings", mode="before")
+    @classmethod
+    def _stop_strings(cls, value: Any) -> Any:
+        """A single string is a list of one; an empty string would end every answer before it starts."""
+        value = [value] if isinstance(value, str) else value
+        if isinstance(value, list) and any(isinstance(v, str) and not v for v in value):
+            raise ValueError('stop_strings: an empty string ends every answer at once; list non-empty strings '
+                             '(e.g. ["\\n"]), or [] to stop at EOS alone')
+        return value
+
     @field_validator("column_names", "text_fields", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
@@ -507,10 +524,36 @@ class Recipe(_Strict):
         if self.guards_evaluations and not self.eval_steps:
             raise ValueError("zo.guard.watch: eval judges the evaluations every eval_steps, but eval_steps is not set "
                              "(the run evaluates at its start and end only); set eval_steps, or zo.guard.watch: loss")
+        self._generation_consistent()
         if self.task not in (None, "classification") and self.label_word_scoring != "sum":
             raise ValueError(f"label_word_scoring: ranks the label words of task classification; {self.task} has none "
                              "(multiple_choice ranks its choices by their mean log-prob per token); drop it")
         return self
+
+    def _generation_consistent(self) -> None:
+        """The generation task's keys against the rest: room for the prompt, an objective of its kind, no prefix."""
+        from .objectives import GENERATION_OBJECTIVES, OBJECTIVES
+
+        generation = self.task_kind == "generation"
+        if generation and self.max_new_tokens >= self.cutoff_len:
+            raise ValueError(f"max_new_tokens: {self.max_new_tokens} leaves no room for the prompt in cutoff_len "
+                             f"{self.cutoff_len}; raise cutoff_len or lower max_new_tokens")
+        if generation and self.zo.objective in OBJECTIVES:
+            raise ValueError(f"zo.objective: {self.zo.objective} scores candidates (label words, choices, classes); task "
+                             f"generation scores its answers: use loss, {', '.join(GENERATION_OBJECTIVES)} or "
+                             "python:MODULE:FUNCTION")
+        if not generation and self.zo.objective in GENERATION_OBJECTIVES:
+            raise ValueError(f"zo.objective: {self.zo.objective} scores generated answers (task generation), and task is "
+                             f"{self.task_kind}; use loss, {', '.join(OBJECTIVES)} or python:MODULE:FUNCTION")
+        if generation and self.finetuning_type == "prefix":
+            raise ValueError("finetuning_type: prefix: task generation is scored by generating, and with PEFT 0.21 and "
+                             "transformers 5 generate() ignores the prefix (the base model answers); use lora, ia3 or "
+                             "prompt")
+
+    @property
+    def task_kind(self) -> str | None:
+        """``task``, else the bundled dataset's task kind (None: neither says)."""
+        return self.task or BUILTIN_DATASETS.get(self.dataset, {}).get("task", {}).get("kind")
 
     @property
     def is_zeroth_order(self) -> bool:
@@ -546,6 +589,11 @@ class Recipe(_Strict):
                 now = "not set" if getattr(self, other) is None else getattr(self, other)
                 notes.append(f"{key}: acts only with {other}: {' or '.join(map(str, acting))}, and {other} is {now}; "
                              "it is ignored")
+        generation_keys = [k for k in ("answer_field", "max_new_tokens", "stop_strings")
+                           if getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)]
+        if generation_keys and self.task_kind != "generation":
+            notes.append(f"{', '.join(generation_keys)}: act only with task: generation, and the task is "
+                         f"{self.task_kind or 'not set'}; ignored")
         if self.save_total_limit is not None and self.save_steps is None:
             notes.append("save_total_limit: limits the checkpoints saved every save_steps, and save_steps is not set")
         if self.warmup_steps and self.lr_scheduler_type == "constant":
@@ -554,6 +602,9 @@ class Recipe(_Strict):
         if self.template is not None and not _template_fields(self.template):
             notes.append(f"template: {self.template!r} names no field of the records: every record gets the same "
                          "prompt")
+        if any(re.search(r"\\[nt]", s) for s in self.stop_strings):
+            notes.append("stop_strings: a stop string holds a backslash + n or t as two characters, not a newline or "
+                         'tab; write it in double quotes in YAML (stop_strings: ["\\n"])')
         if self.template is not None and re.search(r"\\[nt]", self.template):
             notes.append("template: holds a backslash + n or t as two characters, not a newline or tab; in YAML "
                          'write the template in double quotes ("Q: {q}\\nA:"); on the command line \\n is a newline')
@@ -597,12 +648,17 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
         text = key.strip() in _text_keys() and not quoted
         if text and key.strip() in ESCAPED_KEYS:
-            value = re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m[1]], value)
+            value = unescape(value)
         try:
             node[leaf] = None if not value.strip() else value if text else _scalar(value)
         except ValueError as err:
             raise RecipeError([f"override {key.strip()}=...: {err}"]) from None
     return out
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t`` and ``\\\\`` as a newline, a tab and a backslash (prompt text typed on a command line)."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m[1]], text)
 
 
 def _text_keys(model: type[BaseModel] | None = None, prefix: str = "") -> set[str]:

@@ -7,13 +7,15 @@ recipe key to fix and the record's fields.
 
 from __future__ import annotations
 
+import json
 import string
 from typing import Any
 
 from .hints import did_you_mean
 
 __all__ = [
-    "canon_label", "choice_texts", "fill", "label_index", "label_keys", "prompt_text", "require_text_fields", "text_of",
+    "answer_list", "answer_texts", "canon_label", "choice_texts", "fill", "label_index", "label_keys", "prompt_text",
+    "require_text_fields", "text_of",
 ]
 
 
@@ -121,3 +123,34 @@ def choice_texts(record: dict, choices_field: str) -> list[str]:
         raise KeyError(f"record has neither {choices_field!r} nor choice1, choice2, ... "
                        f"({_fields_hint(choices_field, record)}); set choices_field to the field that lists the choices")
     return found
+
+
+def answer_list(value: Any, where: str) -> list[str]:
+    """Gold answers as a list of texts: a text, a list of texts, a JSON list in a text (a CSV cell), or the
+    ``{"text": [...]}`` of HF's SQuAD layout; ``ValueError`` naming ``where`` for anything else."""
+    if isinstance(value, dict) and "text" in value:
+        value = value["text"]
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass  # an answer that starts with a bracket
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, (list, tuple)):
+        raise ValueError(f"{where} holds a {type(value).__name__} ({value!r}), not an answer text or a list of them")
+    if not texts:
+        raise ValueError(f"{where} is an empty list; give at least one answer")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: answer {i} is a {type(text).__name__} ({text!r}), not text; write answers as strings")
+        if not text.strip():
+            raise ValueError(f"{where}: answer {i} is empty; give the answer's text")
+    return list(texts)
+
+
+def answer_texts(record: dict, answer_field: str) -> list[str]:
+    """A generation record's gold answers (see :func:`answer_list`), from its ``answer_field``."""
+    if answer_field not in record:
+        raise KeyError(f"record has no answer field {answer_field!r} ({_fields_hint(answer_field, record)}); "
+                       "set answer_field to the field that holds the answers")
+    return answer_list(record[answer_field], f"answer field {answer_field!r}")

@@ -16,7 +16,7 @@ from typing import Any
 from .data import BUILTIN_DATASETS
 from .model_files import local_tokenizer_file
 from .recipe import Recipe, RecipeError
-from .records import canon_label, choice_texts, label_index, label_keys, prompt_text
+from .records import answer_texts, canon_label, choice_texts, label_index, label_keys, prompt_text
 from .splits import DataSplits
 
 __all__ = ["effective_lines", "label_word_tokens", "task_settings"]
@@ -27,8 +27,8 @@ def task_settings(recipe: Recipe) -> dict[str, Any]:
     settings = dict(BUILTIN_DATASETS.get(recipe.dataset, {}).get("task", {}))
     kind = recipe.task or settings.get("kind")
     if kind is None:
-        raise RecipeError([f"task: required for dataset {recipe.dataset!r} (classification, multiple_choice, sft or "
-                           "sequence_classification)"])
+        raise RecipeError([f"task: required for dataset {recipe.dataset!r} (classification, multiple_choice, sft, "
+                           "sequence_classification or generation)"])
     for key in ("template", "label_words", "text_fields"):
         if getattr(recipe, key) is not None:
             settings[key] = getattr(recipe, key)
@@ -39,6 +39,9 @@ def task_settings(recipe: Recipe) -> dict[str, Any]:
         settings["choices_field"] = recipe.choices_field
     elif kind == "sequence_classification":
         settings["num_labels"] = recipe.num_labels
+    elif kind == "generation":
+        settings.update(answer_field=recipe.answer_field, max_new_tokens=recipe.max_new_tokens,
+                        stop_strings=recipe.stop_strings)
     return settings
 
 
@@ -53,6 +56,9 @@ class _FirstRecordFields:
         if self.kind == "multiple_choice":
             choice_texts(record, s["choices_field"])
             label_index(record, s["label_field"], None)
+        elif self.kind == "generation":
+            _prompt(record, s)
+            answer_texts(record, s["answer_field"])
         elif self.kind != "sft":
             _prompt(record, s)
             label_index(record, s["label_field"], label_keys(s.get("label_words")))
@@ -61,7 +67,7 @@ class _FirstRecordFields:
 def _prompt(record: dict, settings: dict[str, Any]) -> str | None:
     """The prompt of a classification record, or a record's named text fields; None where the task builds it otherwise."""
     kind, fields = settings["kind"], settings.get("text_fields")
-    if kind == "classification":
+    if kind in ("classification", "generation"):
         return prompt_text(record, settings.get("template"), fields, kind)
     if kind == "sequence_classification" and fields:
         return prompt_text(record, None, fields, kind)
@@ -70,7 +76,7 @@ def _prompt(record: dict, settings: dict[str, Any]) -> str | None:
 
 def _label_counts(records: list[dict], settings: dict[str, Any]) -> str | None:
     """``0: 34, 1: 30``: how many records carry each label (label-word order first; 0 for an absent one)."""
-    if settings["kind"] == "sft":
+    if settings["kind"] in ("sft", "generation"):
         return None
     counts = Counter(canon_label(r.get(settings["label_field"])) for r in records)
     order = label_keys(settings.get("label_words")) or []
@@ -114,6 +120,18 @@ def _label_word_lines(recipe: Recipe, settings: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _generation_lines(recipe: Recipe, record: dict) -> list[str]:
+    """The first record's gold answers and how an answer is generated and scored."""
+    answers = answer_texts(record, recipe.answer_field)
+    stops = ", ".join(json.dumps(s, ensure_ascii=False) for s in recipe.stop_strings) or "none"
+    return [f"answers of the first training record ({recipe.answer_field}): {json.dumps(answers, ensure_ascii=False)}"
+            " (the first is trained on; the best scores)",
+            f"generation: greedy, at most {recipe.max_new_tokens} new tokens, ends at EOS or at a stop string after its "
+            f"leading white space: {stops}; scored by SQuAD F1 / exact match (0-1)",
+            f"prompt room: {recipe.cutoff_len - recipe.max_new_tokens} tokens (cutoff_len - max_new_tokens); a longer "
+            "prompt loses the beginning of its longest field"]
+
+
 def effective_lines(recipe: Recipe) -> list[str]:
     """What a run of the recipe will use, in words: task, template and the first prompt, label words and their
     tokens, classes, train and eval records (with their labels), threads, and notes.
@@ -131,8 +149,10 @@ def effective_lines(recipe: Recipe) -> list[str]:
                      + (bundled if recipe.template is None else ""))
     prompt = _prompt(data.train.records[0], settings)
     if prompt is not None:
-        lines.append(f"{'prompt' if kind == 'classification' else 'text'} of the first training record:")
+        lines.append(f"{'text' if kind == 'sequence_classification' else 'prompt'} of the first training record:")
         lines += [f"  | {line}" for line in prompt.split("\n")]
+    if kind == "generation":
+        lines += _generation_lines(recipe, data.train.records[0])
     if kind == "classification":
         lines += _label_word_lines(recipe, settings)
     elif kind == "sequence_classification":

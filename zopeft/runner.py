@@ -38,7 +38,7 @@ from .distributed import barrier, distributed_session, from_rank0
 from .guard import Guard, rollback_line
 from .metrics import EMA, collapse_warning, predicted_counts
 from .models import load_adapter_model, load_model, trainable_summary
-from .objectives import CandidateBatch, Objective, flat_objective_warning
+from .objectives import CandidateBatch, Objective, flat_objective_warning, objective_failures
 from .optim.base import ZOOptimizer
 from .recipe import Recipe
 from .rundir import LOG_NAME, RunDir
@@ -70,7 +70,7 @@ class RunResult:
 
 def _logged(metrics: dict[str, Any]) -> dict[str, Any]:
     """An evaluation as the training log keeps it: the numbers and the predicted-label distribution."""
-    logged = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion")}
+    logged = {k: v for k, v in metrics.items() if k not in ("per_class", "confusion", "generations")}
     return {**logged, "predicted": predicted_counts(metrics)} if "per_class" in metrics else logged
 
 
@@ -297,7 +297,8 @@ def _train(
         if isinstance(opt, ZOOptimizer):
             opt.check_replicas()
             flat_steps = opt.skipped_steps - sum(n for why, n in skipped.items() if why.startswith("non-finite"))
-            flat = flat_objective_warning(flat_steps, last, recipe.zo.objective, recipe.zo.eps)
+            flat = objective_failures(target) or flat_objective_warning(flat_steps, last, recipe.zo.objective,
+                                                                        recipe.zo.eps)
             if main and flat:
                 echo(f"warning: {flat}")
         eval_after = run_eval(last, judge=False)[0]

@@ -5,7 +5,9 @@ Kinds (see :func:`build_task`):
 * ``classification`` -- a prompt and label words scored by a causal LM (MeZO-style);
 * ``multiple_choice`` -- a prompt and per-record candidate continuations (COPA-style);
 * ``sft`` -- prompt/completion or alpaca records, loss on the completion only;
-* ``sequence_classification`` -- an encoder with a classification head.
+* ``sequence_classification`` -- an encoder with a classification head;
+* ``generation`` -- a prompt and gold answers: trained on the first answer's loss, evaluated by
+  greedy generation (SQuAD exact match and F1).
 
 Causal-LM batches are right-padded (pad token, else eos) with an ``attention_mask``; ``labels``
 are -100 except on the tokens the loss is taken on.  Prompts are truncated on the left, so that
@@ -15,7 +17,8 @@ prompt + continuation fits in ``cutoff_len`` tokens.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import string
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -23,12 +26,21 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from .generation import (
+    DEFAULT_STOP_STRINGS, GenerationBatch, check_max_new_tokens, greedy_generate, left_padded,
+)
 from .hints import did_you_mean
 from .metrics import class_metrics
 from .objectives import CandidateBatch
-from .records import choice_texts, fill, label_index, label_keys, prompt_text, require_text_fields, text_of
+from .records import (
+    answer_list, answer_texts, choice_texts, fill, label_index, label_keys, prompt_text, require_text_fields, text_of,
+)
+from .squad_metrics import squad_scores
 
-__all__ = ["ALPACA_TEMPLATE", "LABEL_WORD_SCORINGS", "TASK_KINDS", "Task", "build_task", "candidate_batch"]
+__all__ = [
+    "ALPACA_TEMPLATE", "LABEL_WORD_SCORINGS", "TASK_KINDS", "GenerationTask", "Task", "build_task", "candidate_batch",
+    "generation_batch",
+]
 
 IGNORE = -100
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -460,18 +472,23 @@ class SFTTask:
 
     def evaluate(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 16) -> dict[str, float]:
         _check_records(records)
-        nll, tokens = 0.0, 0
         with _evaluating(model):
-            for start in range(0, len(records), batch_size):
-                batch = self.collate(records[start : start + batch_size], tokenizer)
-                targets = batch["labels"][:, 1:]
-                keep = torch.zeros(batch["labels"].shape, dtype=torch.bool)
-                keep[:, :-1] = targets != IGNORE  # the positions predicting a completion token
-                logits = _logits_at(model, batch, keep)
-                nll += F.cross_entropy(logits, targets[targets != IGNORE].to(logits.device), reduction="sum").item()
-                tokens += int(keep.sum())
-        loss = nll / max(tokens, 1)
+            loss = _labelled_loss(model, self.collate, records, tokenizer, batch_size)
         return {"loss": loss, "perplexity": math.exp(loss), "n": len(records)}
+
+
+def _labelled_loss(model: Any, collate: Any, records: list[dict], tokenizer: Any, batch_size: int) -> float:
+    """The mean cross-entropy per labelled token of ``collate``'s batches (projected onto the vocabulary only there)."""
+    nll, tokens = 0.0, 0
+    for start in range(0, len(records), batch_size):
+        batch = collate(records[start : start + batch_size], tokenizer)
+        targets = batch["labels"][:, 1:]
+        keep = torch.zeros(batch["labels"].shape, dtype=torch.bool)
+        keep[:, :-1] = targets != IGNORE  # the positions predicting a labelled token
+        logits = _logits_at(model, batch, keep)
+        nll += F.cross_entropy(logits, targets[targets != IGNORE].to(logits.device), reduction="sum").item()
+        tokens += int(keep.sum())
+    return nll / max(tokens, 1)
 
 
 # ----- sequence classification -----------------------------------------------------------------
@@ -546,8 +563,165 @@ class SequenceClassificationTask:
                 "n": len(records), **metrics}
 
 
+# ----- generation ----------------------------------------------------------------------------------
+def _template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _generation_batch(
+    tokenizer: Any, prompts: list[list[int]], answers: list[list[str]], records: list[dict], max_new_tokens: int,
+    stop_strings: Iterable[str],
+) -> GenerationBatch:
+    """A :class:`GenerationBatch` of prompt token lists (special prefix included), left-padded."""
+    prefix = len(_special_prefix(tokenizer))
+    texts = [tokenizer.decode(p[prefix:]) for p in prompts]
+    return GenerationBatch(left_padded(prompts, _pad_id(tokenizer)), answers, records, texts, tokenizer,
+                           max_new_tokens, tuple(stop_strings))
+
+
+def generation_batch(
+    tokenizer: Any, prompts: list[str], answers: list[str | list[str]] | None = None, *, records: list[dict] | None = None,
+    max_new_tokens: int = 16, stop_strings: Iterable[str] = DEFAULT_STOP_STRINGS, cutoff_len: int = 256,
+) -> GenerationBatch:
+    """A batch for :func:`zopeft.generation_closure` (and :func:`zopeft.generation.greedy_generate`).
+
+    ``answers``: each prompt's gold answer text or list of texts (None: none, to generate only; the
+    ``f1`` and ``exact_match`` objectives need them).  A prompt keeps its last
+    ``cutoff_len - max_new_tokens`` tokens.  ``records`` (default ``{"prompt", "answers"}`` per
+    prompt) is what a ``python:`` objective receives with the generations.  A generation ends after
+    ``max_new_tokens``, at EOS, or at the first of ``stop_strings`` after its leading white space.
+    """
+    check_max_new_tokens(max_new_tokens)
+    counts = {"answers": answers, "records": records}
+    if not prompts or any(v is not None and len(v) != len(prompts) for v in counts.values()):
+        given = ", ".join(f"{len(v)} {k}" for k, v in counts.items() if v is not None)
+        raise ValueError(f"generation_batch: {len(prompts)} prompts{', ' + given if given else ''}: give one each per "
+                         "prompt")
+    room = cutoff_len - max_new_tokens - len(_special_prefix(tokenizer))
+    if room < 1:
+        raise ValueError(f"generation_batch: cutoff_len={cutoff_len} leaves no room for a prompt before "
+                         f"max_new_tokens={max_new_tokens} new tokens")
+    golds = [answer_list(a, f"generation_batch: answers[{i}]") for i, a in enumerate(answers)] if answers else \
+        [[] for _ in prompts]
+    records = records if records is not None else [{"prompt": p, "answers": a} for p, a in zip(prompts, golds)]
+    tokens = [_special_prefix(tokenizer) + _encode(tokenizer, p)[-room:] for p in prompts]
+    return _generation_batch(tokenizer, tokens, golds, records, max_new_tokens, stop_strings)
+
+
+@dataclass
+class GenerationTask:
+    """A prompt and gold answers (``answer_field``: a text or a list of texts); the answer is generated.
+
+    Training (``collate``) is on the teacher-forced loss of the first gold answer (+ EOS) after the
+    prompt, joined with a space unless either side has white space there.  Evaluation generates
+    greedily (:func:`zopeft.generation.greedy_generate`: ``max_new_tokens``, EOS and
+    ``stop_strings`` end an answer) and scores the answers with SQuAD v1.1's exact match and F1
+    (max over the gold answers, fractions 0-1), with the teacher-forced loss.
+
+    A prompt keeps at most ``cutoff_len - max_new_tokens`` tokens (the training target at most
+    ``max_new_tokens``); a longer one loses the beginning of its longest field (the context), never
+    the template's text or its other fields (the question).
+    """
+
+    template: str | None = None
+    text_fields: list[str] | None = None
+    answer_field: str = "answers"
+    cutoff_len: int = 256
+    max_new_tokens: int = 16
+    stop_strings: tuple[str, ...] | list[str] = DEFAULT_STOP_STRINGS
+    kind = "generation"
+    headline_metric = "f1"  # what judges an evaluation of this task
+
+    def __post_init__(self) -> None:
+        check_max_new_tokens(self.max_new_tokens)
+        if self.max_new_tokens >= self.cutoff_len:
+            raise ValueError(f"max_new_tokens: {self.max_new_tokens} leaves no room for the prompt in cutoff_len "
+                             f"{self.cutoff_len}; raise cutoff_len or lower max_new_tokens")
+        self.stop_strings = tuple(self.stop_strings)
+        if self.template is None and self.text_fields:
+            self.template = "\n".join(f"{{{name}}}" for name in self.text_fields)
+
+    def answers(self, record: dict) -> list[str]:
+        return answer_texts(record, self.answer_field)
+
+    def prompt(self, record: dict) -> str:
+        return prompt_text(record, self.template, None, self.kind)
+
+    def check(self, record: dict) -> None:
+        self.prompt(record)
+        self.answers(record)
+
+    def prompt_tokens(self, record: dict, tokenizer: Any) -> list[int]:
+        """The special prefix and the prompt, its longest field cut from the left to fit (see the class)."""
+        prefix = _special_prefix(tokenizer)
+        room = self.cutoff_len - self.max_new_tokens - len(prefix)
+        tokens = _encode(tokenizer, self.prompt(record))
+        if len(tokens) <= room:
+            return prefix + tokens
+        name = max(_template_fields(self.template), key=lambda f: len(str(record[f])))
+        parts = fill(self.template, {**record, name: "\0"}).split("\0")
+        if len(parts) != 2:  # the field appears more than once: cut the prompt from the left
+            return prefix + tokens[-room:]
+        head, tail = _encode(tokenizer, parts[0]), _encode(tokenizer, parts[1])
+        keep = room - len(head) - len(tail)
+        if keep < 0:
+            raise ValueError(f"cutoff_len: {self.cutoff_len} leaves {room} tokens for the prompt (after max_new_tokens "
+                             f"{self.max_new_tokens}), and the prompt without its field {name!r} takes "
+                             f"{len(head) + len(tail)}; raise cutoff_len")
+        context = _encode(tokenizer, str(record[name]))
+        return prefix + head + context[len(context) - keep:] + tail
+
+    def completion(self, record: dict, tokenizer: Any) -> list[int]:
+        """The training target: the first gold answer's tokens and EOS, at most ``max_new_tokens``."""
+        answer, prompt = self.answers(record)[0], self.prompt(record)
+        joined = answer if not prompt or prompt[-1].isspace() or answer[:1].isspace() else " " + answer
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return (_encode(tokenizer, joined) + eos)[: self.max_new_tokens]
+
+    def collate(self, records: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
+        _check_records(records)
+        seqs, targets = [], []
+        for r in records:
+            prompt, answer = self.prompt_tokens(r, tokenizer), self.completion(r, tokenizer)
+            seqs.append(prompt + answer)
+            targets.append([IGNORE] * len(prompt) + answer)
+        return _pad(seqs, targets, _pad_id(tokenizer))
+
+    def generation_batch(self, records: list[dict], tokenizer: Any, prompts: list[list[int]] | None = None) -> GenerationBatch:
+        """The records' prompts (left-padded; ``prompts``: their :meth:`prompt_tokens` if known) and gold answers,
+        for generation and the generation objectives."""
+        _check_records(records)
+        prompts = prompts if prompts is not None else [self.prompt_tokens(r, tokenizer) for r in records]
+        return _generation_batch(tokenizer, prompts, [self.answers(r) for r in records], records,
+                                 self.max_new_tokens, self.stop_strings)
+
+    def evaluate(self, model: Any, tokenizer: Any, records: list[dict], batch_size: int = 16) -> dict[str, Any]:
+        """``f1``, ``exact_match`` (0-1) with standard errors, ``loss`` (teacher-forced, first answer), ``n``, and
+        ``generations``: per record its ``prompt``, ``generation``, ``answers``, ``f1`` and ``exact_match``."""
+        _check_records(records)
+        device = _device(model)
+        prompts = [self.prompt_tokens(r, tokenizer) for r in records]
+        order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
+        texts: dict[int, tuple[str, str]] = {}  # record -> (prompt, generation)
+        with _evaluating(model):
+            loss = _labelled_loss(model, self.collate, records, tokenizer, batch_size)
+            for start in range(0, len(order), batch_size):  # prompts of similar length together: less padding
+                chosen = order[start : start + batch_size]
+                batch = self.generation_batch([records[i] for i in chosen], tokenizer, [prompts[i] for i in chosen])
+                batch = batch.to(device)
+                texts.update(zip(chosen, zip(batch.prompts, batch.texts(greedy_generate(model, batch)))))
+        answers = [self.answers(r) for r in records]
+        generated = [texts[i][1] for i in range(len(records))]
+        scores = squad_scores(generated, answers)
+        rows = [{"prompt": texts[i][0], "generation": generated[i], "answers": answers[i], **scores["per_record"][i]}
+                for i in range(len(records))]
+        return {"f1": scores["f1"], "exact_match": scores["exact_match"], "loss": loss, "n": len(records),
+                "f1_stderr": scores["f1_stderr"], "exact_match_stderr": scores["exact_match_stderr"],
+                "generations": rows}
+
+
 # ----- factory ---------------------------------------------------------------------------------
-TASK_KINDS = ("classification", "multiple_choice", "sft", "sequence_classification")
+TASK_KINDS = ("classification", "multiple_choice", "sft", "sequence_classification", "generation")
 
 
 def build_task(
@@ -568,7 +742,8 @@ def build_task(
     defaults work with any kind: classification uses all but ``num_labels``; multiple_choice
     ignores ``label_words`` and ``label_word_scoring`` (extra option ``choices_field``); sft uses
     ``template`` and ``cutoff_len``; sequence_classification ignores ``template`` and
-    ``label_word_scoring``.
+    ``label_word_scoring``; generation uses ``template``, ``text_fields`` and ``cutoff_len`` (extra
+    options ``answer_field``, ``max_new_tokens``, ``stop_strings``).
     """
     fields = list(text_fields) if text_fields else None
     if kind == "classification":
@@ -580,4 +755,6 @@ def build_task(
         return SFTTask(template, cutoff_len, **kw)
     if kind == "sequence_classification":
         return SequenceClassificationTask(fields, label_words, label_field, cutoff_len, num_labels, **kw)
+    if kind == "generation":
+        return GenerationTask(template, fields, cutoff_len=cutoff_len, **kw)
     raise ValueError(f"unknown task kind {kind!r}: valid kinds are {', '.join(TASK_KINDS)}{did_you_mean(kind, TASK_KINDS)}")

@@ -10,16 +10,42 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .batched import loss_closure, metric_closure
+from .batched import generation_closure, loss_closure, metric_closure
 from .bnb_cpu import require_exact_4bit_cpu_path
 from .checkpoint import load_state, save_state
+from .generation import GenerationBatch
 from .guard import Guard, rollback_line
-from .objectives import CandidateBatch, Objective, resolve_objective
+from .objectives import (
+    GENERATION_OBJECTIVES, CandidateBatch, GenerationObjective, Objective, resolve_generation_objective, resolve_objective,
+)
 from .optim.base import ZOOptimizer
 from .optim.eps_check import EpsCheck
 from .registry import get_optimizer, optimizer_class
+from .tasks import GenerationTask
 
-__all__ = ["ZOTrainer"]
+__all__ = ["GenerationCollator", "ZOTrainer"]
+
+GENERATION_KEY = "generation"  # where a GenerationCollator's batch carries its prompts and answers
+
+
+class GenerationCollator:
+    """A ``data_collator`` of generation records (a prompt template's fields and the gold answers).
+
+    A batch is the records' teacher-forced batch (``input_ids``, ``attention_mask``, ``labels``:
+    the loss of the first answer, which ``zo_objective=None`` and the Trainer's evaluation use)
+    and, under ``"generation"``, their :class:`~zopeft.GenerationBatch`, from which the ``f1`` /
+    ``exact_match`` / user objectives generate.  Keyword arguments are
+    :class:`~zopeft.tasks.GenerationTask`'s (``template``, ``answer_field``, ``cutoff_len``,
+    ``max_new_tokens``, ``stop_strings``).  The records keep their text fields only with
+    ``TrainingArguments(remove_unused_columns=False)``.
+    """
+
+    def __init__(self, tokenizer: Any, **task: Any) -> None:
+        self.tokenizer, self.task = tokenizer, GenerationTask(**task)
+
+    def __call__(self, records: list[dict]) -> dict[str, Any]:
+        return {**self.task.collate(records, self.tokenizer),
+                GENERATION_KEY: self.task.generation_batch(records, self.tokenizer)}
 
 logger = logging.getLogger("zopeft")
 
@@ -49,7 +75,9 @@ class ZOTrainer(Trainer):
         zo_objective: train on ``"accuracy"``, ``"margin"``, ``"python:module:function"`` or a
             callable instead of the loss (see :mod:`zopeft.objectives`): a sequence classifier's
             classes, or a causal LM's single-token label words ``zo_candidate_tokens`` (each
-            batch row's one label token is its gold word).
+            batch row's one label token is its gold word).  With batches of a
+            :class:`GenerationCollator`: ``"f1"``, ``"exact_match"``, or a function of
+            ``(generations, records)`` of the greedy generations (:func:`zopeft.generation_closure`).
         zo_check_eps: before the first step of a new run, check that the perturbations' ε is above
             the forward pass's rounding (:meth:`ZOOptimizer.check_eps`; the outcome is logged, a
             failure as a WARNING naming the ε to use, and kept as ``zo_eps_check``); ``None``
@@ -70,7 +98,12 @@ class ZOTrainer(Trainer):
             optimizer_class(zo_optimizer, {"lr": 0, "weight_decay": 0, "seed": 0, **self.zo_kwargs})  # fail now
         self.zo_guard_settings = ({} if zo_guard is True else dict(zo_guard)) if zo_guard else None
         self.zo_guard: Guard | None = None
-        self.zo_objective = resolve_objective(zo_objective) if zo_objective not in (None, "loss") else None
+        spec = zo_objective if zo_objective not in (None, "loss") else None
+        self.zo_objective_spec = spec
+        self.zo_objective: Objective | GenerationObjective | None = (
+            None if spec is None else resolve_generation_objective(spec) if spec in GENERATION_OBJECTIVES
+            else resolve_objective(spec))
+        self._zo_generation_objective: GenerationObjective | None = None
         self.zo_candidate_tokens = zo_candidate_tokens
         self.zo_check_eps = zo_check_eps
         self.zo_eps_check: EpsCheck | None = None
@@ -95,7 +128,8 @@ class ZOTrainer(Trainer):
         """The ZO estimate on one micro-batch (forward passes only; the update comes at ``optimizer.step()``);
         returns its loss, scaled for gradient accumulation as HF's is."""
         inputs = self._prepare_inputs(inputs)
-        closure = self._loss_closure(model, inputs)
+        generation = inputs.pop(GENERATION_KEY, None)
+        closure = self._loss_closure(model, inputs, generation)
         with self.compute_loss_context_manager():
             if self.state.global_step == 0 and self.zo_eps_check is None and self._checks_eps(model):
                 self.zo_eps_check = self.zo_optimizer.check_eps(closure)
@@ -109,8 +143,17 @@ class ZOTrainer(Trainer):
         half = (torch.bfloat16, torch.float16)
         return self.args.bf16 or self.args.fp16 or any(p.dtype in half for p in model.parameters())
 
-    def _loss_closure(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Callable[[], Any]:
+    def _loss_closure(
+        self, model: torch.nn.Module, inputs: dict[str, Any], generation: GenerationBatch | None = None
+    ) -> Callable[[], Any]:
         """The objective, or the model's own loss (with batched evaluation) unless ``compute_loss`` is customised."""
+        if self.zo_objective is not None and generation is not None:
+            if self._zo_generation_objective is None:  # once: a user function counts its failures over the run
+                self._zo_generation_objective = resolve_generation_objective(self.zo_objective_spec)
+            return generation_closure(model, generation.to(self.args.device), self._zo_generation_objective)
+        if self.zo_objective in GENERATION_OBJECTIVES.values():
+            raise ValueError(f"zo_objective {self.zo_objective_spec!r} scores generated answers: build the batches "
+                             "with data_collator=zopeft.GenerationCollator(tokenizer, template=...)")
         if self.zo_objective is not None:
             return metric_closure(model, self._candidates(model, inputs), self.zo_objective)
         if type(self).compute_loss is Trainer.compute_loss and self.label_smoother is None and "labels" in inputs:
@@ -130,6 +173,10 @@ class ZOTrainer(Trainer):
             raise ValueError("zo_objective with zo_candidate_tokens needs exactly one label token per row")
         gold = (labels[labelled].unsqueeze(1) == tokens).float().argmax(1)
         return CandidateBatch(inputs, gold, len(self.zo_candidate_tokens), candidate_tokens=tokens)
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's evaluation, on the teacher-forced batch (a :class:`GenerationCollator`'s prompts left out)."""
+        return super().prediction_step(model, {k: v for k, v in inputs.items() if k != GENERATION_KEY}, *args, **kwargs)
 
     # ----- no gradient: nothing to clip or report ------------------------------------------------
     def _clip_grad_norm(self, model: torch.nn.Module) -> None:

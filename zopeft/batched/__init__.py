@@ -20,6 +20,8 @@ The rooms, as PEFT splits its tuners:
 
 * :mod:`.closure` — the closure and the dispatch: chunks of replicas, out-of-memory halving,
   fallback to the sequential loop (logged once, as a warning, with the reason);
+* :mod:`.generation` — the same for an objective of greedy generations: the replicas' prompts
+  in one ``generate`` call, each replica's KV cache its own;
 * :mod:`.plan` — which modules get per-replica tensors (checks on the model and the batch);
 * :mod:`.loss` — each replica's loss, as the model's own (causal LM: cross-entropy at the
   labelled positions, the LM head run in chunks; sequence classification);
@@ -41,9 +43,10 @@ loss-changing keys such as ``num_items_in_batch``) falls back to the sequential 
 from .closure import (
     BatchedLoss, MetricClosure, PointSource, batched_support, candidate_loss, loss_closure, metric_closure,
 )
+from .generation import GenerationClosure, generation_closure
 from .loss import prompt_learning_type, takes_logit_mask
 
 __all__ = [
-    "BatchedLoss", "MetricClosure", "PointSource", "batched_support", "candidate_loss", "loss_closure", "metric_closure",
-    "prompt_learning_type", "takes_logit_mask",
+    "BatchedLoss", "GenerationClosure", "MetricClosure", "PointSource", "batched_support", "candidate_loss",
+    "generation_closure", "loss_closure", "metric_closure", "prompt_learning_type", "takes_logit_mask",
 ]

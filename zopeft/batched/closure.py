@@ -167,7 +167,7 @@ class BatchedLoss:
             report_path(optimizer, "sequential", _failed[model], slower=True)
             return None
         try:
-            plan = build_plan(model, optimizer.points.tensors, self.batch)
+            plan = self._plan(optimizer)
         except Unsupported as exc:
             report_path(optimizer, "sequential", f"batched unsupported: {exc}", slower=True)
             return None
@@ -208,13 +208,15 @@ class BatchedLoss:
             return None
         return out
 
+    def _plan(self, optimizer: PointSource) -> Plan:
+        """How the optimizer's points are evaluated as replicas; :class:`Unsupported` where they cannot be."""
+        return build_plan(self.model, optimizer.points.tensors, self.batch)
+
     def _chunk_size(self, optimizer: PointSource, plan: Plan, total: int) -> int:
         size = self.perturbation_batch_size or optimizer.perturbation_batch_size
         if not size:
-            base = plan.loss.base
-            size = replicas_per_pass(
-                self.model, base.config, plan.device, plan.rows, plan.length, parse_memory(optimizer.max_memory)
-            )
+            size = replicas_per_pass(self.model, plan.base.config, plan.device, plan.rows, plan.length,
+                                     parse_memory(optimizer.max_memory), plan.cache_rows)
         size = min(size, _max_replicas.get(self.model, total), total)
         chunks = -(-total // size)
         return -(-total // chunks)  # even chunks: 9 points at 8 per forward -> 5 + 4

@@ -10,7 +10,8 @@ vocabulary in chunks of :data:`~zopeft.batched.loss.HEAD_CHUNK_BYTES`).
 Activations are estimated per token row of a decoder layer under ``no_grad``: the larger of the
 attention block (about 8 hidden-size vectors: residual, norm, q/k/v, rotary copies, output) and
 the MLP (2 hidden + 3 intermediate-size vectors), plus eager attention scores (heads × length).
-An out-of-memory error still halves the replicas (see :mod:`zopeft.batched.closure`).
+A generation's replicas also hold their KV cache (:func:`kv_cache_bytes`), counted with their
+activations.  An out-of-memory error still halves the replicas (see :mod:`zopeft.batched.closure`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from .loss import HEAD_CHUNK_BYTES
 
-__all__ = ["MARGIN_FRACTION", "activation_bytes", "replicas_per_pass"]
+__all__ = ["MARGIN_FRACTION", "activation_bytes", "kv_cache_bytes", "replicas_per_pass"]
 
 MARGIN_FRACTION = 0.25
 _MIN_MARGIN = {"cuda": 1 << 30, "cpu": 256 << 20}
@@ -37,6 +38,17 @@ def activation_bytes(config: object, rows: int, length: int, element_bytes: int)
     heads = int(getattr(text, "num_attention_heads", 16) or 16)
     per_row = max(8 * hidden, 2 * hidden + 3 * inter) + heads * min(length, 4096)
     return element_bytes * rows * per_row
+
+
+def kv_cache_bytes(config: object, rows: int, element_bytes: int) -> int:
+    """Memory of the keys and values a generation caches for ``rows`` token positions (every layer)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(getattr(text, "hidden_size", 1024) or 1024)
+    heads = int(getattr(text, "num_attention_heads", 16) or 16)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    layers = int(getattr(text, "num_hidden_layers", 1) or 1)
+    return 2 * layers * kv_heads * head_dim * element_bytes * rows
 
 
 def _weight_bytes(model: nn.Module, device: torch.device) -> int:
@@ -76,11 +88,13 @@ def _resident_bytes() -> int:
 
 
 def replicas_per_pass(
-    model: nn.Module, config: object, device: torch.device, rows: int, length: int, max_memory: int | None = None
+    model: nn.Module, config: object, device: torch.device, rows: int, length: int, max_memory: int | None = None,
+    cache_rows: int = 0,
 ) -> int:
-    """Replicas of a batch of ``rows`` token rows (sequence ``length``) one forward pass may carry."""
+    """Replicas of a batch of ``rows`` token rows (sequence ``length``) one forward pass (or one ``generate``
+    call, whose KV cache holds ``cache_rows`` positions per replica) may carry."""
     element = min(4, next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4))
-    one = max(1, activation_bytes(config, rows, length, element))
+    one = max(1, activation_bytes(config, rows, length, element) + kv_cache_bytes(config, cache_rows, element))
     margin = max(MARGIN_FRACTION * _weight_bytes(model, device), _MIN_MARGIN.get(device.type, _MIN_MARGIN["cpu"]))
     allowed = min(one + margin, _free_bytes(device, max_memory) - HEAD_CHUNK_BYTES)
     return max(1, int(allowed // one))

@@ -1,4 +1,4 @@
-"""Rebuild the bundled data subsets from the shared copies of SST-2, RTE and BoolQ.
+"""Rebuild the bundled data subsets from the shared copies of SST-2, RTE, BoolQ and SQuAD.
 
 Usage: ``python zopeft/bundled_data/make_subsets.py [SOURCE_DIR]`` (default ``/work/shared/data``).
 Rows are copied byte for byte; a subset is the first N rows after ``random.Random(0).shuffle``
@@ -20,6 +20,8 @@ SUBSETS = [
     ("rte/dev.tsv", "rte/dev.tsv", None),
     ("boolq/train32.jsonl", "boolq/train.jsonl", None),
     ("boolq/val.jsonl", "boolq/dev.jsonl", 300),
+    ("squad/train.jsonl", "squad/train.jsonl", None),
+    ("squad/dev.jsonl", "squad/dev.jsonl", None),
 ]
 
 
