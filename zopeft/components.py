@@ -19,6 +19,7 @@ import torch
 from .batched import loss_closure, metric_closure
 from .models import AdapterSpec, ModelSpec
 from .objectives import Objective, resolve_objective
+from .optim.base import ZOOptimizer
 from .recipe import Recipe, RecipeError
 from .registry import get_optimizer
 from .resolved import task_settings
@@ -26,8 +27,9 @@ from .splits import DataSplits, Split
 from .tasks import Task, build_task
 
 __all__ = [
-    "adapter_spec", "batch_indices", "build_task_for", "eval_data", "forward_equivalents",
-    "make_optimizer", "model_spec", "objective", "torch_threads", "training_batch", "training_data", "zo_closure",
+    "adapter_spec", "batch_indices", "build_task_for", "checks_eps", "eval_data", "forward_equivalents",
+    "make_optimizer", "model_spec", "objective", "step_batches", "torch_threads", "train_step", "training_batch",
+    "training_data", "zo_closure",
 ]
 
 BACKWARD_COST = 2  # a backward pass costs about two forward passes
@@ -145,3 +147,42 @@ def training_batch(task: Task, records: list[dict], tokenizer: Any, model: torch
 def zo_closure(model: torch.nn.Module, batch: Any, target: Objective | None) -> Any:
     """What a ZO step evaluates on a :func:`training_batch`: its loss, or ``target`` on its candidates."""
     return loss_closure(model, batch) if target is None else metric_closure(model, batch, target)
+
+
+def step_batches(
+    recipe: Recipe, task: Task, records: list[dict], step: int, tokenizer: Any, model: torch.nn.Module, scored: bool,
+    shard: int = 0, shards: int = 1,
+) -> list[Any]:
+    """The ``gradient_accumulation_steps`` micro-batches of step ``step`` (data shard ``shard`` of ``shards``)."""
+    n = len(records)
+    return [training_batch(task, [records[i] for i in batch_indices(recipe, step, j, n, shard, shards)], tokenizer,
+                           model, scored) for j in range(recipe.gradient_accumulation_steps)]
+
+
+def train_step(opt: torch.optim.Optimizer, model: torch.nn.Module, batches: list[Any], target: Objective | None
+               ) -> dict[str, Any]:
+    """One optimizer step over the micro-batches (ZO, or the AdamW baseline); returns the statistics to log."""
+    if isinstance(opt, ZOOptimizer):
+        closures = [zo_closure(model, b, target) for b in batches]
+        for closure in closures[:-1]:
+            opt.estimate(closure)
+        opt.step(closures[-1])
+        return dict(opt.last_stats)
+    model.train()
+    total = 0.0
+    for batch in batches:
+        loss = model(**batch).loss / len(batches)
+        loss.backward()
+        total += loss.item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+    return {"loss": total}
+
+
+def checks_eps(recipe: Recipe) -> bool:
+    """Whether a new run checks zo.eps first (``zo.check_eps``; auto: half precision, on the loss or the margin)."""
+    setting = recipe.zo.check_eps
+    if setting != "auto":
+        return setting == "always"
+    return recipe.compute_dtype != "float32" and recipe.zo.objective in ("loss", "margin")

@@ -7,6 +7,7 @@ What a run leaves there::
                            eval_predicted), each with forward_passes and forward_equivalents
     zo_steps.jsonl         every ZO step's record (step, lr per param group, losses): `zopeft replay` input
     checkpoint-N/          adapter, optimizer / scheduler / RNG state, trainer_state.json, recipe.yaml
+    checkpoint-best/       the adapter of the best evaluation and best.json (zopeft.best_model)
     adapter_model.safetensors, adapter_config.json, tokenizer files: the final adapter (PEFT layout)
     training_curves.png
     .zopeft.lock           while a `zopeft train` runs in it (its pid)
@@ -35,13 +36,13 @@ from .checkpoint import (
 from .recipe import Recipe, RecipeError, load_recipe
 
 __all__ = [
-    "LOG_NAME", "RECIPE_NAME", "STEP_LOG_NAME", "JsonlLog", "RunDir", "checkpoint_problem", "check_output_target",
-    "read_jsonl",
+    "BEST_NAME", "LOG_NAME", "RECIPE_NAME", "STEP_LOG_NAME", "JsonlLog", "RunDir", "checkpoint_problem",
+    "check_output_target", "load_weights", "read_jsonl",
 ]
 
 logger = logging.getLogger("zopeft")
 LOG_NAME, STEP_LOG_NAME, RECIPE_NAME, STATE_NAME = "trainer_log.jsonl", "zo_steps.jsonl", "recipe.yaml", "trainer_state.json"
-LOCK_NAME, PLOT_NAME = ".zopeft.lock", "training_curves.png"
+LOCK_NAME, PLOT_NAME, BEST_NAME = ".zopeft.lock", "training_curves.png", "checkpoint-best"
 # files that mark a directory as holding a run or an adapter (besides checkpoint-N directories)
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", LOG_NAME, STEP_LOG_NAME)
 STATE_FILES = ("optimizer", "scheduler", "rng")  # save_state names in a checkpoint
@@ -148,7 +149,8 @@ class RunDir:
 
     def run_files(self) -> list[str]:
         """Names of what a previous run left here (run files and checkpoints)."""
-        return [n for n in RUN_FILES if (self.path / n).exists()] + [p.name for p in self.checkpoints()]
+        best = [BEST_NAME] if (self.path / BEST_NAME).is_dir() else []
+        return [n for n in RUN_FILES if (self.path / n).exists()] + [p.name for p in self.checkpoints()] + best
 
     def recipe(self) -> Recipe:
         """The recipe the run saved (``recipe.yaml``)."""
@@ -191,7 +193,8 @@ class RunDir:
     # ----- before a run: what to resume, and whether it may start here -----------------------
     def prepare(self, recipe: Recipe, world_size: int, echo: Echo) -> Path | None:
         """The checkpoint to resume (or None) after every check that needs no model; writes nothing."""
-        others = [p.name for p in self.path.glob("checkpoint-*") if p.is_dir() and _step_of(p) is None]
+        others = [p.name for p in self.path.glob("checkpoint-*") if p.is_dir() and _step_of(p) is None
+                  and p.name != BEST_NAME]
         if others:
             echo(f"output_dir: leaving {', '.join(others)} alone (only checkpoint-<step> directories are resumed and rotated)")
         checkpoint = self._resume_point(recipe, echo)
@@ -238,7 +241,8 @@ class RunDir:
                 f"{world_size}; resume with torchrun --nproc_per_node {saved_world}"
             ])
         saved = load_recipe(checkpoint / RECIPE_NAME, check_files=False)
-        changed = [k for k, v in recipe.essentials().items() if saved.essentials().get(k) != v]
+        changed = [k for k, v in recipe.essentials().items() if saved.essentials().get(k) != v
+                   and not (k == "learning_rate" and v == "auto")]  # auto: the checkpoint's pick, see auto_lr
         if changed:
             raise RecipeError([
                 f"resume_from_checkpoint: {checkpoint} was trained with different {', '.join(changed)}; "
@@ -315,16 +319,7 @@ class RunDir:
     @staticmethod
     def load_checkpoint(checkpoint: Path, model: torch.nn.Module, opt: Any, sched: Any, guard: Any = None) -> dict[str, Any]:
         """Restore the weights, optimizer, scheduler, guard and RNG state; return trainer_state.json."""
-        from peft import PeftModel, set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        if isinstance(model, PeftModel):
-            set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
-        else:
-            state = {}
-            for shard in sorted(checkpoint.glob("model*.safetensors")):
-                state.update(load_file(str(shard)))
-            model.load_state_dict(state, strict=False)
+        load_weights(checkpoint, model)
         opt.load_state_dict(load_state(checkpoint, "optimizer"))
         sched.load_state_dict(load_state(checkpoint, "scheduler"))
         if guard is not None and (checkpoint / "guard.json").exists():
@@ -346,6 +341,20 @@ class RunDir:
             logger.info("matplotlib not installed: skipping the loss plot (pip install 'zopeft[plot]')")
             return None
         return plot_log(self.path / LOG_NAME, self.path / PLOT_NAME)
+
+
+def load_weights(directory: Path, model: torch.nn.Module) -> None:
+    """Load the adapter (or, full-parameter, the model) ``save_pretrained`` wrote to ``directory`` into ``model``."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+    else:
+        state = {}
+        for shard in sorted(directory.glob("model*.safetensors")):
+            state.update(load_file(str(shard)))
+        model.load_state_dict(state, strict=False)
 
 
 def _read_pid(fd: int) -> int | None:
