@@ -11,7 +11,10 @@ which a run with ``learning_rate: auto`` does not report); a recipe without eval
 ranks by the loss (or ``zo.objective``) on four batches of training records the short runs do not
 train on.  A learning rate is dropped as *diverged* at a step refused as non-finite, a non-finite
 value, or a smoothed step loss more than :data:`SPIKE` above its start, and as *stalled* when over
-half its steps were skipped (the loss no longer responds to the perturbations).
+half its steps were skipped (the loss no longer responds to the perturbations).  Of the last two,
+the smaller learning rate is recommended when its metric is within one standard error of the
+other's (the one-standard-error rule: a short run cannot see the late divergence of a learning
+rate that is merely lucky on a few records).
 
 Everything it does is paid from a budget, ``budget`` (25%) of the run's forward passes (max_steps
 x the method's loss evaluations a step x gradient_accumulation_steps): the steps, the evaluations
@@ -68,7 +71,8 @@ class LRFindResult:
     rule: str = field(default=(
         "successive halving: every rung trains the surviving learning rates to twice the steps of the rung before and "
         "keeps the better half by the evaluation metric (ties: the loss); diverged (a non-finite step or value, or the "
-        f"smoothed step loss > {SPIKE:.0%} above its start) and stalled (over half the steps skipped) ones are dropped"))
+        f"smoothed step loss > {SPIKE:.0%} above its start) and stalled (over half the steps skipped) ones are dropped; "
+        "of the last ones, the smallest within one standard error of the best is recommended"))
 
     @property
     def fraction(self) -> float:
@@ -215,14 +219,14 @@ def search(
                      + (probe.format(cand.scores[-1]) if cand.scores and cand.status == "ok" else cand.status))
             ranked = sorted((c for c in alive[:size] if c.status == "ok"),
                             key=lambda c: _key(c.scores[-1], probe.greater), reverse=True)
-            alive = ranked[: math.ceil(size / 2)]
+            alive = ranked[: math.ceil(size / 2)] if rung + 1 < len(sizes) else ranked
             if rung + 1 < len(sizes) and alive:
                 echo(f"lr-find: rung {rung + 1}/{len(sizes)}: keeping {', '.join(f'{c.lr:.3g}' for c in alive)}")
     finally:
         bar.close()
         probe.close()
         _load(trainable, start)  # leave the model as it was loaded
-    best = alive[0] if alive else None
+    best = _pick(alive, echo)
     improved = best is not None and _key(best.scores[-1], probe.greater) > _key(baseline, probe.greater)
     rows = [{"lr": c.lr, "status": c.status, "steps": c.steps, "skipped_steps": c.skipped, "evaluations": c.scores}
             for c in candidates]
@@ -231,6 +235,20 @@ def search(
         first_rung_steps=first_steps, spent={**spent, "total": sum(spent.values())}, run_forward_passes=run_passes,
         budget=budget, eps_check=eps_check, improved=improved,
     )
+
+
+def _pick(ranked: list[_Candidate], echo: Callable[[str], None]) -> _Candidate | None:
+    """The one-standard-error rule: of the last rung's learning rates (best first), the smallest whose value is
+    within one standard error of the best's (the best itself where the metric has none)."""
+    if not ranked:
+        return None
+    best = ranked[0].scores[-1]
+    close = [c for c in ranked if best.get("stderr") and abs(c.scores[-1]["value"] - best["value"]) <= best["stderr"]]
+    pick = min(close, key=lambda c: c.lr) if close else ranked[0]
+    if pick is not ranked[0]:
+        echo(f"lr-find: {pick.lr:.3g} is within one standard error ({best['stderr']:.3g}) of {ranked[0].lr:.3g}, the "
+             "best: the smaller learning rate is recommended (a short run cannot see a late divergence)")
+    return pick
 
 
 def _plan(left: float, per_step: int, eval_cost: int, points: int) -> tuple[list[int], int] | None:
@@ -327,7 +345,8 @@ class _Probe:
         if self.split is not None:
             metrics = self.task.evaluate(self.model, self.tokenizer, self.split.records,
                                          batch_size=self.recipe.per_device_eval_batch_size)
-            score = {"value": float(metrics[self.metric]), "loss": float(metrics["loss"])}
+            score = {"value": float(metrics[self.metric]), "loss": float(metrics["loss"]),
+                     "stderr": metrics.get(f"{self.metric}_stderr")}
         else:
             values = [float(zo_closure(self.model, training_batch(self.task, batch, self.tokenizer, self.model,
                                                                   self.target is not None), self.target)())
