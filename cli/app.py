@@ -121,8 +121,9 @@ def train(
     found = (f" + {result.lr_find_forward_passes} of lr-find (learning_rate: auto: {result.learning_rate:g})"
              if result.lr_find_forward_passes else "")
     typer.echo(f"done: {result.steps} steps, {_cost(result)}{found} -> {result.output_dir}")
-    rest = result.wall_seconds - result.train_seconds - result.eval_seconds
-    typer.echo(f"time: {_seconds(result.wall_seconds)}s wall = {_seconds(result.train_seconds)}s training + "
+    rest = result.wall_seconds - result.train_seconds - result.eval_seconds - result.lr_find_seconds
+    searched = f"{_seconds(result.lr_find_seconds)}s lr-find + " if result.lr_find_forward_passes else ""
+    typer.echo(f"time: {_seconds(result.wall_seconds)}s wall = {searched}{_seconds(result.train_seconds)}s training + "
                f"{_seconds(result.eval_seconds)}s evaluation + {_seconds(rest)}s loading, checks and saving")
 
 

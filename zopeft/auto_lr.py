@@ -10,6 +10,7 @@ passes in the run's.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ class LearningRate:
 
     recipe: Recipe
     found: LRFindResult | None = None
+    seconds: float = 0.0  # what finding it took
 
     @property
     def forward_passes(self) -> int:
@@ -53,6 +55,7 @@ def choose_learning_rate(
     if world_size > 1:
         raise RecipeError(["learning_rate: auto runs lr-find in one process; run `zopeft lr-find RECIPE --write-recipe "
                            "tuned.yaml` and launch tuned.yaml under torchrun"])
+    began = time.perf_counter()
     found = search(recipe, model, tokenizer, task, data, target, echo=echo, progress=progress)
     if found.recommended is None:
         tried = ", ".join("{:.3g}: {}".format(row["lr"], row["status"]) for row in found.rows)
@@ -61,4 +64,4 @@ def choose_learning_rate(
     lr = float(f"{found.recommended:.3g}")
     note = "" if found.improved else "; no learning rate beat the start"
     echo(f"learning_rate: auto: {lr:g} ({found.summary()}{note})")
-    return LearningRate(recipe.model_copy(update={"learning_rate": lr}), found)
+    return LearningRate(recipe.model_copy(update={"learning_rate": lr}), found, time.perf_counter() - began)

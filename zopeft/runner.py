@@ -64,6 +64,7 @@ class RunResult:
     train_seconds: float  # the steps, with logging and checkpoints, without the evaluations
     eval_seconds: float
     wall_seconds: float  # all of it: checks, loading, lr-find, training, evaluation, saving
+    lr_find_seconds: float = 0.0  # learning_rate: auto: lr-find before the first step
     evaluated_on: str | None = None  # the eval records in words; None: nothing evaluated
     eval_before: dict[str, Any] = field(default_factory=dict)
     eval_after: dict[str, Any] = field(default_factory=dict)  # of the adapter left in output_dir
@@ -206,7 +207,7 @@ class _Run:
             echo(f"num_train_epochs {epochs:g}: max_steps {recipe.max_steps}")
         echo(f"eval on {data.eval.description}" if data.eval else "eval: none")
         if data.select is not None:
-            echo(f"guard judges {data.select.description}")
+            echo(f"{'guard' if recipe.guards_evaluations else 'best model'} judges {data.select.description}")
         for line in run_lines(recipe, data):
             echo(line)
         show_bar = main and (sys.stderr.isatty() if progress is None else progress)
@@ -410,5 +411,6 @@ class _Run:
             evaluated_on=self.data.eval.description if self.data.eval else None, eval_before=self.eval_before,
             eval_after=kept["eval"] if kept else self.eval_after, resumed_from=self.checkpoint,
             learning_rate=float(self.recipe.learning_rate), lr_find_forward_passes=self.chosen.forward_passes,
+            lr_find_seconds=self.chosen.seconds,
             best_model=kept,
         )
