@@ -88,6 +88,13 @@ def test_resume_keeps_the_best_so_far(tmp_path, scripted_accuracy):
     assert result.exit_code == 0, result.output
     assert "RESUMING" in result.output and "best model: so far the adapter of step 2 (eval_accuracy 0.9" in result.output
     assert same(adapter_tensors(out), step2) and "the last step, 8, scored 0.8000" in result.output
+    scripted_accuracy += [0.80]  # resumed from its last checkpoint into another output_dir: the best comes along
+    (tmp_path / "other").mkdir()
+    elsewhere = write_recipe(tmp_path / "other", max_steps=10, output_dir=str(tmp_path / "other" / "out"),
+                             resume_from_checkpoint=str(out / "checkpoint-8"), **keys)
+    assert invoke("train", elsewhere).exit_code == 0
+    assert same(adapter_tensors(tmp_path / "other" / "out"), step2)
+    assert same(adapter_tensors(tmp_path / "other" / "out" / "checkpoint-best"), step2)
 
 
 def test_the_guard_watches_the_evaluations_by_default(tmp_path, scripted_accuracy):

@@ -8,14 +8,17 @@ directory) and ``best.json``: the step, the metric and its value, the eval score
 a fingerprint of the records judged.  At the end the run puts those weights back before it saves
 output_dir's adapter, so ``zopeft merge`` and ``zopeft eval --adapter RUN`` use them, and logs a
 ``best_model`` record: which step they came from and what the last step scored.  A resumed run
-continues from ``best.json`` when it judges the same records by the same metric.
+continues from the ``best.json`` of its checkpoint's run (copied over when that run is another
+directory's) when it judges the same records by the same metric.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,22 +49,27 @@ class BestModel:
         self.greater = bool(recipe.greater_is_better)
         self.best: dict[str, Any] | None = None  # best.json
 
-    def resume(self) -> None:
-        """Continue from the best that an earlier run of this output_dir kept, if it judged these records by this metric."""
-        file = self.path / BEST_FILE
+    def resume(self, checkpoint: Path) -> None:
+        """Continue from the best that the run of ``checkpoint`` kept (its output_dir's checkpoint-best/, copied here
+        when that is another directory), if it judged these records by this metric."""
+        source = checkpoint.parent / BEST_NAME
+        file = source / BEST_FILE
         if not file.is_file():
             return
         saved = json.loads(file.read_text())
-        weights = sorted(self.path.glob("*.safetensors"))
-        problem = next((p for p in map(check_safetensors, weights) if p), None) if weights else f"{self.path} has no weights"
+        weights = sorted(source.glob("*.safetensors"))
+        problem = next((p for p in map(check_safetensors, weights) if p), None) if weights else f"{source} has no weights"
         if problem or (saved.get("metric"), saved.get("greater_is_better"), saved.get("records")) != (
                 self.metric, self.greater, self.records):
             why = problem or "it was judged by another metric or on other records"
             self.echo(f"best model: not continuing from {BEST_NAME} ({why}); the best is tracked afresh")
             return
+        if source.resolve() != self.path.resolve():
+            with atomic_directory(self.path) as tmp:
+                shutil.copytree(source, tmp, dirs_exist_ok=True)
         self.best = saved
         self.echo(f"best model: so far the adapter of step {saved['step']} ({self.metric} {saved['value']:.4g}, "
-                  f"in {BEST_NAME})")
+                  f"in {source})")
 
     def better(self, value: float) -> bool:
         """Whether ``value`` beats the best so far (strictly; a non-finite value never does)."""
