@@ -126,9 +126,9 @@ def _train(
     session = _Run.setup(recipe, run, rank, world_size, echo, progress)
     try:
         session.train()
+        return session.save(began)
     finally:
-        session.close()
-    return session.save(began)
+        session.close()  # the trackers, after the save's last records
 
 
 def _data_shards(recipe: Recipe, world_size: int) -> int:
