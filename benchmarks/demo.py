@@ -77,7 +77,9 @@ def summarize(output_dir: Path, merged_dir: Path, train_s: float, merge_s: float
 
     recipe = load_recipe(output_dir / "recipe.yaml", check_files=False)
     evals = read_evals(output_dir / "trainer_log.jsonl")
-    before, after = evals[0], evals[-1]
+    records = [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
+    kept = [r["best_model"]["step"] for r in records if "best_model" in r]  # load_best_model_at_end: the adapter left
+    before, after = evals[0], next((r for r in evals if kept and r["step"] == kept[-1]), evals[-1])
     n = int(after["eval_n"])
     acc0, acc1 = before["eval_accuracy"], after["eval_accuracy"]
     se0, se1 = before["eval_accuracy_stderr"], after["eval_accuracy_stderr"]  # zopeft.metrics: sqrt(p(1-p)/(n-1))
@@ -96,7 +98,7 @@ def summarize(output_dir: Path, merged_dir: Path, train_s: float, merge_s: float
         "accuracy_curve": [(r["forward_passes"], r["eval_accuracy"]) for r in evals],
         "steps": recipe.max_steps,
         "train_batch_size": recipe.per_device_train_batch_size,
-        "forward_passes": after["forward_passes"],
+        "forward_passes": evals[-1]["forward_passes"],  # the whole run's
         "seconds": {"train_command": round(train_s, 1), "merge_command": round(merge_s, 1), "total": round(total_s, 1)},
         "outputs": {
             "adapter": str(output_dir),

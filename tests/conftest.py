@@ -73,3 +73,10 @@ def fixed_batch(arch: str = "llama", batch: int = 4, length: int = 12, seed: int
 @pytest.fixture
 def tiny() -> callable:
     return tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _evaluation_cache(tmp_path_factory, monkeypatch):
+    """Each test's runs evaluate their start themselves: the evaluation cache (zopeft.eval_cache) is per test."""
+    cache = tmp_path_factory.mktemp("eval-cache")
+    monkeypatch.setattr("zopeft.eval_cache.cache_dir", lambda: cache)

@@ -101,7 +101,12 @@ def test_every_bundled_recipe_validates(recipe):
         ("dataset=missing.jsonl", "dataset: 'missing.jsonl' is neither a bundled dataset"),
         ("model_name_or_path=./no/such/dir", "model_name_or_path: './no/such/dir' does not exist"),
         ("finetuning_type=ful", "(did you mean 'full'?)"),
-        ("num_train_epochs=3", "num_train_epochs: not a zopeft key; zopeft counts steps: set max_steps"),
+        ("num_train_epochs=3", "num_train_epochs: give max_steps or num_train_epochs, not both"),
+        ("num_train_epochs=0", "num_train_epochs: Input should be greater than 0"),
+        ("learning_rate=aut", "learning_rate: Input should be a valid number, unable to parse string as a number, "
+                              "got 'aut'; or auto (lr-find picks it) (did you mean 'auto'?)"),
+        ("metric_for_best_model=acuracy", "metric_for_best_model: task classification reports accuracy, macro_f1, "
+                                          "loss, not 'acuracy' (did you mean 'accuracy'?)"),
         ("warmup_ratio=1.5", "warmup_ratio: a fraction of max_steps in [0, 1), got 1.5"),
         ("warmup_steps=2.5", "warmup_steps: a count of steps, or a fraction of max_steps below 1, got 2.5"),
         ("warmup_steps=abc", "warmup_steps: a count of steps, or a fraction of max_steps below 1, got 'abc'"),
@@ -185,7 +190,9 @@ def test_train_writes_peft_adapter_log_plot_and_checkpoints(tmp_path):
     evaluated = invoke("eval", tmp_path / "recipe.yaml", "--adapter", out)
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads((out / "eval_dev.json").read_text())
-    assert metrics["accuracy"] == pytest.approx(log[-1]["eval_accuracy"])
+    kept = next(r["best_model"]["step"] for r in log if "best_model" in r)  # the adapter left: the best evaluation's
+    assert metrics["accuracy"] == pytest.approx(next(r["eval_accuracy"] for r in log if "eval_accuracy" in r
+                                                     and r["step"] == kept))
 
 
 def test_a_saved_dataset_dict_trains_on_train_evaluates_validation_and_eval_takes_its_test_split(tmp_path):
@@ -217,7 +224,8 @@ def test_a_saved_dataset_dict_trains_on_train_evaluates_validation_and_eval_take
 def test_train_each_causal_task_format(tmp_path, task, records, extra):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    path = write_recipe(tmp_path, dataset=str(data), eval_dataset=str(data), task=task, max_steps=2, **extra)
+    path = write_recipe(tmp_path, dataset=str(data), eval_dataset=str(data), task=task, max_steps=2,
+                        load_best_model_at_end=False, **extra)  # the trained adapter, whatever it scores
     result = invoke("train", path)
     assert result.exit_code == 0, result.output
     log = [json.loads(x) for x in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]

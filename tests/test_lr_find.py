@@ -1,35 +1,63 @@
-"""zopeft lr-find on a tiny model: a value from its grid, an absurd learning rate flagged."""
+"""lr-find on a tiny model: successive halving within a quarter of the run, ranked on the metric, and
+``learning_rate: auto`` recording its pick."""
 
 from __future__ import annotations
 
 import json
 
+import yaml
 from test_cli import invoke, write_recipe
 
-from zopeft.lr_find import grid
+from zopeft.lr_find import grid, rungs
 from zopeft.recipe import load_recipe
 
 
-def test_grid_is_log_spaced_around_the_recipes_lr():
+def test_grid_is_log_spaced_around_the_recipes_lr_and_rungs_halve_it():
     rates = grid(1e-3, 5, 100.0)
     assert rates[0] == 1e-5 and rates[2] == 1e-3 and abs(rates[-1] - 1e-1) < 1e-12
+    assert rungs(7) == [7, 4, 2] and rungs(4) == [4, 2] and rungs(2) == [2]
 
 
-def test_lr_find_recommends_a_grid_value_and_flags_an_absurd_lr(tmp_path):
-    recipe = write_recipe(tmp_path, max_steps=40, learning_rate=1e-4, per_device_train_batch_size=4,
-                          finetuning_type="full", zo={"optimizer": "mezo", "eps": 1e-2})
+def test_lr_find_spends_at_most_a_quarter_of_the_run_ranks_on_the_metric_and_flags_an_absurd_lr(tmp_path):
+    recipe = write_recipe(tmp_path, max_steps=200, learning_rate=1e-4, finetuning_type="full",
+                          zo={"optimizer": "mezo", "eps": 1e-2})
     out = tmp_path / "tuned.yaml"
-    result = invoke("lr-find", str(recipe), "--points", "3", "--span", "1000000", "--fraction", "0.1",
-                    "--write-recipe", str(out))
+    result = invoke("lr-find", str(recipe), "--span", "1000000", "--write-recipe", str(out))
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "out" / "lr_find.json").read_text())
-    lrs = [row["lr"] for row in data["rows"]]
-    assert data["recommended"] in lrs and data["forward_passes_per_run"] == 4 * 2
-    absurd = data["rows"][-1]
-    # lr 100 with full-parameter MeZO: the updates are refused as non-finite or the loss blows up
-    assert absurd["lr"] == 100.0 and absurd["status"] in ("diverged", "stalled")
-    assert data["rows"][1]["status"] == "ok" and data["rows"][1]["change"] < 0
+    assert data["run_forward_passes"] == 200 * 2 and data["spent"]["total"] <= 0.25 * 200 * 2
+    assert data["fraction"] <= 0.25 and "lr-find spent" in result.output and "of the run's 400" in result.output
+    # every step it trained is paid for: 2 forward passes a MeZO step, and the evaluations
+    assert data["spent"]["training"] == 2 * sum(row["steps"] for row in data["rows"])
+    assert data["rungs"] == [7, 4, 2] and data["first_rung_steps"] >= 2
+    assert data["ranked_by"].startswith("eval accuracy on sst2 dev split")  # the metric, on lr-find's records
+    assert data["recommended"] in [row["lr"] for row in data["rows"]]
+    absurd = data["rows"][-1]  # lr 100 with full-parameter MeZO: refused as non-finite or blowing up
+    assert absurd["lr"] == 100.0 and absurd["status"] == "diverged"
+    lines = result.output.splitlines()
+    progress = [i for i, line in enumerate(lines) if line.startswith("lr-find: lr ")]
+    assert len(progress) >= 7 and progress[-1] < lines.index(next(x for x in lines if x.strip().startswith("lr ")))
     assert load_recipe(out).learning_rate == float(f"{data['recommended']:.3g}")
     assert "recommended learning_rate" in result.output
-    # first, zo.eps against the rounding of the forward pass (fp32 at 1e-2: ok)
-    assert data["eps_check"]["ok"] and data["eps_check"]["eps"] == 1e-2 and "eps check: zo.eps=0.01 ok" in result.output
+
+
+def test_learning_rate_auto_records_its_pick_and_a_resumed_run_keeps_it(tmp_path):
+    keys = dict(learning_rate="auto", save_steps=50, eval_steps=50, zo={"optimizer": "mezo", "eps": 1e-2})
+    result = invoke("train", write_recipe(tmp_path, max_steps=100, **keys))
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    found = next(r["lr_find"] for r in log if "lr_find" in r)
+    picked = float(f"{found['recommended']:.3g}")
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["learning_rate"] == picked
+    assert f"learning_rate: auto: {picked:g} (lr-find spent" in result.output
+    assert f"+ {found['spent']['total']} of lr-find (learning_rate: auto: {picked:g})" in result.output
+    assert found["spent"]["total"] <= 0.25 * 100 * 2 and "s lr-find + " in result.output  # its time, apart
+    assert all(r["lr"] == [picked] for r in map(json.loads, (out / "zo_steps.jsonl").read_text().splitlines()))
+    # the run reports on the evaluation records lr-find did not rank on
+    assert "less the 4 lr-find ranks learning rates on" in result.output
+    resumed = invoke("train", write_recipe(tmp_path, max_steps=104, resume_from_checkpoint="auto", **keys))
+    assert resumed.exit_code == 0, resumed.output
+    assert f"learning_rate: auto: {picked:g}, picked by lr-find when this run started" in resumed.output
+    assert "lr-find spent" not in resumed.output
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["learning_rate"] == picked

@@ -35,6 +35,20 @@ def test_collapse_onto_one_label_is_warned_about():
     assert collapse_warning({"n": 10, **class_metrics(mostly_c, mostly_c, ["a", "b", "c"])}) is None
 
 
+def test_collapse_onto_two_of_five_labels_is_warned_about():
+    """The case the one-label rule missed: 92% of the predictions on two of five balanced labels (40% of the gold)."""
+    gold = [label for label in range(5) for _ in range(40)]
+    pred = [1] * 92 + [3] * 92 + [0, 2, 4] * 5 + [0]
+    labels, words = ["a", "b", "c", "d", "e"], [" A", " B", " C", " D", " E"]
+    warning = collapse_warning({"n": 200, **class_metrics(gold, pred, labels, words)})
+    assert warning == ("labels b (' B') and d (' D') take 184 of 200 predictions (92.0%; 40.0% of the gold labels): "
+                       "the predictions have collapsed onto 2 of 5 labels")
+    spread = [label for label in range(5) for _ in range(40)][5:] + [0] * 5  # a drift towards one label, not a collapse
+    assert collapse_warning({"n": 200, **class_metrics(gold, spread, labels)}) is None
+    skewed = [0] * 170 + [1] * 30  # gold 85% a: predicting a 90% of the time is no collapse
+    assert collapse_warning({"n": 200, **class_metrics(skewed, [0] * 180 + [1] * 20, labels)}) is None
+
+
 def test_report_lines_show_the_table_and_the_confusion_matrix():
     metrics = {"loss": 1.25, "n": 10, **class_metrics(GOLD, PRED, ["a", "b", "c"], [" A", " B", " C"])}
     lines = report_lines(metrics)

@@ -20,7 +20,8 @@ from zopeft.jsonl import checked_line
 def test_replay_rebuilds_the_adapter_bit_for_bit(tmp_path, optimizer):
     # gradient accumulation, a decaying schedule and weight decay: every number of a step record matters
     path = write_recipe(tmp_path, max_steps=3, gradient_accumulation_steps=2, lr_scheduler_type="linear",
-                        weight_decay=0.01, zo__optimizer=optimizer, zo__window=2)
+                        weight_decay=0.01, zo__optimizer=optimizer, zo__window=2,
+                        load_best_model_at_end=False)  # the last step's adapter (test_best_model: the best's)
     assert invoke("train", path).exit_code == 0
     records = [json.loads(x) for x in (tmp_path / "out" / "zo_steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]

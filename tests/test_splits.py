@@ -91,8 +91,9 @@ def test_the_guards_records_are_held_out_after_val_sizes_and_never_trained_on(tm
 
 
 @pytest.mark.parametrize("overrides,error", [
-    (["zo.guard.select_size=100"], "zo.guard: select_size: the records the guard judges when it watches the "
-                                   "evaluations, but it watches the loss; set zo.guard.watch: eval"),
+    (["zo.guard.select_size=100", "zo.guard.watch=loss"], "zo.guard: select_size: the records the guard judges when "
+                                                          "it watches the evaluations, but it watches the loss; set "
+                                                          "zo.guard.watch: eval"),
     (["zo.guard.select_size=1.5", "zo.guard.watch=eval", "eval_steps=5"],
      "zo.guard.select_size: a fraction below 1 (e.g. 0.1) or a count of records (e.g. 200), got 1.5"),
 ])

@@ -185,6 +185,38 @@ def test_without_metric_for_best_model_the_guard_judges_the_eval_accuracy_else_l
     assert len(logged) == 2 and judged == [(v, False) for v in logged]  # a causal LM has no accuracy
 
 
+def test_zo_trainer_keeps_the_best_model_and_its_guard_watches_the_evaluations_by_default(tmp_path, monkeypatch):
+    """load_best_model_at_end / metric_for_best_model as in the Trainer; zo_guard=True judges the evaluations when the
+    Trainer evaluates during training."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    judged = []
+    real = zopeft.Guard.observe_eval
+    monkeypatch.setattr(zopeft.Guard, "observe_eval", lambda self, value, *, higher_is_better=True: (
+        judged.append((value, higher_is_better)), real(self, value, higher_is_better=higher_is_better)))
+    model = lora_model()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4, learning_rate=0.3, eval_strategy="steps",
+        eval_steps=3, save_steps=3, load_best_model_at_end=True, report_to=[], use_cpu=True, seed=0)
+    trainer = zopeft.ZOTrainer(model=model, args=args, train_dataset=Rows(fixed_batch("llama", batch=8)),
+                               eval_dataset=Rows(fixed_batch("llama", batch=8, seed=5)), zo_optimizer="mezo",
+                               zo_kwargs={"eps": 1e-2}, zo_guard=True)
+    trainer.train()
+    assert trainer.zo_guard.watch == "eval"
+    losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert judged == [(v, False) for v in losses]  # metric_for_best_model: loss (the Trainer's default), lower is better
+    best = load_file(f"{trainer.state.best_model_checkpoint}/adapter_model.safetensors")
+    kept = get_peft_model_state_dict(model)
+    assert all(torch.equal(best[k], kept[k]) for k in best) and trainer.state.best_metric == min(losses)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(min(losses))
+    plain = zopeft.ZOTrainer(model=lora_model(), args=TrainingArguments(output_dir=str(tmp_path / "b"), report_to=[],
+                                                                         use_cpu=True),
+                             train_dataset=Rows(fixed_batch("llama", batch=8)), zo_guard=True)
+    plain.create_optimizer()
+    assert plain.zo_guard.watch == "loss"  # no evaluation during training: the step losses
+
+
 def test_a_misspelled_zo_optimizer_or_setting_is_refused_when_the_trainer_is_built(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
     data = Rows(fixed_batch("llama", batch=4))

@@ -139,11 +139,12 @@ def test_resuming_on_changed_training_data_is_refused(tmp_path):
 
 
 def test_foreign_checkpoint_directory_is_left_alone(run_copy):
-    (run_copy / "checkpoint-best").mkdir()
+    (run_copy / "checkpoint-mine").mkdir()
     result = invoke("train", run_copy / "recipe.yaml", "resume_from_checkpoint=auto", "max_steps=6", "save_total_limit=1")
     assert result.exit_code == 0, result.output
-    assert "leaving checkpoint-best alone" in result.output
-    assert sorted(p.name for p in run_copy.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-best"]
+    assert "leaving checkpoint-mine alone" in result.output
+    # checkpoint-best (the best evaluation's adapter) is not rotated by save_total_limit either
+    assert sorted(p.name for p in run_copy.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-best", "checkpoint-mine"]
 
 
 # ----- data that does not fit the task: found before the model loads -----------------------------
@@ -280,7 +281,7 @@ def test_train_refuses_a_previous_run_unless_overwrite(run_copy):
     result = invoke("train", recipe, "--overwrite", "max_steps=1", "save_steps=1")
     assert result.exit_code == 0, result.output
     assert "removed the previous run's" in result.output
-    assert sorted(p.name for p in run_copy.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert sorted(p.name for p in run_copy.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-best"]  # the new run's
     assert [json.loads(x)["step"] for x in (run_copy / "zo_steps.jsonl").read_text().splitlines()] == [0]
 
 

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from .batched import generation_closure, loss_closure, metric_closure
+from .batched import candidate_loss, generation_closure, loss_closure, metric_closure
 from .generation import GenerationBatch
 from .models import AdapterSpec, ModelSpec
-from .objectives import GenerationObjective, Objective, resolve_generation_objective, resolve_objective
+from .objectives import CandidateBatch, GenerationObjective, Objective, resolve_generation_objective, resolve_objective
+from .optim.base import ZOOptimizer
 from .recipe import Recipe, RecipeError
 from .registry import get_optimizer
 from .resolved import task_settings
@@ -27,8 +28,9 @@ from .splits import DataSplits, Split
 from .tasks import Task, build_task
 
 __all__ = [
-    "adapter_spec", "batch_indices", "build_task_for", "eval_data", "forward_equivalents",
-    "make_optimizer", "model_spec", "objective", "torch_threads", "training_batch", "training_data", "zo_closure",
+    "adapter_spec", "batch_indices", "build_task_for", "checks_eps", "eval_data", "forward_equivalents",
+    "make_optimizer", "model_spec", "objective", "step_batches", "torch_threads", "train_step", "training_batch",
+    "training_data", "zo_closure",
 ]
 
 BACKWARD_COST = 2  # a backward pass costs about two forward passes
@@ -160,3 +162,42 @@ def zo_closure(model: torch.nn.Module, batch: Any, target: Objective | Generatio
     if isinstance(batch, GenerationBatch):
         return generation_closure(model, batch, target)
     return metric_closure(model, batch, target)
+
+
+def step_batches(
+    recipe: Recipe, task: Task, records: list[dict], step: int, tokenizer: Any, model: torch.nn.Module, scored: bool,
+    shard: int = 0, shards: int = 1,
+) -> list[Any]:
+    """The ``gradient_accumulation_steps`` micro-batches of step ``step`` (data shard ``shard`` of ``shards``)."""
+    n = len(records)
+    return [training_batch(task, [records[i] for i in batch_indices(recipe, step, j, n, shard, shards)], tokenizer,
+                           model, scored) for j in range(recipe.gradient_accumulation_steps)]
+
+
+def train_step(opt: torch.optim.Optimizer, model: torch.nn.Module, batches: list[Any],
+               target: Objective | GenerationObjective | None) -> dict[str, Any]:
+    """One optimizer step over the micro-batches (ZO, or the AdamW baseline); returns the statistics to log."""
+    if isinstance(opt, ZOOptimizer):
+        closures = [zo_closure(model, b, target) for b in batches]
+        for closure in closures[:-1]:
+            opt.estimate(closure)
+        opt.step(closures[-1])
+        return dict(opt.last_stats)
+    model.train()
+    total = 0.0
+    for batch in batches:  # a CandidateBatch under zo.objective: candidate_ce
+        loss = (candidate_loss(model, batch) if isinstance(batch, CandidateBatch) else model(**batch).loss) / len(batches)
+        loss.backward()
+        total += loss.item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+    return {"loss": total}
+
+
+def checks_eps(recipe: Recipe) -> bool:
+    """Whether a new run checks zo.eps first (``zo.check_eps``; auto: half precision, on a continuous objective)."""
+    setting = recipe.zo.check_eps
+    if setting != "auto":
+        return setting == "always"
+    return recipe.compute_dtype != "float32" and recipe.zo.objective in ("loss", "candidate_ce", "margin")

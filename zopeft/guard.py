@@ -128,9 +128,14 @@ class Guard:
         if self.watch == "eval":
             self._observe(-value if higher_is_better else value, self.optimizer.step_index - 1)
 
-    def observe_metrics(self, metrics: Mapping[str, float], *, prefix: str = "") -> None:
-        """With ``watch="eval"``: judge an evaluation by its accuracy where it has one, else by its loss."""
-        if f"{prefix}accuracy" in metrics:
+    def observe_metrics(self, metrics: Mapping[str, float], *, prefix: str = "", metric: str | None = None,
+                        higher_is_better: bool = True) -> None:
+        """With ``watch="eval"``: judge an evaluation by ``metric`` (in the direction given), else by its accuracy
+        where it has one, else by its loss."""
+        if metric is not None:
+            if f"{prefix}{metric}" in metrics:
+                self.observe_eval(metrics[f"{prefix}{metric}"], higher_is_better=higher_is_better)
+        elif f"{prefix}accuracy" in metrics:
             self.observe_eval(metrics[f"{prefix}accuracy"])
         elif f"{prefix}loss" in metrics:
             self.observe_eval(metrics[f"{prefix}loss"], higher_is_better=False)

@@ -1,18 +1,27 @@
-"""``zopeft lr-find``: short runs over a log-spaced grid of learning rates, from the same start.
+"""``zopeft lr-find`` and ``learning_rate: auto``: successive halving over a log-spaced grid of learning rates.
 
-ZO training is sensitive to the learning rate, and a short run can mislead: in the convergence
-race MeZO's best short-run learning rate (1e-3) reached the target first and then diverged in every
-seed, while the next one down (3e-4) did not.  So the finder runs every learning rate of the grid
-for a small budget (``fraction`` of the recipe's forward passes) from the same initial adapter, on
-the same batches, and measures the loss (or the recipe's objective) on a fixed probe set of
-training examples before and after.  A run *diverged* if its probe value is non-finite or rose by
-more than ``DIVERGED`` (relative), or its smoothed step loss rose by more than ``SPIKE`` above its
-start, or an update was refused as non-finite; it *stalled* if more than half its steps were
-skipped (the loss no longer responds to the perturbations: σ or the difference is 0).  The
-recommendation is one grid step below the largest learning rate that improved the probe value
-with neither - a margin against the late divergence a short run cannot see.  First, on the first
-batch, it checks that zo.eps is above the forward pass's rounding (:mod:`zopeft.optim.eps_check`):
-at a noisy ε every learning rate trains on a noisier estimate.
+ZO training is sensitive to the learning rate, and the loss can fall while what the run is for
+(accuracy) falls too.  So the finder starts every learning rate of a grid from the same adapter on
+the run's own first batches and halves the field in rungs (successive halving, Jamieson and
+Talwalkar 2016): each rung trains the survivors until they have taken twice the steps of the rung
+before, evaluates them and keeps the better half, until the last two are compared.  They are ranked
+by the evaluation metric (``metric_for_best_model``: accuracy for classification), ties by the
+eval loss, on lr-find's slice of the evaluation records (:attr:`zopeft.splits.DataSplits.tune`,
+which a run with ``learning_rate: auto`` does not report); a recipe without evaluation records
+ranks by the loss (or ``zo.objective``) on four batches of training records the short runs do not
+train on.  A learning rate is dropped as *diverged* at a step refused as non-finite, a non-finite
+value, or a smoothed step loss more than :data:`SPIKE` above its start, and as *stalled* when over
+half its steps were skipped (the loss no longer responds to the perturbations).  Of the last two,
+the smaller learning rate is recommended when its metric is within one standard error of the
+other's (the one-standard-error rule: a short run cannot see the late divergence of a learning
+rate that is merely lucky on a few records).
+
+Everything it does is paid from a budget, ``budget`` (25%) of the run's forward passes (max_steps
+x the method's loss evaluations a step x gradient_accumulation_steps): the steps, the evaluations
+(in forward passes of a training batch: the sequences the model ran over
+``per_device_train_batch_size``) and the ε check (:mod:`zopeft.optim.eps_check`, when the run
+would run it).  The grid's points and the first rung's steps are the most that fit, preferring
+:data:`MIN_STEPS` steps a learning rate to more points.
 """
 
 from __future__ import annotations
@@ -26,37 +35,59 @@ import torch
 from tqdm.auto import tqdm
 
 from .components import (
-    adapter_spec, batch_indices, make_optimizer, model_spec, objective, torch_threads, training_batch, training_data,
-    zo_closure,
+    adapter_spec, batch_indices, checks_eps, make_optimizer, model_spec, objective, step_batches, torch_threads,
+    train_step, training_batch, training_data, zo_closure,
 )
 from .models import load_model
+from .objectives import Objective
 from .recipe import Recipe
+from .resolved import LR_FIND_BUDGET, resolve_run
+from .splits import DataSplits
 
-__all__ = ["DIVERGED", "SPIKE", "LRFindResult", "lr_find"]
+__all__ = ["AUTO_GRID", "MIN_STEPS", "SPIKE", "LRFindResult", "grid", "lr_find", "rungs", "search"]
 
-DIVERGED = 0.2  # probe value up by more than 20%: diverged
 SPIKE = 0.5  # smoothed step loss 50% above its start: diverged
+MIN_STEPS = 2  # the first rung's steps a learning rate, before the grid loses points
+AUTO_GRID = (1e-3, 100.0)  # learning_rate: auto: the grid's centre and span (1e-5 to 1e-1)
+PROBE_BATCHES = 4  # without evaluation records: training batches the short runs do not train on
 _SMOOTHING = 0.8
 
 
 @dataclass
 class LRFindResult:
-    """The grid's runs and the recommended learning rate (``None`` if no learning rate improved)."""
+    """The learning rates tried, the one recommended (``None``: every one diverged or stalled) and the cost."""
 
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]]  # per learning rate: lr, status, steps, and each rung's evaluation
     recommended: float | None
-    steps: int
-    forward_passes_per_run: int
-    probe_examples: int
-    eps_check: dict[str, Any]  # zopeft.optim.eps_check.EpsCheck.to_dict() at the recipe's zo.eps, on the first batch
+    ranked_by: str  # what the learning rates were ranked by, on which records
+    start: dict[str, float]  # that value (and the loss) before any step
+    rungs: list[int]  # learning rates trained in each rung
+    first_rung_steps: int  # steps a learning rate in the first rung; each rung doubles them
+    spent: dict[str, int]  # forward passes: training, evaluation, eps_check, total
+    run_forward_passes: int  # the run's: max_steps x loss evaluations a step x gradient_accumulation_steps
+    budget: float  # the share of them lr-find may spend
+    eps_check: dict[str, Any] | None  # zopeft.optim.eps_check.EpsCheck.to_dict() at the recipe's zo.eps, if run
+    improved: bool  # whether the recommended learning rate beat the start
     rule: str = field(default=(
-        "one grid step below the largest learning rate whose probe value improved without diverging (a non-finite "
-        f"step, probe up > {DIVERGED:.0%} or smoothed step loss > {SPIKE:.0%} above its start) or stalling (over "
-        "half its steps skipped)"
-    ))
+        "successive halving: every rung trains the surviving learning rates to twice the steps of the rung before and "
+        "keeps the better half by the evaluation metric (ties: the loss); diverged (a non-finite step or value, or the "
+        f"smoothed step loss > {SPIKE:.0%} above its start) and stalled (over half the steps skipped) ones are dropped; "
+        "of the last ones, the smallest within one standard error of the best is recommended"))
+
+    @property
+    def fraction(self) -> float:
+        """What it spent, as a share of the run's forward passes."""
+        return self.spent["total"] / self.run_forward_passes
+
+    def summary(self) -> str:
+        """``lr-find spent 176 forward passes (...): 24% of the run's 720``."""
+        parts = [f"{self.spent['training']} training", f"{self.spent['evaluation']} evaluating"]
+        parts += [f"{self.spent['eps_check']} checking zo.eps"] if self.spent["eps_check"] else []
+        return (f"lr-find spent {self.spent['total']} forward passes ({', '.join(parts)}): {self.fraction:.0%} of the "
+                f"run's {self.run_forward_passes} (budget {self.budget:.0%})")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "fraction": self.fraction}
 
 
 def grid(center: float, points: int, span: float) -> list[float]:
@@ -66,80 +97,263 @@ def grid(center: float, points: int, span: float) -> list[float]:
     return [center * span ** (2 * i / (points - 1) - 1) for i in range(points)]
 
 
+def rungs(points: int) -> list[int]:
+    """The learning rates each rung trains: all, then the better half (rounded up), ..., the last two."""
+    sizes = [points]
+    while sizes[-1] > 2:
+        sizes.append(math.ceil(sizes[-1] / 2))
+    return sizes
+
+
+def _step_units(sizes: list[int]) -> int:
+    """Steps of the whole schedule per step of the first rung (rung r trains to 2^r times the first rung's steps)."""
+    return sizes[0] + sum(size * 2 ** (r - 1) for r, size in enumerate(sizes) if r)
+
+
 def lr_find(
-    recipe: Recipe, *, fraction: float = 0.1, points: int = 7, span: float = 30.0,
+    recipe: Recipe, *, budget: float = LR_FIND_BUDGET, points: int = 7, span: float = 30.0,
     echo: Callable[[str], None] = print, progress: bool = True,
 ) -> LRFindResult:
-    """Run the recipe briefly at each learning rate of :func:`grid` around its own; see the module docstring."""
+    """Load the recipe's model and :func:`search` learning rates around its own (``learning_rate: auto``: 1e-5 to 1e-1)."""
     if not recipe.is_zeroth_order:
         raise ValueError(f"zo.optimizer: lr-find runs ZO optimizers; {recipe.zo.optimizer} is the first-order baseline")
     with torch_threads(recipe):
-        return _find(recipe, fraction, points, span, echo, progress)
+        task, data = training_data(recipe)
+        recipe = resolve_run(recipe, data)
+        target = objective(recipe, task)
+        torch.manual_seed(recipe.seed)
+        model, tokenizer = load_model(model_spec(recipe), adapter_spec(recipe))
+        model.eval()
+        return search(recipe, model, tokenizer, task, data, target, budget=budget, points=points, span=span,
+                      echo=echo, progress=progress)
 
 
-def _find(
-    recipe: Recipe, fraction: float, points: int, span: float, echo: Callable[[str], None], progress: bool
+@dataclass
+class _Candidate:
+    lr: float
+    steps: int = 0
+    status: str = "ok"
+    skipped: int = 0
+    first: float | None = None  # the first step's loss, where the smoothed loss starts
+    smoothed: float | None = None
+    state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None  # trainable tensors, optimizer state
+    scores: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _key(score: dict[str, float], greater: bool) -> tuple[float, float]:
+    """Larger is better: an evaluation's value (signed by its direction), then its loss."""
+    return (score["value"] if greater else -score["value"], -score["loss"])
+
+
+class _Rows:
+    """Counts the sequences the model runs (a forward hook on its input embeddings)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.count = 0
+        self._handle = model.get_input_embeddings().register_forward_pre_hook(self._seen)
+
+    def _seen(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        self.count += args[0].shape[0]
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def search(
+    recipe: Recipe, model: torch.nn.Module, tokenizer: Any, task: Any, data: DataSplits, target: Objective | None, *,
+    budget: float = LR_FIND_BUDGET, points: int = 7, span: float = 30.0, echo: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> LRFindResult:
-    task, data = training_data(recipe)
-    train_records = data.train.records
-    target = objective(recipe, task)
-    torch.manual_seed(recipe.seed)
-    model, tokenizer = load_model(model_spec(recipe), adapter_spec(recipe))
-    model.eval()
-    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Successive halving on the loaded ``model`` (left as it was); see the module docstring.
+
+    ``recipe`` is resolved (:func:`zopeft.resolved.resolve_run`: its metric and max_steps explicit);
+    its ``learning_rate`` is the grid's centre (``auto``: :data:`AUTO_GRID`).  Raises ``ValueError``
+    when the budget cannot pay for two learning rates of one step each and their evaluations.
+    """
+    center, span = AUTO_GRID if recipe.learning_rate == "auto" else (recipe.learning_rate, span)
+    probe = _Probe(recipe, model, tokenizer, task, data, target)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    start = {n: p.detach().clone() for n, p in trainable.items()}
+    spent = {"training": 0, "evaluation": 0, "eps_check": 0}
+    checker = make_optimizer(recipe.model_copy(update={"learning_rate": 0.0}), model)
+    per_step = len(checker.evaluations()) * recipe.gradient_accumulation_steps
+    run_passes = recipe.max_steps * per_step
+    allowed = budget * run_passes
+    eps_check = None
+    if checks_eps(recipe):
+        check = checker.check_eps(zo_closure(model, probe.first_batch(), target))
+        echo(("" if check.ok else "warning: ") + check.line())
+        eps_check, spent["eps_check"] = check.to_dict(), check.forward_passes
+    baseline, spent["evaluation"] = probe.score()
+    echo(f"lr-find: ranking by {probe.describe()}; at the start {probe.format(baseline)}")
+    if probe.split is not None and recipe.learning_rate != "auto":
+        echo(f"note: lr-find ranks on {len(probe.split.records)} of the evaluation records, which a run at a given "
+             "learning rate also reports on; learning_rate: auto leaves them out of the run's evaluations")
+    eval_cost = max(spent["evaluation"], 1)
+    left = allowed - spent["eps_check"] - spent["evaluation"]
+    plan = _plan(left, per_step, eval_cost, points)
+    if plan is None:
+        raise ValueError(
+            f"lr-find: {budget:.0%} of the run's {run_passes} forward passes ({allowed:.0f}) cannot pay for two "
+            f"learning rates of one step ({per_step} forward passes each) and their evaluations ({eval_cost} each); "
+            "raise max_steps or the budget (--budget)")
+    sizes, first_steps = plan
+    candidates = [_Candidate(lr) for lr in grid(center, sizes[0], span)]
+    echo(f"lr-find: {len(candidates)} learning rates from {candidates[0].lr:.3g} to {candidates[-1].lr:.3g}; "
+         f"rungs of {', '.join(map(str, sizes))} learning rates trained to "
+         f"{', '.join(str(first_steps * 2 ** r) for r in range(len(sizes)))} steps; budget {allowed:.0f} forward "
+         f"passes ({budget:.0%} of the run's {run_passes})")
+    bar = tqdm(total=first_steps * _step_units(sizes), disable=not progress, unit="step", dynamic_ncols=True)
+    alive = candidates
+    try:
+        for rung, size in enumerate(sizes):
+            for cand in alive[:size]:
+                spent["training"] += _advance(cand, first_steps * 2 ** rung, recipe, model, task, tokenizer, data,
+                                              target, start, trainable, bar)
+                if cand.status == "ok":
+                    score, cost = probe.score()
+                    spent["evaluation"] += cost
+                    cand.scores.append({"rung": rung + 1, "steps": cand.steps, **score})
+                    cand.status = _status(cand, score)
+                echo(f"lr-find: lr {cand.lr:.3g} after {cand.steps} steps: "
+                     + (probe.format(cand.scores[-1]) if cand.scores and cand.status == "ok" else cand.status))
+            ranked = sorted((c for c in alive[:size] if c.status == "ok"),
+                            key=lambda c: _key(c.scores[-1], probe.greater), reverse=True)
+            alive = ranked[: math.ceil(size / 2)] if rung + 1 < len(sizes) else ranked
+            if rung + 1 < len(sizes) and alive:
+                echo(f"lr-find: rung {rung + 1}/{len(sizes)}: keeping {', '.join(f'{c.lr:.3g}' for c in alive)}")
+    finally:
+        bar.close()
+        probe.close()
+        _load(trainable, start)  # leave the model as it was loaded
+    best = _pick(alive, echo)
+    improved = best is not None and _key(best.scores[-1], probe.greater) > _key(baseline, probe.greater)
+    rows = [{"lr": c.lr, "status": c.status, "steps": c.steps, "skipped_steps": c.skipped, "evaluations": c.scores}
+            for c in candidates]
+    return LRFindResult(
+        rows=rows, recommended=best.lr if best else None, ranked_by=probe.describe(), start=baseline, rungs=sizes,
+        first_rung_steps=first_steps, spent={**spent, "total": sum(spent.values())}, run_forward_passes=run_passes,
+        budget=budget, eps_check=eps_check, improved=improved,
+    )
+
+
+def _pick(ranked: list[_Candidate], echo: Callable[[str], None]) -> _Candidate | None:
+    """The one-standard-error rule: of the last rung's learning rates (best first), the smallest whose value is
+    within one standard error of the best's (the best itself where the metric has none)."""
+    if not ranked:
+        return None
+    best = ranked[0].scores[-1]
+    close = [c for c in ranked if best.get("stderr") and abs(c.scores[-1]["value"] - best["value"]) <= best["stderr"]]
+    pick = min(close, key=lambda c: c.lr) if close else ranked[0]
+    if pick is not ranked[0]:
+        echo(f"lr-find: {pick.lr:.3g} is within one standard error ({best['stderr']:.3g}) of {ranked[0].lr:.3g}, the "
+             "best: the smaller learning rate is recommended (a short run cannot see a late divergence)")
+    return pick
+
+
+def _plan(left: float, per_step: int, eval_cost: int, points: int) -> tuple[list[int], int] | None:
+    """The rungs and the first rung's steps that fit ``left`` forward passes: the most points (3 or more) with at
+    least :data:`MIN_STEPS` steps, else the most with one step; None if not even two learning rates fit."""
+    fits = []
+    for n in range(max(points, 2), 1, -1):
+        sizes = rungs(n)
+        steps = int((left - sum(sizes) * eval_cost) // (_step_units(sizes) * per_step))
+        if steps >= 1:
+            fits.append((sizes, steps))
+    preferred = [fit for fit in fits if fit[1] >= MIN_STEPS and fit[0][0] >= 3]
+    return (preferred or fits or [None])[0]
+
+
+def _load(trainable: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(values[name])
+
+
+def _advance(
+    cand: _Candidate, until: int, recipe: Recipe, model: torch.nn.Module, task: Any, tokenizer: Any, data: DataSplits,
+    target: Objective | None, start: dict[str, torch.Tensor], trainable: dict[str, torch.nn.Parameter], bar: Any,
+) -> int:
+    """Train ``cand`` from where it stopped to ``until`` steps on the run's batches; returns the forward passes."""
+    _load(trainable, cand.state[0] if cand.state else start)
+    opt = make_optimizer(recipe.model_copy(update={"learning_rate": cand.lr}), model)
+    if cand.state:
+        opt.load_state_dict(cand.state[1])
+    passes = opt.forward_passes
+    for step in range(cand.steps, until):
+        batches = step_batches(recipe, task, data.train.records, step, tokenizer, model, target is not None)
+        stats = train_step(opt, model, batches, target)
+        cand.steps = step + 1
+        bar.update(1)
+        loss = float(stats["loss"])
+        if str(stats.get("skipped", "")).startswith("non-finite") or not math.isfinite(loss):
+            cand.status = "diverged"
+            break
+        cand.first = loss if cand.first is None else cand.first
+        cand.smoothed = loss if cand.smoothed is None else _SMOOTHING * cand.smoothed + (1 - _SMOOTHING) * loss
+        if cand.smoothed > cand.first + SPIKE * abs(cand.first):
+            cand.status = "diverged"
+            break
+    cand.skipped = opt.skipped_steps
+    cand.state = ({n: p.detach().clone() for n, p in trainable.items()}, opt.state_dict())
+    return opt.forward_passes - passes
+
+
+def _status(cand: _Candidate, score: dict[str, float]) -> str:
+    if not (math.isfinite(score["value"]) and math.isfinite(score["loss"])):
+        return "diverged"
+    return "stalled" if cand.skipped > cand.steps / 2 else "ok"
+
+
+class _Probe:
+    """What ranks the learning rates: the evaluation metric on lr-find's slice of the evaluation records, else the
+    loss (or objective) on training batches beyond the short runs; each score with its cost in forward passes."""
+
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, tokenizer: Any, task: Any, data: DataSplits,
+                 target: Objective | None) -> None:
+        self.recipe, self.model, self.tokenizer, self.task, self.target = recipe, model, tokenizer, task, target
+        self.records, self.split = data.train.records, data.tune
+        self.metric = recipe.metric_for_best_model if self.split is not None else "loss"
+        self.greater = bool(recipe.greater_is_better) if self.split is not None else False
+        self.rows = _Rows(model)
+        n, size = len(self.records), recipe.per_device_train_batch_size
+        beyond = recipe.max_steps  # no short run gets that far
+        self.batches = [[self.records[i] for i in batch_indices(recipe, beyond + b, 0, n)]
+                        for b in range(PROBE_BATCHES)] if self.split is None else []
+        self.size = size
+
+    def first_batch(self) -> Any:
+        records = [self.records[i] for i in batch_indices(self.recipe, 0, 0, len(self.records))]
+        return training_batch(self.task, records, self.tokenizer, self.model, self.target is not None)
+
+    def describe(self) -> str:
+        if self.split is not None:
+            return f"eval {self.metric} on {self.split.description}"
+        what = "loss" if self.target is None else f"zo.objective {self.recipe.zo.objective}"
+        return (f"the {what} on {PROBE_BATCHES * self.size} training records the short runs do not train on (no "
+                "evaluation records to rank by)")
+
+    def format(self, score: dict[str, float]) -> str:
+        if self.split is None:
+            return f"{self.metric} {score['value']:.4f}"
+        return f"{self.metric} {score['value']:.4f}, loss {score['loss']:.4f}"
 
     @torch.no_grad()
-    def reset() -> None:
-        """The trainable tensors back to their loaded values."""
-        for name, p in model.named_parameters():
-            if name in start:
-                p.copy_(start[name])
+    def score(self) -> tuple[dict[str, float], int]:
+        """``{"value", "loss"}`` of the model as it is, and the forward passes (of a training batch) it took."""
+        before = self.rows.count
+        if self.split is not None:
+            metrics = self.task.evaluate(self.model, self.tokenizer, self.split.records,
+                                         batch_size=self.recipe.per_device_eval_batch_size)
+            score = {"value": float(metrics[self.metric]), "loss": float(metrics["loss"]),
+                     "stderr": metrics.get(f"{self.metric}_stderr")}
+        else:
+            values = [float(zo_closure(self.model, training_batch(self.task, batch, self.tokenizer, self.model,
+                                                                  self.target is not None), self.target)())
+                      for batch in self.batches]
+            value = sum(values) / len(values)
+            score = {"value": value, "loss": value}
+        return score, math.ceil((self.rows.count - before) / self.size)
 
-    def closure(records: list[dict]) -> Any:
-        return zo_closure(model, training_batch(task, records, tokenizer, model, target is not None), target)
-
-    n = len(train_records)
-    steps = max(1, round(fraction * recipe.max_steps))
-    # four batches from beyond the short runs: training examples the runs (mostly) do not see
-    probe = [train_records[i] for s in range(steps, steps + 4) for i in batch_indices(recipe, s, 0, n)]
-
-    @torch.no_grad()
-    def probe_value() -> float:
-        size = recipe.per_device_train_batch_size
-        values = [float(closure(probe[i : i + size])()) for i in range(0, len(probe), size)]
-        return sum(values) / len(values)
-
-    checker = make_optimizer(recipe, model)
-    evals = len(checker.evaluations())
-    check = checker.check_eps(closure([train_records[i] for i in batch_indices(recipe, 0, 0, n)]))
-    echo(("" if check.ok else "warning: ") + check.line())
-    rates = grid(recipe.learning_rate, points, span)
-    echo(f"lr-find: {len(rates)} learning rates x {steps} steps ({steps * evals} forward passes each, "
-         f"{fraction:.0%} of the recipe's {recipe.max_steps} steps); probe: {len(probe)} training examples")
-    bar = tqdm(total=len(rates) * steps, disable=not progress, unit="step", dynamic_ncols=True)
-    rows = []
-    for lr in rates:
-        reset()
-        opt = make_optimizer(recipe.model_copy(update={"learning_rate": lr}), model)
-        before = probe_value()
-        smoothed, peak = None, -math.inf
-        for step in range(steps):
-            records = [train_records[i] for i in batch_indices(recipe, step, 0, n)]
-            loss = opt.step(closure(records))
-            smoothed = loss if smoothed is None else _SMOOTHING * smoothed + (1 - _SMOOTHING) * loss
-            peak = max(peak, smoothed) if math.isfinite(smoothed) else math.inf
-            bar.update(1)
-        after = probe_value()
-        initial = opt.loss_at_theta(opt.step_log[0]["losses"]) if opt.step_log else before  # where `smoothed` began
-        refused = sum(r.get("skipped", "").startswith("non-finite") for r in opt.step_log)
-        diverged = (refused > 0 or not math.isfinite(after) or after > before + DIVERGED * abs(before)
-                    or peak > initial + SPIKE * abs(initial))
-        stalled = not diverged and opt.skipped_steps > steps / 2  # the loss stopped responding to perturbations
-        rows.append({"lr": lr, "probe_before": before, "probe_after": after, "change": after - before,
-                     "status": "diverged" if diverged else "stalled" if stalled else "ok",
-                     "skipped_steps": opt.skipped_steps})
-    bar.close()
-    reset()  # leave the model as it was loaded
-    improving = [i for i, r in enumerate(rows) if r["status"] == "ok" and r["change"] < 0]
-    recommended = rows[max(improving[-1] - 1, 0)]["lr"] if improving else None
-    return LRFindResult(rows, recommended, steps, steps * evals, len(probe), check.to_dict())
+    def close(self) -> None:
+        self.rows.close()

@@ -2,8 +2,10 @@
 
 * :func:`class_metrics`: per-class precision / recall / F1 / support, macro-F1 and the confusion
   matrix of predicted against gold classes;
-* :func:`collapse_warning`: one line when a single label takes most of the predictions (a
-  collapse that a plain accuracy hides);
+* :func:`collapse_warning`: one line when the predictions pile onto a few labels far beyond their
+  share of the gold labels (a collapse that a plain accuracy hides);
+* :data:`TASK_METRICS` and :func:`greater_is_better`: what each task's evaluation reports, the
+  metric that picks the best model by default, and its direction;
 * :func:`report_lines`: the table ``zopeft eval`` prints;
 * :class:`EMA`: the exponential moving average of the training loss logged beside the raw one.
 
@@ -17,9 +19,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["COLLAPSE_SHARE", "EMA", "class_metrics", "collapse_warning", "compare_line", "predicted_counts", "report_lines"]
+__all__ = [
+    "COLLAPSE_MARGIN", "COLLAPSE_SHARE", "EMA", "TASK_METRICS", "class_metrics", "collapse_warning", "compare_line",
+    "greater_is_better", "predicted_counts", "report_lines",
+]
 
-COLLAPSE_SHARE = 0.8  # a label with this share of the predictions (and 10 points above its gold share) is warned about
+# the labels predicted more often than they are gold, when they take this share of the predictions ...
+COLLAPSE_SHARE = 0.8
+COLLAPSE_MARGIN = 0.1  # ... and this much more than their share of the gold labels, are warned about
+# What each task kind's evaluation reports that a run can select on (metric_for_best_model); the first is the
+# default.  A task kind with other metrics adds its row here.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "macro_f1", "loss"),
+    "multiple_choice": ("accuracy", "macro_f1", "loss"),
+    "sequence_classification": ("accuracy", "macro_f1", "loss"),
+    "generation": ("f1", "exact_match", "loss"),
+    "sft": ("loss", "perplexity"),
+}
 HEADLINE = {"accuracy": "accuracy", "macro_f1": "macro-F1", "f1": "F1", "exact_match": "exact match", "loss": "loss",
             "perplexity": "perplexity"}
 
@@ -71,14 +87,20 @@ def _named(label: str, row: dict[str, Any]) -> str:
 
 
 def collapse_warning(metrics: dict[str, Any]) -> str | None:
-    """A line when one label takes ≥ 80% of the predictions and ≥ 10 points more than its share of the gold labels."""
-    n = metrics.get("n", 0)
-    for label, row in metrics.get("per_class", {}).items():
-        share, gold_share = _ratio(row["predicted"], n), _ratio(row["support"], n)
-        if len(metrics["per_class"]) > 1 and share >= COLLAPSE_SHARE and share - gold_share >= 0.1:
-            return (f"label {_named(label, row)} takes {row['predicted']} of {n} predictions ({100 * share:.1f}%; "
-                    f"{100 * gold_share:.1f}% of the gold labels): the predictions have collapsed onto one label")
-    return None
+    """A line when the labels predicted more often than they are gold take ≥ 80% of the predictions and ≥ 10 points
+    more than their share of the gold labels (predictions piled onto one label, or onto a few of many)."""
+    n, per_class = metrics.get("n", 0), metrics.get("per_class", {})
+    over = {label: row for label, row in per_class.items() if row["predicted"] > row["support"]}
+    predicted = sum(row["predicted"] for row in over.values())
+    share, gold_share = _ratio(predicted, n), _ratio(sum(row["support"] for row in over.values()), n)
+    if len(per_class) < 2 or share < COLLAPSE_SHARE or share - gold_share < COLLAPSE_MARGIN:
+        return None
+    names = [_named(label, row) for label, row in over.items()]
+    which = (f"label {names[0]} takes" if len(names) == 1
+             else f"labels {', '.join(names[:-1])} and {names[-1]} take")
+    onto = "one label" if len(names) == 1 else f"{len(names)} of {len(per_class)} labels"
+    return (f"{which} {predicted} of {n} predictions ({100 * share:.1f}%; {100 * gold_share:.1f}% of the gold "
+            f"labels): the predictions have collapsed onto {onto}")
 
 
 def report_lines(metrics: dict[str, Any]) -> list[str]:
@@ -113,6 +135,12 @@ def compare_line(before: dict[str, Any], after: dict[str, Any]) -> str:
 def _stderr(metrics: dict[str, Any], key: str) -> str:
     """`` ±0.0288`` after a metric that has a standard error (accuracy), else nothing."""
     return f" ±{metrics[key + '_stderr']:.4f}" if key + "_stderr" in metrics else ""
+
+
+def greater_is_better(metric: str) -> bool:
+    """Whether a higher value of ``metric`` is better: not for a loss or a perplexity (TrainingArguments' rule,
+    which reads every name ending in ``loss`` as a loss)."""
+    return not (metric.endswith("loss") or metric.endswith("perplexity"))
 
 
 @dataclass

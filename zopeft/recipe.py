@@ -19,12 +19,13 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
-    AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, create_model,
-    field_validator, model_validator,
+    AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, TypeAdapter, ValidationError, ValidationInfo,
+    create_model, field_validator, model_validator,
 )
 
 from .data import BUILTIN_DATASETS, TABLE_FORMATS
 from .hints import did_you_mean
+from .metrics import TASK_METRICS
 from .objectives import DIFFERENTIABLE
 from .optim.settings import GUARD_DEFAULTS
 from .recipe_yaml import MAX_BYTES, load_yaml
@@ -66,6 +67,9 @@ INERT_UNLESS: dict[str, tuple[str, tuple[Any, ...]]] = {
 # text keys whose command-line overrides interpret the escapes \n, \t and \\ (prompt text, not paths)
 ESCAPED_KEYS = ("template",)
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+_LEARNING_RATE = TypeAdapter(Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)])
 
 
 class RecipeError(ValueError):
@@ -127,7 +131,9 @@ class GuardSettings(_Strict):
                           "(default: loss 5 steps, eval 1 evaluation)")
     backoff: float = Field(0.5, gt=0, lt=1, description="factor on the learning rate at each rollback")
     max_rollbacks: int = Field(3, ge=1, le=1000, description="rollbacks without a new best before the run stops")
-    watch: Literal["loss", "eval"] = Field("loss", description="judge the step losses or the evaluations (eval_steps)")
+    watch: Literal["auto", "loss", "eval"] = Field(
+        "auto", description="judge the evaluations every eval_steps (eval) or the step losses (loss); auto: eval when "
+        "the run has evaluation records and eval_steps, else loss")
     max_copy_bytes: int = Field(1 << 30, ge=0, description="largest in-memory copy of the trainable tensors; "
                                 "beyond it the best state is rebuilt by replaying the seed log")
     select_size: int | float | None = Field(
@@ -142,8 +148,8 @@ class GuardSettings(_Strict):
             hint = f" (did you mean zo.guard.watch: {value}?)" if value in ("loss", "eval") else ""
             raise ValueError(f"zo.guard: true, false or a mapping of guard settings (watch: eval, patience: 3, ...), "
                              f"got {value!r}{hint}")
-        if isinstance(value, dict):  # the defaults of what is watched, under what the recipe sets
-            value = {**GUARD_DEFAULTS.get(value.get("watch", "loss"), {}), **value}
+        if isinstance(value, dict):  # the defaults of what is watched, under what the recipe sets (auto: at the run)
+            value = {**GUARD_DEFAULTS.get(value.get("watch", "auto"), {}), **value}
         return value
 
     @field_validator("select_size", mode="before")
@@ -153,7 +159,7 @@ class GuardSettings(_Strict):
 
     @model_validator(mode="after")
     def _selects_on_evaluations(self) -> GuardSettings:
-        if self.select_size is not None and not (self.enabled and self.watch == "eval"):
+        if self.select_size is not None and not (self.enabled and self.watch != "loss"):
             raise ValueError(f"select_size: the records the guard judges when it watches the evaluations, but "
                              f"{'the guard is off' if not self.enabled else 'it watches the loss'}; set "
                              "zo.guard.watch: eval (with eval_steps), or drop select_size")
@@ -333,8 +339,13 @@ class Recipe(_Strict):
     max_eval_samples: int | None = Field(None, ge=1, description="a random subset of the evaluation records "
                                          "(fixed: the same for every run, seed and resume)")
     # training
-    learning_rate: float = Field(1e-3, ge=0, le=1)
+    learning_rate: float | Literal["auto"] = Field(
+        1e-3, description="a number in [0, 1], or auto: lr-find picks it before the first step (at most 25% of the "
+        "run's forward passes; the run's recipe.yaml records the pick)")
     max_steps: int = Field(100, ge=1, le=STEPS)
+    num_train_epochs: float | None = Field(
+        None, gt=0, le=1e6, description="passes over the training records instead of max_steps (fractions allowed): "
+        "max_steps = ceil(epochs x records / examples a step); give one of the two")
     per_device_train_batch_size: int = Field(16, ge=1, le=BATCH)
     per_device_eval_batch_size: int = Field(16, ge=1, le=BATCH)
     gradient_accumulation_steps: int = Field(1, ge=1, le=BATCH)
@@ -343,6 +354,15 @@ class Recipe(_Strict):
                                       "below 1 (as in transformers 5; LLaMA-Factory's warmup_ratio is read as it)")
     weight_decay: float = Field(0.0, ge=0, le=1)
     eval_steps: int | None = Field(None, ge=1, le=STEPS, description="evaluate every N steps (None: only at the start and end)")
+    eval_on_start: bool = Field(True, description="evaluate before the first step (reused from the cache when the base "
+                                "model, the adapter's initial values and the evaluation records are those of a run before)")
+    load_best_model_at_end: bool | None = Field(
+        None, description="leave the adapter of the best evaluation in output_dir (kept in checkpoint-best/); default: "
+        "true when the run has evaluation records")
+    metric_for_best_model: str | None = Field(
+        None, description="the evaluation metric that picks the best model (and that zo.guard.watch: eval judges); "
+        "default: accuracy (classification, multiple_choice, sequence_classification), else loss")
+    greater_is_better: bool | None = Field(None, description="default: false for a loss or perplexity, else true")
     save_steps: int | None = Field(None, ge=1, le=STEPS)
     save_total_limit: int | None = Field(None, ge=1, le=STEPS)
     logging_steps: int = Field(10, ge=1, le=STEPS)
@@ -398,9 +418,34 @@ class Recipe(_Strict):
     @classmethod
     def _fraction_of_max_steps(cls, value: Any, info: ValidationInfo) -> Any:
         """A float below 1 is a fraction of max_steps, rounded up (TrainingArguments in transformers 5)."""
+        if isinstance(value, float) and 0 < value < 1 and info.data.get("num_train_epochs") is not None:
+            raise ValueError(f"{info.field_name}: {value} is a fraction of max_steps, and the recipe gives "
+                             "num_train_epochs instead; give a count of steps (zopeft validate prints the steps "
+                             "num_train_epochs amounts to)")
         if isinstance(value, float) and 0 < value < 1 and "max_steps" in info.data:
             return math.ceil(value * info.data["max_steps"])
         return value
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _learning_rate(cls, value: Any) -> Any:
+        """A number in [0, 1] (PyYAML reads 1e-3 as text) or ``auto``: one error line either way."""
+        if value == "auto":
+            return value
+        try:
+            if isinstance(value, bool):
+                raise ValueError("Input should be a number, not true or false")
+            return _LEARNING_RATE.validate_python(value)
+        except (ValidationError, ValueError) as err:
+            msg = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
+            hint = did_you_mean(value, ["auto"]) if isinstance(value, str) else ""
+            raise ValueError(f"learning_rate: {msg}, got {value!r}; or auto (lr-find picks it){hint}") from None
+
+    @field_validator("metric_for_best_model")
+    @classmethod
+    def _metric(cls, value: str | None) -> str | None:
+        """The metric's name as the evaluation reports it (``eval_accuracy``, TrainingArguments' spelling, is ``accuracy``)."""
+        return value.removeprefix("eval_") if value else value
 
     @field_validator("resume_from_checkpoint", mode="before")
     @classmethod
@@ -525,6 +570,16 @@ class Recipe(_Strict):
             raise ValueError("zo.guard.watch: eval judges the evaluations every eval_steps, but eval_steps is not set "
                              "(the run evaluates at its start and end only); set eval_steps, or zo.guard.watch: loss")
         self._generation_consistent()
+        if self.num_train_epochs is not None and "max_steps" in self.model_fields_set:
+            raise ValueError("num_train_epochs: give max_steps or num_train_epochs, not both (zopeft validate prints the "
+                             "steps num_train_epochs amounts to)")
+        if self.learning_rate == "auto" and not self.is_zeroth_order:
+            raise ValueError(f"learning_rate: auto runs lr-find, which tunes ZO optimizers; give {self.zo.optimizer} a "
+                             "number (e.g. 1e-4)")
+        metrics = TASK_METRICS.get(self.task_kind or "", ())
+        if self.metric_for_best_model is not None and metrics and self.metric_for_best_model not in metrics:
+            raise ValueError(f"metric_for_best_model: task {self.task_kind} reports {', '.join(metrics)}, not "
+                             f"{self.metric_for_best_model!r}{did_you_mean(self.metric_for_best_model, metrics)}")
         if self.task not in (None, "classification") and self.label_word_scoring != "sum":
             raise ValueError(f"label_word_scoring: ranks the label words of task classification; {self.task} has none "
                              "(multiple_choice ranks its choices by their mean log-prob per token); drop it")
@@ -576,7 +631,7 @@ class Recipe(_Strict):
         if self.zo.guard.select_size is not None and not self.is_zeroth_order:
             notes.append(f"zo.guard.select_size: {self.zo.optimizer} trains without the guard: the records it holds "
                          "out are not trained on (as in a ZO run of the recipe) and not evaluated")
-        if self.guards_evaluations and self.eval_steps:
+        if self.guards_evaluations and self.eval_steps and self.num_train_epochs is None:
             judged = 1 + (self.max_steps - 1) // self.eval_steps  # the start and every eval_steps before the end
             if judged <= self.zo.guard.patience:
                 notes.append(f"zo.guard: watching the evaluations, it rolls back after {self.zo.guard.patience} in a "
@@ -617,7 +672,9 @@ class Recipe(_Strict):
         return {k: data[k] for k in ESSENTIAL_KEYS}
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(), sort_keys=False, allow_unicode=True)
+        """The recipe as YAML (with num_train_epochs, without the max_steps it replaces)."""
+        dropped = {"max_steps"} if self.num_train_epochs is not None else set()
+        return yaml.safe_dump(self.model_dump(exclude=dropped), sort_keys=False, allow_unicode=True)
 
 
 def bundled_recipes_dir() -> Path:

@@ -4,10 +4,11 @@ A zeroth-order step is a pure function of the run seed, the step, its learning r
 losses: the noise is regenerated from the seed.  ``zo_steps.jsonl`` keeps those few numbers for
 every step, so a run is its recipe plus that log: the adapter is initialised as training
 initialised it (same seed) and a fresh optimizer re-applies every logged step
-(:meth:`zopeft.ZOOptimizer.replay`).  Run it on the kind of device the run trained on
-(the noise is drawn on the tensors' device).  The log's lines carry chained checksums
-(:mod:`zopeft.jsonl`) and its first step the seed and a fingerprint of the starting weights, so
-a damaged, edited or truncated log, or a recipe edited since, is refused before anything is written.
+(:meth:`zopeft.ZOOptimizer.replay`), up to the step whose adapter the run left in its output_dir
+(an earlier one under ``load_best_model_at_end``: :mod:`zopeft.best_model`).  Run it on the kind of
+device the run trained on (the noise is drawn on the tensors' device).  The log's lines carry chained
+checksums (:mod:`zopeft.jsonl`) and its first step the seed and a fingerprint of the starting weights,
+so a damaged, edited or truncated log, or a recipe edited since, is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from .best_model import kept_steps
 from .checkpoint import atomic_directory
 from .components import adapter_spec, make_optimizer, model_spec
 from .jsonl import LogError, read_checked
@@ -39,8 +41,9 @@ def replay_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
     written before zopeft had them gets a note instead), its values, that it reaches the run's
     last checkpoint (and, for a finished run, its last step), and that the recipe's model,
     adapter and seed give the weights and seed the log started from.  Returns ``{"steps",
-    "out_dir", "compared", "identical", "notes"}``: ``compared`` is the run's own adapter when the
-    log covers the whole run (its tensors are compared bit for bit), else None.
+    "out_dir", "compared", "identical", "notes", "kept_step"}``: ``steps`` replayed (up to
+    ``kept_step`` when the run left the adapter of that earlier step, else all), ``compared`` the
+    run's own adapter when the log covers the whole run (its tensors are compared bit for bit), else None.
     """
     run, out_dir = RunDir(run_dir), Path(out_dir)
     recipe = run.recipe()
@@ -55,10 +58,13 @@ def replay_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
     saved = sorted(run.path.glob("adapter_model.safetensors")) or sorted(run.path.glob("model*.safetensors"))
     _check_complete(run, len(steps), finished=bool(saved))
     check_output_target(out_dir, overwrite=overwrite, written_by="zopeft replay", keep=[run.path])
+    first = records[0]  # where the log started (checked below, before a kept earlier step cuts it)
+    records, kept = kept_steps(run, records)
+    steps = steps if kept is None else steps[:kept]
     torch.manual_seed(recipe.seed)  # the adapter's initialisation, as in training
     model, tokenizer = load_model(model_spec(recipe), adapter_spec(recipe))
     opt = make_optimizer(recipe, model)
-    _check_start(run, recipe, records[0], opt.points.fingerprint())
+    _check_start(run, recipe, first, opt.points.fingerprint())
     try:
         opt.replay(records)
     except ValueError as err:
@@ -72,7 +78,8 @@ def replay_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
     if compared is not None:
         theirs, ours = _weights(saved), _weights([out_dir / f.name for f in saved])
         identical = theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
-    return {"steps": len(steps), "out_dir": str(out_dir), "compared": compared, "identical": identical, "notes": notes}
+    return {"steps": len(steps), "out_dir": str(out_dir), "compared": compared, "identical": identical, "notes": notes,
+            "kept_step": kept}
 
 
 def _read_log(path: Path) -> tuple[list[dict[str, Any]], list[str]]:

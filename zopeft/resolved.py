@@ -2,24 +2,30 @@
 
 :func:`task_settings` fills a bundled dataset's defaults (task kind, template, label words,
 text fields) into the recipe's data keys: :func:`zopeft.components.build_task_for` builds the
-task from it.  :func:`effective_lines` describes what a run will use: the task, the template
-as it fills the first record, each label word's tokens, the number of classes, the train and
-eval records and the threads.
+task from it.  :func:`resolve_run` makes explicit what a recipe leaves to its data (max_steps from
+num_train_epochs, what the guard watches, how the best model is picked): a run saves that recipe.
+:func:`effective_lines` describes what a run will use: the task, the template as it fills the
+first record, each label word's tokens, the number of classes, the train and eval records, the
+run's length, learning rate, guard and best model, and the threads.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from typing import Any
 
 from .data import BUILTIN_DATASETS
+from .metrics import TASK_METRICS, greater_is_better
 from .model_files import local_tokenizer_file
-from .recipe import Recipe, RecipeError
+from .recipe import GuardSettings, Recipe, RecipeError
 from .records import answer_texts, canon_label, choice_texts, label_index, label_keys, prompt_text
 from .splits import DataSplits
 
-__all__ = ["effective_lines", "label_word_tokens", "task_settings"]
+__all__ = ["LR_FIND_BUDGET", "effective_lines", "label_word_tokens", "resolve_run", "run_lines", "task_settings"]
+
+LR_FIND_BUDGET = 0.25  # learning_rate: auto: lr-find's share of the run's forward passes
 
 
 def task_settings(recipe: Recipe) -> dict[str, Any]:
@@ -43,6 +49,72 @@ def task_settings(recipe: Recipe) -> dict[str, Any]:
         settings.update(answer_field=recipe.answer_field, max_new_tokens=recipe.max_new_tokens,
                         stop_strings=recipe.stop_strings)
     return settings
+
+
+def resolve_run(recipe: Recipe, data: DataSplits, shards: int = 1) -> Recipe:
+    """The recipe with what it leaves to its data made explicit (the recipe a run saves and resumes by).
+
+    * ``max_steps`` from ``num_train_epochs``: ceil(epochs x training records / examples a step), where a step
+      reads ``per_device_train_batch_size x gradient_accumulation_steps x shards`` examples (``shards``: the
+      data-parallel ranks);
+    * ``zo.guard.watch: auto``: ``eval`` when the run evaluates every ``eval_steps``, else ``loss``;
+    * ``load_best_model_at_end``: true when the run has evaluation records; ``metric_for_best_model``: the
+      task's first metric (:data:`~zopeft.metrics.TASK_METRICS`); ``greater_is_better``: from the metric.
+
+    Raises :class:`RecipeError` for ``load_best_model_at_end: true`` without evaluation records.
+    """
+    judged = data.select or data.eval
+    updates: dict[str, Any] = {}
+    if recipe.num_train_epochs is not None:
+        per_step = recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps * shards
+        updates["max_steps"] = max(1, math.ceil(recipe.num_train_epochs * len(data.train.records) / per_step))
+        updates["num_train_epochs"] = None
+    if recipe.load_best_model_at_end and judged is None:
+        raise RecipeError(["load_best_model_at_end: true, but the run has no evaluation records to pick the best model "
+                           "by (val_size: 0 and no eval_dataset); set val_size or eval_dataset, or drop it"])
+    metric = recipe.metric_for_best_model or TASK_METRICS.get(task_settings(recipe)["kind"], ("loss",))[0]
+    updates.update(
+        load_best_model_at_end=judged is not None if recipe.load_best_model_at_end is None else recipe.load_best_model_at_end,
+        metric_for_best_model=metric,
+        greater_is_better=greater_is_better(metric) if recipe.greater_is_better is None else recipe.greater_is_better,
+    )
+    guard = recipe.zo.guard
+    if guard.watch == "auto":
+        evaluates = recipe.is_zeroth_order and guard.enabled and bool(recipe.eval_steps) and judged is not None
+        given = {key: getattr(guard, key) for key in guard.model_fields_set}
+        guard = GuardSettings.model_validate({**given, "watch": "eval" if evaluates else "loss"})
+        updates["zo"] = recipe.zo.model_copy(update={"guard": guard})
+    return recipe.model_copy(update=updates)
+
+
+def run_lines(recipe: Recipe, data: DataSplits) -> list[str]:
+    """What a run of ``recipe`` (resolved by :func:`resolve_run`) does beyond its records: how it picks its learning
+    rate, what its guard watches, which adapter it leaves."""
+    metric = f"{recipe.metric_for_best_model} ({'higher' if recipe.greater_is_better else 'lower'} is better)"
+    judged = f"{metric} on the guard's records" if data.select else f"eval {metric}"
+    lines = []
+    if recipe.learning_rate == "auto":
+        on = (f"eval {metric} on {len(data.tune.records)} evaluation records that are not reported" if data.tune
+              else "the loss on training records its short runs do not train on")
+        lines.append(f"learning rate: auto: lr-find picks it before the first step with at most {LR_FIND_BUDGET:.0%} "
+                     f"of the run's forward passes, ranking by {on}")
+    guard = recipe.zo.guard
+    if not recipe.is_zeroth_order or not guard.enabled:
+        lines.append("guard: off")
+    elif guard.watch == "eval":
+        lines.append(f"guard: watches the {judged} every {recipe.eval_steps} steps")
+    else:
+        unwatched = data.eval is not None and not recipe.eval_steps
+        lines.append("guard: watches the training loss" + (" (no eval_steps: the run evaluates at its start and end "
+                                                            "only)" if unwatched else ""))
+    if recipe.load_best_model_at_end:
+        lines.append(f"best model: checkpoint-best/ keeps the adapter of the best {judged}; output_dir gets it at "
+                     "the end")
+    else:
+        lines.append("best model: not kept (load_best_model_at_end: false): output_dir gets the last step's adapter")
+    if not recipe.eval_on_start:
+        lines.append("eval on start: off (eval_on_start: false)")
+    return lines
 
 
 class _FirstRecordFields:
@@ -159,13 +231,19 @@ def effective_lines(recipe: Recipe) -> list[str]:
         origin = "from label_words" if settings.get("label_words") else "labels are 0 .. num_labels - 1"
         lines.append(f"num_labels: {recipe.num_labels} ({origin})")
     splits = [("train", data.train), ("eval", data.eval)]
-    splits += [("guard judges", data.select)] if data.select and recipe.guards_evaluations else []
+    splits += [("guard judges", data.select)] if data.select else []
     for name, split in splits:
         lines.append(f"{name}: {split.description}" if split else f"{name}: none")
         counts = _label_counts(split.records, settings) if split else None
         if counts:
             lines.append(f"  labels: {counts}")
+    run = resolve_run(recipe, data)
+    if recipe.num_train_epochs is not None:
+        per_step = recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps
+        lines.append(f"max_steps: {run.max_steps} (num_train_epochs {recipe.num_train_epochs:g} x "
+                     f"{len(data.train.records)} training records / {per_step} examples a step, rounded up)")
     if isinstance(recipe.warmup_steps, float):
-        lines.append(f"warmup: {recipe.num_warmup_steps} steps ({recipe.warmup_steps} of max_steps {recipe.max_steps})")
+        lines.append(f"warmup: {run.num_warmup_steps} steps ({recipe.warmup_steps} of max_steps {run.max_steps})")
+    lines += run_lines(run, data)
     lines.append(f"threads: {recipe.threads}" if recipe.threads else "threads: torch's default (one per core)")
     return lines + [f"note: {note}" for note in data.notes()]

@@ -7,6 +7,7 @@ What a run leaves there::
                            eval_predicted), each with forward_passes and forward_equivalents
     zo_steps.jsonl         every ZO step's record (step, lr per param group, losses): `zopeft replay` input
     checkpoint-N/          adapter, optimizer / scheduler / RNG state, trainer_state.json, recipe.yaml
+    checkpoint-best/       the adapter of the best evaluation and best.json (zopeft.best_model)
     adapter_model.safetensors, adapter_config.json, tokenizer files: the final adapter (PEFT layout)
     training_curves.png
     runs/, wandb/          report_to's trackers (tensorboard, wandb)
@@ -42,18 +43,18 @@ from .recipe import Recipe, RecipeError, load_recipe
 from .trackers import TRACKER_DIRS, tracker_problem
 
 __all__ = [
-    "LOG_NAME", "RECIPE_NAME", "STEP_LOG_NAME", "JsonlLog", "RunDir", "checkpoint_problem", "check_output_target",
-    "read_jsonl",
+    "BEST_NAME", "LOG_NAME", "RECIPE_NAME", "STEP_LOG_NAME", "JsonlLog", "RunDir", "checkpoint_problem",
+    "check_output_target", "load_weights", "read_jsonl",
 ]
 
 logger = logging.getLogger("zopeft")
 LOG_NAME, STEP_LOG_NAME, RECIPE_NAME, STATE_NAME = "trainer_log.jsonl", "zo_steps.jsonl", "recipe.yaml", "trainer_state.json"
-PLOT_NAME, WRITTEN_BY = "training_curves.png", "zopeft train"
+PLOT_NAME, WRITTEN_BY, BEST_NAME = "training_curves.png", "zopeft train", "checkpoint-best"
 # files that mark a directory as holding a run or an adapter (besides checkpoint-N directories)
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", LOG_NAME, STEP_LOG_NAME)
 # what a run writes and cannot do without (besides checkpoint-N): a file of such a name that zopeft did not write
 # stops a run before it starts; a full fine-tune writes the model's files instead of the adapter's
-RUN_OUTPUTS = (RECIPE_NAME, PLOT_NAME, *RUN_FILES)
+RUN_OUTPUTS = (RECIPE_NAME, PLOT_NAME, BEST_NAME, *RUN_FILES)
 FULL_OUTPUTS = ("config.json", "generation_config.json", "model*.safetensors*")
 # zo keys that group the perturbed forwards: a change on resume rounds differently (not bit-identical)
 REGROUPING_ZO_KEYS = ("batched", "perturbation_batch_size", "max_memory")
@@ -206,7 +207,9 @@ class RunDir:
     def run_files(self) -> list[str]:
         """Names of what a previous run left here (run files and checkpoints)."""
         owned = self.owned()
-        return [n for n in RUN_FILES if n in owned and (self.path / n).exists()] + [p.name for p in self.checkpoints()]
+        best = [BEST_NAME] if BEST_NAME in owned and (self.path / BEST_NAME).is_dir() else []
+        return ([n for n in RUN_FILES if n in owned and (self.path / n).exists()] + [p.name for p in self.checkpoints()]
+                + best)
 
     def _trained_nothing(self) -> bool:
         """Whether the run here stopped before leaving anything to continue or rebuild from: no checkpoint, no
@@ -262,7 +265,8 @@ class RunDir:
         problem = tracker_problem(recipe.report_to)
         if problem:
             raise RecipeError([f"report_to: {problem}"])
-        others = [p.name for p in self.path.glob("checkpoint-*") if p.is_dir() and _step_of(p) is None]
+        others = [p.name for p in self.path.glob("checkpoint-*") if p.is_dir() and _step_of(p) is None
+                  and p.name != BEST_NAME]
         if others:
             echo(f"output_dir: leaving {', '.join(others)} alone (only checkpoint-<step> directories are resumed and rotated)")
         self._check_foreign(recipe)
@@ -333,7 +337,8 @@ class RunDir:
                 f"{world_size}; resume with torchrun --nproc_per_node {saved_world}"
             ])
         saved = load_recipe(checkpoint / RECIPE_NAME, check_files=False)
-        changed = [k for k, v in recipe.essentials().items() if saved.essentials().get(k) != v]
+        changed = [k for k, v in recipe.essentials().items() if saved.essentials().get(k) != v
+                   and not (k == "learning_rate" and v == "auto")]  # auto: the checkpoint's pick, see auto_lr
         if changed:
             raise RecipeError([
                 f"resume_from_checkpoint: {checkpoint} was trained with different {', '.join(changed)}; "
@@ -393,12 +398,18 @@ class RunDir:
                  "`zopeft replay` will not be able to rebuild this run")
         return log, steps
 
+    @contextlib.contextmanager
+    def directory(self, name: str) -> Iterator[Path]:
+        """A temporary directory that becomes ``output_dir/name`` (listed as zopeft's) if the block succeeds."""
+        self._claim([name])
+        with atomic_directory(self.path / name, WRITTEN_BY) as tmp:
+            yield tmp
+
     def save_checkpoint(self, step: int, recipe: Recipe, model: torch.nn.Module, opt: Any, sched: Any,
                         state: dict[str, Any], guard: Any = None) -> Path:
         """Write ``checkpoint-<step>`` atomically, then keep only the newest ``save_total_limit``."""
         path = self.path / f"checkpoint-{step}"
-        self._claim([path.name])
-        with atomic_directory(path, WRITTEN_BY) as tmp:
+        with self.directory(path.name) as tmp:
             model.save_pretrained(tmp)
             save_state(opt.state_dict(), tmp, "optimizer")
             save_state(sched.state_dict(), tmp, "scheduler")
@@ -415,16 +426,7 @@ class RunDir:
     @staticmethod
     def load_checkpoint(checkpoint: Path, model: torch.nn.Module, opt: Any, sched: Any, guard: Any = None) -> dict[str, Any]:
         """Restore the weights, optimizer, scheduler, guard and RNG state; return trainer_state.json."""
-        from peft import PeftModel, set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        if isinstance(model, PeftModel):
-            set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
-        else:
-            state = {}
-            for shard in sorted(checkpoint.glob("model*.safetensors")):
-                state.update(load_file(str(shard)))
-            model.load_state_dict(state, strict=False)
+        load_weights(checkpoint, model)
         opt.load_state_dict(load_state(checkpoint, "optimizer"))
         sched.load_state_dict(load_state(checkpoint, "scheduler"))
         if guard is not None and (checkpoint / "guard.json").exists():
@@ -458,6 +460,20 @@ class RunDir:
             return None
         self._claim([PLOT_NAME])
         return plot_log(self.path / LOG_NAME, self.path / PLOT_NAME)
+
+
+def load_weights(directory: Path, model: torch.nn.Module) -> None:
+    """Load the adapter (or, full-parameter, the model) ``save_pretrained`` wrote to ``directory`` into ``model``."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+    else:
+        state = {}
+        for shard in sorted(directory.glob("model*.safetensors")):
+            state.update(load_file(str(shard)))
+        model.load_state_dict(state, strict=False)
 
 
 def _read_pid(fd: int) -> int | None:

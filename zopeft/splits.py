@@ -14,6 +14,9 @@
   judges them instead of the evaluation records, whose scores are then not selected on.
 * ``max_train_samples`` / ``max_eval_samples`` keep a random subset drawn with a fixed seed: the
   same records for every run, seed and resume (a larger cap keeps a smaller one's records).
+* lr-find's records (:attr:`DataSplits.tune`): a fixed random slice of the evaluation records on
+  which lr-find ranks learning rates; with ``learning_rate: auto`` the run's evaluations leave them
+  out, so that no reported score is one the learning rate was chosen on.
 
 Torch-free: ``zopeft validate`` describes the splits too.
 """
@@ -33,10 +36,12 @@ from .data import TABLE_FORMATS, load_records, named_splits
 from .hints import did_you_mean
 from .recipe import Recipe, RecipeError
 
-__all__ = ["DEFAULT_VAL_SIZE", "SPLITS", "DataSplits", "Split"]
+__all__ = ["DEFAULT_VAL_SIZE", "LR_FIND_RECORDS", "SPLITS", "DataSplits", "Split"]
 
 DEFAULT_VAL_SIZE = 0.1  # held out of a local dataset that has no eval_dataset and no val_size
 SUBSET_SEED = 0  # max_train_samples / max_eval_samples: the same subset whatever the run's seed
+LR_FIND_RECORDS = 32  # lr-find ranks on this many evaluation records (at most a quarter of them, at least 4)
+LR_FIND_SEED = 1  # ... drawn in this fixed order, whatever the run's seed
 SPLITS = ("dev", "train", "select")  # the evaluation records, the training records, the guard's records
 DATASET_EVAL_SPLITS = ("dev", "validation", "valid", "val", "eval")  # no eval_dataset, no val_size: the first dataset has
 EVAL_DATASET_SPLITS = (*DATASET_EVAL_SPLITS, "test")  # of eval_dataset: the first it has, else its only split
@@ -188,8 +193,8 @@ class DataSplits:
                               f"{self.recipe.zo.guard.select_size} with seed {self.recipe.seed} ({len(records)} records)")
 
     @cached_property
-    def eval(self) -> Split | None:
-        """The records evaluated on, or None (a local dataset with ``val_size: 0`` and no eval_dataset)."""
+    def _evaluation(self) -> tuple[list[dict], str] | None:
+        """All the evaluation records (lr-find's among them) and what they are, or None."""
         if self.recipe.eval_dataset is not None:
             split = self._eval_split("eval_dataset")
             records, name = self._load("eval_dataset", split), self._name("eval_dataset", split)
@@ -201,7 +206,40 @@ class DataSplits:
         else:
             return None
         records, count = _subset(records, self.recipe.max_eval_samples, "max_eval_samples")
-        return Split(records, f"{name} ({count})")
+        return records, f"{name} ({count}"
+
+    @cached_property
+    def _tuned_on(self) -> list[int]:
+        """Positions among the evaluation records of lr-find's (fixed: the same for every run, seed and resume)."""
+        records = self._evaluation[0] if self._evaluation else []
+        count = min(LR_FIND_RECORDS, len(records) // 4)
+        if count < 4:
+            return []
+        order = list(range(len(records)))
+        random.Random(LR_FIND_SEED).shuffle(order)
+        return sorted(order[:count])
+
+    @cached_property
+    def tune(self) -> Split | None:
+        """The evaluation records lr-find ranks learning rates on, or None (no evaluation records, or under 16)."""
+        if not self._tuned_on:
+            return None
+        records, name = self._evaluation
+        return Split([records[i] for i in self._tuned_on], f"{name}: {len(self._tuned_on)} of them, a fixed random "
+                                                           "slice for lr-find)")
+
+    @cached_property
+    def eval(self) -> Split | None:
+        """The records evaluated on, or None (a local dataset with ``val_size: 0`` and no eval_dataset); with
+        ``learning_rate: auto``, without lr-find's."""
+        if self._evaluation is None:
+            return None
+        records, name = self._evaluation
+        if self.recipe.learning_rate != "auto" or not self._tuned_on:
+            return Split(records, f"{name})")
+        tuned = set(self._tuned_on)
+        return Split([r for i, r in enumerate(records) if i not in tuned],
+                     f"{name}, less the {len(tuned)} lr-find ranks learning rates on)")
 
     def split(self, name: str) -> Split:
         """``dev`` (the evaluation records), ``train`` (the training records), ``select`` (the guard's), or
@@ -229,7 +267,7 @@ class DataSplits:
 
     def load(self) -> DataSplits:
         """Read (and check) the records of every split now; returns ``self``."""
-        _ = self.train, self.eval, self.select
+        _ = self.train, self.eval, self.select, self.tune
         return self
 
     def notes(self) -> list[str]:

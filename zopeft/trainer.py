@@ -69,9 +69,13 @@ class ZOTrainer(Trainer):
             ``lr``, ``weight_decay`` and ``seed`` default to the TrainingArguments'.
         zo_guard: ``True`` or :class:`~zopeft.Guard` keyword arguments: roll back loss spikes and
             back off the learning rate; training stops (``should_training_stop``) after its
-            ``max_rollbacks`` rollbacks without progress.  With ``watch="eval"`` it judges the
-            evaluations by ``args.metric_for_best_model`` where set (e.g. ``select_loss``, one of
-            several eval datasets), else by accuracy, else by loss.
+            ``max_rollbacks`` rollbacks without progress.  It watches the evaluations
+            (``watch="eval"``) by default when the Trainer evaluates during training (an
+            ``eval_dataset`` and an ``eval_strategy`` other than ``"no"``), else the step losses;
+            it judges the evaluations by ``args.metric_for_best_model`` where set (e.g.
+            ``select_loss``, one of several eval datasets), else by accuracy, else by loss.
+            ``load_best_model_at_end`` works as in the Trainer: the best checkpoint's adapter is
+            loaded at the end.
         zo_objective: train on ``"accuracy"``, ``"margin"``, ``"python:module:function"`` or a
             callable instead of the loss (see :mod:`zopeft.objectives`): a sequence classifier's
             classes, or a causal LM's single-token label words ``zo_candidate_tokens`` (each
@@ -97,6 +101,9 @@ class ZOTrainer(Trainer):
         if not isinstance(zo_optimizer, ZOOptimizer):
             optimizer_class(zo_optimizer, {"lr": 0, "weight_decay": 0, "seed": 0, **self.zo_kwargs})  # fail now
         self.zo_guard_settings = ({} if zo_guard is True else dict(zo_guard)) if zo_guard else None
+        evaluates = self.eval_dataset is not None and self.args.eval_strategy != "no"
+        if self.zo_guard_settings is not None and "watch" not in self.zo_guard_settings and evaluates:
+            self.zo_guard_settings["watch"] = "eval"
         self.zo_guard: Guard | None = None
         spec = zo_objective if zo_objective not in (None, "loss") else None
         self.zo_objective_spec = spec

@@ -10,7 +10,6 @@ __all__ = ["DTYPE_FLAGS", "FOREIGN_KEYS", "read_spellings", "steps_or_fraction"]
 
 # TrainingArguments / LLaMA-Factory keys that zopeft does not take, and what to write instead
 FOREIGN_KEYS = {
-    "num_train_epochs": "zopeft counts steps: set max_steps (a ZO run takes thousands of small steps)",
     "max_grad_norm": "a ZO step has no gradient to clip; zo.guard rejects and rolls back divergent steps",
     "optim": "choose the optimizer with zo.optimizer (e.g. fzoo)",
     "gradient_checkpointing": "a ZO step keeps no activations for a backward pass: there is nothing to checkpoint",

@@ -1,0 +1,165 @@
+"""Keeping the best model, the guard's default watch, the evaluation cache and num_train_epochs, through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from test_cli import adapter_tensors, invoke, write_recipe
+
+from zopeft.tasks import ClassificationTask
+
+
+@pytest.fixture
+def scripted_accuracy(monkeypatch):
+    """Each evaluation reports the next of the given accuracies (the real metrics otherwise): what a run does with
+    an evaluation must not hang on how a random tiny model happens to score."""
+    scores: list[float] = []
+    real = ClassificationTask.evaluate
+
+    def evaluate(self, model, tokenizer, records, batch_size=16):
+        return {**real(self, model, tokenizer, records, batch_size), "accuracy": scores.pop(0)}
+
+    monkeypatch.setattr(ClassificationTask, "evaluate", evaluate)
+    return scores
+
+
+def log_of(out):
+    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+
+
+def same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def epochs_recipe(tmp_path, **keys):
+    """A recipe without max_steps (write_recipe's base has one)."""
+    recipe = write_recipe(tmp_path, **keys)
+    recipe.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(recipe.read_text()).items() if k != "max_steps"}))
+    return recipe
+
+
+def test_a_run_whose_last_step_is_worse_leaves_the_earlier_adapter_and_says_so(tmp_path, scripted_accuracy):
+    scripted_accuracy += [0.50, 0.90, 0.60, 0.40, 0.30]  # the start, steps 2, 4, 6 and the end (8)
+    recipe = write_recipe(tmp_path, max_steps=8, eval_steps=2, save_steps=2, zo={"optimizer": "mezo", "guard": False})
+    result = invoke("train", recipe)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    assert ("best model: output_dir holds the adapter of step 2, eval_accuracy 0.9000; the last step, 8, scored "
+            "0.3000 (load_best_model_at_end)") in result.output
+    assert "accuracy 0.5000 -> 0.9000" in result.output  # the final line compares the start with the kept adapter
+    assert "(the adapter of step 2, eval_accuracy 0.9000; the last step, 8: 0.3000)" in result.output
+    kept, best, last = adapter_tensors(out), adapter_tensors(out / "checkpoint-best"), adapter_tensors(out / "checkpoint-8")
+    assert same(kept, adapter_tensors(out / "checkpoint-2")) and same(kept, best) and not same(kept, last)
+    assert json.loads((out / "checkpoint-best" / "best.json").read_text())["step"] == 2
+    record = next(r["best_model"] for r in log_of(out) if "best_model" in r)
+    assert record == {"step": 2, "metric": "eval_accuracy", "value": 0.9, "last_step": 8, "last_value": 0.3,
+                      "rollbacks": 0}
+    replayed = invoke("replay", out, "--out", tmp_path / "replayed")  # replay rebuilds the adapter the run left
+    assert replayed.exit_code == 0 and "replayed 2 steps" in replayed.output and "bit-identical" in replayed.output
+
+
+def test_load_best_model_at_end_false_leaves_the_last_steps_adapter(tmp_path, scripted_accuracy):
+    scripted_accuracy += [0.50, 0.90, 0.30]
+    recipe = write_recipe(tmp_path, max_steps=4, eval_steps=2, save_steps=4, load_best_model_at_end=False,
+                          zo={"optimizer": "mezo", "guard": False})
+    result = invoke("train", recipe)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    assert same(adapter_tensors(out), adapter_tensors(out / "checkpoint-4")) and not (out / "checkpoint-best").exists()
+    assert "best model: not kept (load_best_model_at_end: false)" in result.output
+    assert "output_dir holds the adapter" not in result.output and "accuracy 0.5000 -> 0.3000" in result.output
+
+
+def test_resume_keeps_the_best_so_far(tmp_path, scripted_accuracy):
+    """The best (step 2) was found before the kill; the resumed run's evaluations are worse: the adapter left is still
+    step 2's, and checkpoint-best/ is neither rotated by save_total_limit nor lost."""
+    scripted_accuracy += [0.50, 0.90, 0.60]  # the first run: the start, steps 2 and 4 (then killed)
+    keys = dict(eval_steps=2, save_steps=2, save_total_limit=1, zo={"optimizer": "mezo", "guard": False})
+    recipe = write_recipe(tmp_path, max_steps=4, **keys)
+    assert invoke("train", recipe).exit_code == 0
+    out = tmp_path / "out"
+    step2 = adapter_tensors(out / "checkpoint-best")
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-4", "checkpoint-best"]
+    scripted_accuracy += [0.70, 0.80]  # the resumed run: steps 6 and 8
+    result = invoke("train", write_recipe(tmp_path, max_steps=8, resume_from_checkpoint="auto", **keys))
+    assert result.exit_code == 0, result.output
+    assert "RESUMING" in result.output and "best model: so far the adapter of step 2 (eval_accuracy 0.9" in result.output
+    assert same(adapter_tensors(out), step2) and "the last step, 8, scored 0.8000" in result.output
+    scripted_accuracy += [0.80]  # resumed from its last checkpoint into another output_dir: the best comes along
+    (tmp_path / "other").mkdir()
+    elsewhere = write_recipe(tmp_path / "other", max_steps=10, output_dir=str(tmp_path / "other" / "out"),
+                             resume_from_checkpoint=str(out / "checkpoint-8"), **keys)
+    assert invoke("train", elsewhere).exit_code == 0
+    assert same(adapter_tensors(tmp_path / "other" / "out"), step2)
+    assert same(adapter_tensors(tmp_path / "other" / "out" / "checkpoint-best"), step2)
+
+
+def test_the_guard_watches_the_evaluations_by_default(tmp_path, scripted_accuracy):
+    """With evaluation records and eval_steps a fall of accuracy is rolled back (zo.guard.watch: auto -> eval); without
+    eval_steps the guard watches the loss, and validate says which."""
+    scripted_accuracy += [0.80, 0.50, 0.78, 0.79]  # the start, steps 2 (a collapse), 4, and the end
+    recipe = write_recipe(tmp_path, max_steps=6, eval_steps=2, zo={"optimizer": "mezo"})
+    validated = invoke("validate", recipe)
+    assert "guard: watches the eval accuracy (higher is better) every 2 steps" in validated.output
+    result = invoke("train", recipe)
+    assert result.exit_code == 0, result.output
+    assert "guard: rolled back to the weights after 0 steps" in result.output
+    saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())["zo"]["guard"]
+    assert (saved["watch"], saved["margin"], saved["patience"]) == ("eval", 0.05, 1)  # the run records what it watched
+    without = invoke("validate", recipe, "eval_steps=")
+    assert "guard: watches the training loss (no eval_steps: the run evaluates at its start and end only)" in \
+        without.output
+
+
+def test_the_start_is_evaluated_once_for_every_run_of_the_same_model_adapter_and_records(tmp_path):
+    for run in "abcd":
+        (tmp_path / run).mkdir()
+    first = invoke("train", write_recipe(tmp_path / "a", max_steps=2))
+    again = invoke("train", write_recipe(tmp_path / "b", max_steps=3, learning_rate=1e-3))
+    other = invoke("train", write_recipe(tmp_path / "c", max_steps=2, max_eval_samples=12))
+    assert all(r.exit_code == 0 for r in (first, again, other))
+    assert "reused" not in first.output and "reused" not in other.output
+    assert "eval @ step 0: " in again.output and "(reused from the evaluation cache" in again.output
+    starts = [next(r for r in log_of(tmp_path / run / "out") if "eval_loss" in r) for run in "ab"]
+    assert starts[0]["eval_loss"] == starts[1]["eval_loss"] and starts[0]["eval_predicted"] == starts[1]["eval_predicted"]
+    skipped = invoke("train", write_recipe(tmp_path / "d", max_steps=2, eval_on_start=False))
+    assert skipped.exit_code == 0 and "eval @ step 0" not in skipped.output
+    assert [r["step"] for r in log_of(tmp_path / "d" / "out") if "eval_loss" in r] == [2]
+
+
+def test_num_train_epochs_counts_the_steps_of_that_many_passes(tmp_path):
+    recipe = epochs_recipe(tmp_path, num_train_epochs=0.3, eval_steps=2)  # 64 records, 4 a step
+    validated = invoke("validate", recipe)
+    assert validated.exit_code == 0, validated.output
+    assert "max_steps: 5 (num_train_epochs 0.3 x 64 training records / 4 examples a step, rounded up)" in \
+        validated.output
+    result = invoke("train", recipe)
+    assert result.exit_code == 0, result.output
+    assert "num_train_epochs 0.3: max_steps 5" in result.output and "done: 5 steps" in result.output
+    saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert (saved["max_steps"], saved["num_train_epochs"]) == (5, None)  # the run records the steps it took
+
+
+@pytest.mark.parametrize("keys,error", [
+    (dict(num_train_epochs=2, max_steps=10), "num_train_epochs: give max_steps or num_train_epochs, not both"),
+    (dict(num_train_epochs=2, eval_steps=0.5), "eval_steps: 0.5 is a fraction of max_steps, and the recipe gives "
+                                               "num_train_epochs instead"),
+    (dict(num_train_epochs=-1), "num_train_epochs: Input should be greater than 0"),
+    (dict(num_train_epoch=2), "num_train_epoch: unknown key (did you mean 'num_train_epochs'?)"),
+    (dict(load_best_model_at_end=True, dataset="PATH", val_size=0, task="classification",
+          label_words=[" negative", " positive"], template="{sentence} It was"),
+     "load_best_model_at_end: true, but the run has no evaluation records"),
+])
+def test_num_train_epochs_and_best_model_errors_are_one_line(tmp_path, keys, error):
+    if keys.get("dataset") == "PATH":
+        data = tmp_path / "d.jsonl"
+        data.write_text("".join(json.dumps({"sentence": f"s{i}", "label": i % 2}) + "\n" for i in range(8)))
+        keys["dataset"] = str(data)
+    recipe = write_recipe(tmp_path, **keys) if "max_steps" in keys or "num_train_epochs" not in keys else \
+        epochs_recipe(tmp_path, **keys)
+    result = invoke("validate", recipe)
+    assert result.exit_code == 2, result.output
+    assert f"error: {error}" in result.output and len(result.output.strip().splitlines()) == 1

@@ -1,0 +1,132 @@
+"""Keep the best model: the adapter of the best evaluation in ``output_dir/checkpoint-best/``, left in output_dir.
+
+The HF Trainer's ``load_best_model_at_end``, ``metric_for_best_model`` and ``greater_is_better``
+for a run: every evaluation that beats the best so far (strictly) writes the adapter it evaluated
+to ``checkpoint-best/`` (atomically, as checkpoints are; not one of the ``checkpoint-N`` that
+``save_total_limit`` rotates), with ``recipe.yaml`` (``zopeft eval`` / ``merge`` take the
+directory) and ``best.json``: the step, the metric and its value, the eval scores of that step and
+a fingerprint of the records judged.  At the end the run puts those weights back before it saves
+output_dir's adapter, so ``zopeft merge`` and ``zopeft eval --adapter RUN`` use them, and logs a
+``best_model`` record: which step they came from and what the last step scored.  A resumed run
+continues from the ``best.json`` of its checkpoint's run (copied over when that run is another
+directory's) when it judges the same records by the same metric.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import check_safetensors
+from .jsonl import dumps
+from .recipe import Recipe
+from .rundir import BEST_NAME, LOG_NAME, RECIPE_NAME, RunDir, load_weights, read_jsonl
+
+__all__ = ["BEST_FILE", "BestModel", "best_line", "kept_steps"]
+
+BEST_FILE = "best.json"
+
+
+class BestModel:
+    """The best evaluation of a run so far and its adapter in ``checkpoint-best/``.
+
+    Args:
+        run: the run's output directory.
+        recipe: the run's recipe (resolved: ``metric_for_best_model`` and ``greater_is_better`` set).
+        judged: ``eval`` or ``select`` (``zo.guard.select_size``'s records): whose metric is compared.
+        records: the fingerprint of those records (:meth:`zopeft.splits.Split.fingerprint`).
+    """
+
+    def __init__(self, run: RunDir, recipe: Recipe, judged: str, records: str, echo: Callable[[str], None]) -> None:
+        self.run, self.path, self.recipe, self.records, self.echo = run, run.path / BEST_NAME, recipe, records, echo
+        self.name = str(recipe.metric_for_best_model)
+        self.metric = f"{judged}_{self.name}"  # as the training log names it
+        self.greater = bool(recipe.greater_is_better)
+        self.best: dict[str, Any] | None = None  # best.json
+
+    def resume(self, checkpoint: Path) -> None:
+        """Continue from the best that the run of ``checkpoint`` kept (its output_dir's checkpoint-best/, copied here
+        when that is another directory), if it judged these records by this metric."""
+        source = checkpoint.parent / BEST_NAME
+        file = source / BEST_FILE
+        if not file.is_file():
+            return
+        saved = json.loads(file.read_text())
+        weights = sorted(source.glob("*.safetensors"))
+        problem = next((p for p in map(check_safetensors, weights) if p), None) if weights else f"{source} has no weights"
+        if problem or (saved.get("metric"), saved.get("greater_is_better"), saved.get("records")) != (
+                self.metric, self.greater, self.records):
+            why = problem or "it was judged by another metric or on other records"
+            self.echo(f"best model: not continuing from {BEST_NAME} ({why}); the best is tracked afresh")
+            return
+        if source.resolve() != self.path.resolve():
+            with self.run.directory(BEST_NAME) as tmp:
+                shutil.copytree(source, tmp, dirs_exist_ok=True)
+        self.best = saved
+        self.echo(f"best model: so far the adapter of step {saved['step']} ({self.metric} {saved['value']:.4g}, "
+                  f"in {source})")
+
+    def better(self, value: float) -> bool:
+        """Whether ``value`` beats the best so far (strictly; a non-finite value never does)."""
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        return value > self.best["value"] if self.greater else value < self.best["value"]
+
+    def observe(self, step: int, judged: dict[str, Any], reported: dict[str, Any], model: torch.nn.Module,
+                rollbacks: int = 0) -> None:
+        """Keep the model's adapter if its evaluation ``judged`` beats the best; ``reported``: the eval scores;
+        ``rollbacks``: the guard's so far (replay repeats those and the steps before ``step``)."""
+        value = judged.get(self.name)
+        if value is None or not self.better(float(value)):
+            return
+        self.best = {"step": step, "metric": self.metric, "value": float(value), "greater_is_better": self.greater,
+                     "records": self.records, "rollbacks": rollbacks, "eval": reported}
+        with self.run.directory(BEST_NAME) as tmp:
+            model.save_pretrained(tmp)
+            (tmp / RECIPE_NAME).write_text(self.recipe.to_yaml())
+            (tmp / BEST_FILE).write_text(dumps(self.best, indent=1))
+
+    def keep(self, model: torch.nn.Module, last_step: int, last: dict[str, Any]) -> dict[str, Any] | None:
+        """At the end: put the best adapter back into ``model`` (unless it is the last step's); return what was kept
+        (``step``, ``metric``, ``value``, ``last_step``, ``last_value``, ``eval``) or None (nothing evaluated)."""
+        if self.best is None:
+            return None
+        if self.best["step"] != last_step:
+            load_weights(self.path, model)
+        return {"step": self.best["step"], "metric": self.metric, "value": self.best["value"], "last_step": last_step,
+                "last_value": last.get(self.name), "rollbacks": self.best.get("rollbacks", 0), "eval": self.best["eval"]}
+
+
+def kept_steps(run: RunDir, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int | None]:
+    """The step records (``zo_steps.jsonl``) that made the adapter a finished run left in its output_dir, and its
+    step when that is not the last (its ``best_model`` record): the steps before it and the guard's rollbacks made
+    before its evaluation.  Otherwise all the records, and None."""
+    kept = [r["best_model"] for r in read_jsonl(run.path / LOG_NAME) if "best_model" in r]
+    if not kept or kept[-1]["step"] == kept[-1]["last_step"]:
+        return records, None
+    step, rollbacks = kept[-1]["step"], kept[-1].get("rollbacks", 0)
+    rolled, made = 0, []
+    for record in records:
+        rolled += "rollback_to" in record
+        if rolled <= rollbacks if "rollback_to" in record else record["step"] < step:
+            made.append(record)
+    return made, step
+
+
+def best_line(kept: dict[str, Any]) -> str:
+    """``best model: ...``: which step's adapter output_dir holds, and what the last step scored."""
+    metric, step, last = kept["metric"], kept["step"], kept["last_step"]
+    if step == last:
+        return f"best model: the last step's adapter ({metric} {kept['value']:.4f} at step {step}) is the best"
+    start = " (no evaluation after the start beat it: the untrained adapter)" if step == 0 else ""
+    scored = "" if kept["last_value"] is None else f" {kept['last_value']:.4f}"
+    return (f"best model: output_dir holds the adapter of step {step}{start}, {metric} {kept['value']:.4f}; the last "
+            f"step, {last}, scored{scored} (load_best_model_at_end)")
