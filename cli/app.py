@@ -320,7 +320,8 @@ def replay(
         result = replay_run(run_dir, out, overwrite=overwrite)
     for note in result["notes"]:
         typer.secho(f"note: {note}", fg="yellow", err=True)
-    kept = "" if result["kept_step"] is None else " (the run left the adapter of that step: load_best_model_at_end)"
+    kept = result["kept_step"]
+    kept = "" if kept is None else f" (the adapter the run left is that of step {kept}: load_best_model_at_end)"
     typer.echo(f"replayed {result['steps']} steps -> {result['out_dir']}{kept}")
     if result["identical"] is None:
         typer.echo(f"not compared: {run_dir} holds no final adapter of these {result['steps']} steps")

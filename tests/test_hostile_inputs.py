@@ -37,7 +37,7 @@ def test_a_yaml_merge_key_may_be_overridden_and_aliases_within_bounds_are_read()
 
 
 @pytest.mark.parametrize("override,expected", [
-    ("learning_rate=true", "learning_rate: Input should be a number, got true"),
+    ("learning_rate=true", "learning_rate: Input should be a number, not true or false"),
     ("max_steps=true", "max_steps: Input should be a number, got true"),
     ("zo.eps=false", "zo.eps: Input should be a number, got false"),
     ("zo.guard.foo=1", "zo.guard.foo: unknown key; zo.guard takes enabled, smoothing"),

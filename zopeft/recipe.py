@@ -47,8 +47,8 @@ ESSENTIAL_KEYS = (
     "model_name_or_path", "quantization_bit", "quantization_type", "double_quantization", "compute_dtype",
     "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "num_virtual_tokens",
     "modules_to_save", "dataset", "task", "template", "label_words", "text_fields", "label_field", "choices_field",
-    "column_names", "label_word_scoring", "answer_field", "max_new_tokens", "stop_strings", "val_size", "cutoff_len", "max_train_samples", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "zo",
+    "column_names", "label_word_scoring", "answer_field", "max_new_tokens", "stop_strings", "val_size", "cutoff_len",
+    "max_train_samples", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "zo",
 )
 # zo keys that change how a step is computed, not what it computes: free to change on resume.
 OPERATIONAL_ZO_KEYS = ("batched", "perturbation_batch_size", "max_memory", "sync_check_steps")

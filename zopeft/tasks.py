@@ -630,7 +630,6 @@ class GenerationTask:
     max_new_tokens: int = 16
     stop_strings: tuple[str, ...] | list[str] = DEFAULT_STOP_STRINGS
     kind = "generation"
-    headline_metric = "f1"  # what judges an evaluation of this task
 
     def __post_init__(self) -> None:
         check_max_new_tokens(self.max_new_tokens)
