@@ -417,8 +417,8 @@ def test_a_run_whose_objective_fails_finishes_and_says_so(tmp_path, monkeypatch)
                                              "objective": "python:flaky_reward:reward"})
     result = invoke("train", recipe)
     assert result.exit_code == 1 and "error: no step trained" in result.output, result.output  # every step failed
-    assert ("warning: zo.objective python:flaky_reward:reward failed 2 times (first: ValueError: no score); each "
-            "failure skipped its step") in result.output
+    assert ("warning: zo.objective python:flaky_reward:reward failed 2 times (first: ValueError: no score); a step "
+            "with a failed point is skipped") in result.output
     steps = [json.loads(line) for line in (tmp_path / "out" / "zo_steps.jsonl").read_text().splitlines()]
     assert [s["skipped"] for s in steps if "losses" in s] == ["non-finite loss"] * 2  # (and the guard's rollbacks)
     sys.modules.pop("flaky_reward", None)

@@ -16,7 +16,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import zopeft
 from zopeft.data import load_records
-from zopeft.objectives import ObjectiveError, accuracy_error, candidate_cross_entropy, clipped_margin, resolve_objective
+from zopeft.objectives import (
+    accuracy_error, candidate_cross_entropy, clipped_margin, objective_failures, resolve_objective,
+)
 from zopeft.optim.evaluation_log import evaluation_path
 from zopeft.tasks import build_task
 
@@ -75,9 +77,14 @@ def test_python_objectives_and_clear_errors(tmp_path, monkeypatch):
         resolve_objective("python:my_rewards:nope")
     with pytest.raises(ValueError, match="python:MODULE:FUNCTION"):
         resolve_objective("python:my_rewards")
-    with pytest.raises(ValueError, match=r"^objective python:my_rewards:per_example returned a Tensor \(tensor\(\[False, "
-                                         r" True\]\)\), not a number \(it is called as f\(scores, gold\)"):
-        resolve_objective("python:my_rewards:per_example")(torch.zeros(2, 3), torch.tensor([0, 1]))
+    per_example = resolve_objective("python:my_rewards:per_example")
+    assert math.isnan(per_example(torch.zeros(2, 3), torch.tensor([0, 1])))  # no number: the step is skipped
+    assert objective_failures(per_example) == (
+        "zo.objective python:my_rewards:per_example failed 1 time (first: it returned a Tensor (tensor([False,  "
+        "True])), not a number); a step with a failed point is skipped (counted in skipped_steps). It is called as "
+        "f(scores, gold): log-probabilities (examples, candidates) and gold indices (examples,); it returns one "
+        "number to minimise")
+    assert objective_failures(fn) is None and resolve_objective(per_example) is per_example
     sys.modules.pop("my_rewards", None)
 
 
@@ -149,7 +156,7 @@ def test_candidate_loss_is_the_candidate_ce_objective_with_a_gradient_on_the_ada
 
 @pytest.mark.parametrize("value,shown", [("0.5", "str ('0.5')"), (None, "NoneType (None)"), (True, "bool (True)"),
                                          (torch.ones(2), "Tensor (tensor([1., 1.]))")])
-def test_an_objective_that_returns_no_number_is_one_clear_error(value, shown):
+def test_an_objective_that_returns_no_number_skips_the_step_and_says_why(value, shown, caplog):
     model, tok = lora_llm()
     batch = sentiment_batch(tok, 4)
     before = trainable(model)
@@ -158,23 +165,27 @@ def test_an_objective_that_returns_no_number_is_one_clear_error(value, shown):
     def reward(scores, gold):
         return value
 
-    with pytest.raises(ObjectiveError) as raised:
+    with caplog.at_level("WARNING", logger="zopeft"):
         opt.step(zopeft.metric_closure(model, batch, reward))
-    assert str(raised.value).startswith(f"objective reward returned a {shown}, not a number (it is called as f(scores, "
-                                        "gold): ")
+    assert opt.last_stats["skipped"].startswith("non-finite") and opt.skipped_steps == 1
+    assert f"objective reward failed (it returned a {shown}, not a number); the step is skipped. It is called as " \
+           "f(scores, gold)" in caplog.text
     assert all(map(torch.equal, before, trainable(model)))
     opt.step(zopeft.metric_closure(model, batch, "margin"))  # the user's mistake did not turn batching off
-    assert evaluation_path(opt) == "batched"
+    assert evaluation_path(opt) == "batched" and opt.skipped_steps == 1
 
 
-def test_cli_says_in_one_line_that_an_objective_returned_no_number(tmp_path, monkeypatch):
+def test_cli_says_that_an_objective_returned_no_number_and_that_no_step_trained(tmp_path, monkeypatch):
     from test_cli import invoke, write_recipe
-    from test_user_errors import one_error_line
 
     (tmp_path / "my_scores.py").write_text("def label(scores, gold):\n    return 'positive'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    one_error_line(invoke("train", write_recipe(tmp_path), "zo.objective=python:my_scores:label"),
-                   "objective python:my_scores:label returned a str ('positive'), not a number")
+    result = invoke("train", write_recipe(tmp_path, max_steps=2), "zo.objective=python:my_scores:label")
+    assert result.exit_code == 1, result.output
+    assert "warning: zo.objective python:my_scores:label failed " in result.output  # once per point evaluated
+    assert "times (first: it returned a str ('positive'), not a number); a step with a failed point is skipped" \
+        in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: no step trained: all 2 steps were skipped")
     sys.modules.pop("my_scores", None)
 
 

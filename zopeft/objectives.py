@@ -1,4 +1,5 @@
-"""Objectives only zeroth-order training can optimise: accuracy, a clipped margin, or any Python function.
+"""Training objectives besides the loss: the candidates' cross-entropy, and what only zeroth-order training can
+optimise: accuracy, a clipped margin, F1 of generations, or any Python function.
 
 A ZO step needs one number per perturbed point, so the objective need not be differentiable.
 Each objective maps the candidates' scores of a batch - log-probabilities ``(examples,
@@ -21,9 +22,10 @@ greedy generations of each point (:func:`zopeft.generation_closure`):
 
 * ``f1`` / ``exact_match``: 1 − the mean SQuAD F1 / exact match against the gold answers;
 * ``python:module:function``: ``function(generations: list[str], records: list[dict]) -> float``.
-  A call that raises or returns no number makes that point's value NaN: the step is skipped and
-  counted, as for a NaN loss, a WARNING says why the first time, and :func:`objective_failures`
-  sums it up after a run.
+
+A user's function, of either kind, that raises or returns no number makes that point's value NaN:
+the step is skipped and counted, as for a NaN loss, a WARNING says why the first time, and
+:func:`objective_failures` sums it up after a run.
 
 A discrete objective is often flat: when all of a step's points give the same value FZOO's σ (or
 MeZO's difference) is 0 and the step is skipped (counted in ``skipped_steps``).  Two things make
@@ -60,7 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DIFFERENTIABLE", "GENERATION_OBJECTIVES", "OBJECTIVES", "CandidateBatch", "GenerationObjective", "Objective",
-    "ObjectiveError", "accuracy_error", "candidate_cross_entropy", "clipped_margin", "exact_match_error", "f1_error",
+    "accuracy_error", "candidate_cross_entropy", "clipped_margin", "exact_match_error", "f1_error",
     "flat_objective_warning", "objective_failures", "resolve_generation_objective", "resolve_objective",
 ]
 
@@ -92,10 +94,6 @@ OBJECTIVES: dict[str, Objective] = {
 }
 DIFFERENTIABLE = ("loss", "candidate_ce")
 """The ``zo.objective`` values a first-order optimizer (the AdamW baseline) can train on."""
-
-
-class ObjectiveError(ValueError):
-    """A user's objective failed or returned something other than one number (the message says which)."""
 
 
 GenerationObjective = Callable[[list[str], "GenerationBatch"], float]
@@ -145,10 +143,12 @@ def _by_name(spec: str, names: dict[str, Any], others: dict[str, Any], scored: s
 def resolve_objective(spec: str | Objective) -> Objective:
     """An objective from a name (:data:`OBJECTIVES`), ``python:module:function``, or a callable.
 
-    A function of the user's is checked at every call: it must return one number.
+    A function of the user's is checked at every call: one that raises or returns no number skips the step.
     """
+    if isinstance(spec, _UserObjective) or spec in OBJECTIVES.values():
+        return spec  # type: ignore[return-value]
     if callable(spec):
-        return spec if spec in OBJECTIVES.values() else _UserObjective(getattr(spec, "__name__", repr(spec)), spec)
+        return _UserObjective(getattr(spec, "__name__", repr(spec)), spec)
     if spec.startswith("python:"):
         return _UserObjective(spec, _user_function(spec))
     return _by_name(spec, OBJECTIVES, GENERATION_OBJECTIVES, "candidates (label words, answer choices, classes)",
@@ -168,29 +168,57 @@ def resolve_generation_objective(spec: str | Callable[[list[str], list[dict]], f
                     "candidates (label words, answer choices, classes)")
 
 
-_CONTRACT = ("it is called as f(scores, gold): log-probabilities (examples, candidates) and gold indices (examples,); "
-             "it returns one number to minimise")
-
-
-@dataclass(frozen=True)
-class _UserObjective:
-    """A user's objective (``python:MODULE:FUNCTION`` or a callable): a failure, or a value that is not one
-    number, is an :class:`ObjectiveError` that names the function and what it is given."""
+@dataclass
+class _UserFunction:
+    """A user's objective: a call that raises or returns anything but one number gives NaN, so the step is
+    skipped and counted as for a NaN loss; the failures are counted, the first is logged as a WARNING with the
+    contract, and :func:`objective_failures` sums them up after a run."""
 
     spec: str
-    fn: Objective
+    fn: Callable[..., Any]
+    contract: str  # how it is called, for the messages
+    failures: int = 0
+    first_failure: str | None = None
 
-    def __call__(self, scores: torch.Tensor, gold: torch.Tensor) -> float:
+    def value(self, *args: Any) -> float:
         try:
-            value = self.fn(scores, gold)
-        except Exception as err:  # the user's code: any failure, told in one line with the contract
-            raise ObjectiveError(f"objective {self.spec} failed: {type(err).__name__}: {err} ({_CONTRACT})") from err
+            value = self.fn(*args)
+        except Exception as err:  # the user's code: any failure skips the step, never the run
+            return self._failed(f"{type(err).__name__}: {err}")
         number = _as_number(value)
         if number is None:
             shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
-            raise ObjectiveError(f"objective {self.spec} returned a {type(value).__name__} ({shown}), not a number "
-                                 f"({_CONTRACT})")
+            return self._failed(f"it returned a {type(value).__name__} ({shown}), not a number")
         return number
+
+    def _failed(self, why: str) -> float:
+        self.failures += 1
+        if self.first_failure is None:
+            self.first_failure = why
+            logger.warning("zopeft: objective %s failed (%s); the step is skipped. %s", self.spec, why, self.contract)
+        return math.nan
+
+
+class _UserObjective(_UserFunction):
+    """A user's ``(scores, gold) -> float`` (``python:MODULE:FUNCTION`` or a callable)."""
+
+    def __init__(self, spec: str, fn: Objective) -> None:
+        super().__init__(spec, fn, "It is called as f(scores, gold): log-probabilities (examples, candidates) and gold "
+                                   "indices (examples,); it returns one number to minimise")
+
+    def __call__(self, scores: torch.Tensor, gold: torch.Tensor) -> float:
+        return self.value(scores, gold)
+
+
+class _UserGenerationObjective(_UserFunction):
+    """A user's ``(generations, records) -> float``."""
+
+    def __init__(self, spec: str, fn: Callable[[list[str], list[dict]], Any]) -> None:
+        super().__init__(spec, fn, "It is called as f(generations, records): the generated answers (list of str) and "
+                                   "their records (list of dict); it returns one number to minimise")
+
+    def __call__(self, generations: list[str], batch: GenerationBatch) -> float:
+        return self.value(generations, batch.records)
 
 
 def _as_number(value: Any) -> float | None:
@@ -203,41 +231,14 @@ def _as_number(value: Any) -> float | None:
     return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
 
 
-@dataclass
-class _UserGenerationObjective:
-    """A user's ``(generations, records) -> float``: a call that raises or returns no number gives NaN (the
-    step is skipped), counted in ``failures``; the first is logged as a WARNING."""
-
-    spec: str
-    fn: Callable[[list[str], list[dict]], Any]
-    failures: int = 0
-    first_failure: str | None = None
-
-    def __call__(self, generations: list[str], batch: GenerationBatch) -> float:
-        try:
-            value = self.fn(generations, batch.records)
-            number = _as_number(value)
-            if number is None:
-                raise TypeError(f"it returned {value!r}, not a number")
-            return number
-        except Exception as err:  # the user's code: any failure skips the step, never the run
-            self.failures += 1
-            if self.first_failure is None:
-                self.first_failure = f"{type(err).__name__}: {err}"
-                logger.warning("zopeft: objective %s failed (%s); the step is skipped. It is called as f(generations, "
-                               "records): the generated answers (list of str) and their records (list of dict); it "
-                               "returns one number to minimise", self.spec, self.first_failure)
-            return math.nan
-
-
 def objective_failures(objective: object) -> str | None:
-    """What a run says when its user objective failed: how often, the first error, and the contract."""
-    failures = getattr(objective, "failures", 0)
-    if not failures:
+    """What a run says when its user objective failed: how often, the first failure, and the contract."""
+    if not isinstance(objective, _UserFunction) or not objective.failures:
         return None
-    return (f"zo.objective {objective.spec} failed {failures} time{'s' * (failures != 1)} (first: "  # type: ignore[attr-defined]
-            f"{objective.first_failure}); each failure skipped its step (counted in skipped_steps). It is called as "  # type: ignore[attr-defined]
-            "f(generations, records) and returns one number to minimise")
+    failures = objective.failures
+    return (f"zo.objective {objective.spec} failed {failures} time{'s' * (failures != 1)} (first: "
+            f"{objective.first_failure}); a step with a failed point is skipped (counted in skipped_steps). "
+            f"{objective.contract}")
 
 
 @dataclass
@@ -270,8 +271,9 @@ class CandidateBatch:
 
 
 def flat_objective_warning(skipped: int, steps: int, objective: str, eps: float) -> str | None:
-    """What to change when over a quarter of a run's steps were skipped on an objective other than the loss."""
-    if objective == "loss" or steps < 4 or 4 * skipped <= steps:
+    """What to change when over a quarter of a run's steps were skipped on a discrete objective (not on the loss or
+    the candidates' cross-entropy, which move with every score)."""
+    if objective in ("loss", "candidate_ce") or steps < 4 or 4 * skipped <= steps:
         return None
     smooth = "loss" if objective in GENERATION_OBJECTIVES else "margin"  # what moves with every weight
     return (f"{skipped} of {steps} steps were skipped: every point of a step gave the same {objective}, so the step "

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..objectives import CandidateBatch, Objective, ObjectiveError, candidate_cross_entropy, resolve_objective
+from ..objectives import CandidateBatch, Objective, candidate_cross_entropy, resolve_objective
 from ..optim.evaluation_log import report_path
 from .adapters.base import Unsupported, applied
 from .loss import CandidateScores, Criterion, LossPlan, plan_loss
@@ -199,7 +199,7 @@ class BatchedLoss:
             _failed[model] = reason
             report_path(optimizer, "sequential", reason, slower=True)
             return None
-        except (torch.OutOfMemoryError, ObjectiveError):  # the user's objective failed: not the batched path
+        except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - never let the fast path break a run the slow path handles
             reason = f"batched evaluation failed ({type(exc).__name__}: {exc}); using sequential from now on"
