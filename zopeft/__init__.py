@@ -18,7 +18,7 @@ from typing import Any
 
 from . import bnb_cpu  # noqa: F401  (installs the patch; see its docstring)
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # public name -> the submodule that defines it (one line per name)
 _EXPORTS = {

@@ -76,7 +76,7 @@ class ZOTrainer(Trainer):
             ``select_loss``, one of several eval datasets), else by accuracy, else by loss.
             ``load_best_model_at_end`` works as in the Trainer: the best checkpoint's adapter is
             loaded at the end.
-        zo_objective: train on ``"accuracy"``, ``"margin"``, ``"python:module:function"`` or a
+        zo_objective: train on ``"candidate_ce"``, ``"accuracy"``, ``"margin"``, ``"python:module:function"`` or a
             callable instead of the loss (see :mod:`zopeft.objectives`): a sequence classifier's
             classes, or a causal LM's single-token label words ``zo_candidate_tokens`` (each
             batch row's one label token is its gold word).  With batches of a
