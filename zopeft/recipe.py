@@ -159,11 +159,18 @@ class GuardSettings(_Strict):
 
     @model_validator(mode="after")
     def _selects_on_evaluations(self) -> GuardSettings:
-        if self.select_size is not None and not (self.enabled and self.watch != "loss"):
+        """select_size holds out records for the guard on the evaluations (0 holds out none: allowed anywhere)."""
+        if self.select_size and not (self.enabled and self.watch != "loss"):
             raise ValueError(f"select_size: the records the guard judges when it watches the evaluations, but "
                              f"{'the guard is off' if not self.enabled else 'it watches the loss'}; set "
                              "zo.guard.watch: eval (with eval_steps), or drop select_size")
         return self
+
+    def settled(self, watch: str) -> GuardSettings:
+        """``watch: auto`` settled as ``watch``, with that watch's defaults where the recipe sets none (unvalidated:
+        what the recipe set was validated already)."""
+        defaults = {k: v for k, v in GUARD_DEFAULTS[watch].items() if k not in self.model_fields_set}
+        return self.model_copy(update={**defaults, "watch": watch})
 
     def kwargs(self) -> dict[str, Any]:
         """:class:`zopeft.Guard` keyword arguments."""
@@ -569,6 +576,10 @@ class Recipe(_Strict):
         if self.guards_evaluations and not self.eval_steps:
             raise ValueError("zo.guard.watch: eval judges the evaluations every eval_steps, but eval_steps is not set "
                              "(the run evaluates at its start and end only); set eval_steps, or zo.guard.watch: loss")
+        if self.is_zeroth_order and self.zo.guard.enabled and self.zo.guard.select_size and not self.eval_steps:
+            raise ValueError("zo.guard.select_size: the guard judges these records at its evaluations every eval_steps, "
+                             "but eval_steps is not set (the run evaluates at its start and end only); set eval_steps, "
+                             "or drop select_size")
         self._generation_consistent()
         if self.num_train_epochs is not None and "max_steps" in self.model_fields_set:
             raise ValueError("num_train_epochs: give max_steps or num_train_epochs, not both (zopeft validate prints the "
@@ -630,7 +641,7 @@ class Recipe(_Strict):
         notes = self.zo.notes()
         if self.zo.guard.select_size is not None and not self.is_zeroth_order:
             notes.append(f"zo.guard.select_size: {self.zo.optimizer} trains without the guard: the records it holds "
-                         "out are not trained on (as in a ZO run of the recipe) and not evaluated")
+                         "out are not trained on and pick the best model, as in a ZO run of the recipe")
         if self.guards_evaluations and self.eval_steps and self.num_train_epochs is None:
             judged = 1 + (self.max_steps - 1) // self.eval_steps  # the start and every eval_steps before the end
             if judged <= self.zo.guard.patience:

@@ -19,7 +19,7 @@ from typing import Any
 from .data import BUILTIN_DATASETS
 from .metrics import TASK_METRICS, greater_is_better
 from .model_files import local_tokenizer_file
-from .recipe import GuardSettings, Recipe, RecipeError
+from .recipe import Recipe, RecipeError
 from .records import answer_texts, canon_label, choice_texts, label_index, label_keys, prompt_text
 from .splits import DataSplits
 
@@ -57,7 +57,8 @@ def resolve_run(recipe: Recipe, data: DataSplits, shards: int = 1) -> Recipe:
     * ``max_steps`` from ``num_train_epochs``: ceil(epochs x training records / examples a step), where a step
       reads ``per_device_train_batch_size x gradient_accumulation_steps x shards`` examples (``shards``: the
       data-parallel ranks);
-    * ``zo.guard.watch: auto``: ``eval`` when the run evaluates every ``eval_steps``, else ``loss``;
+    * ``zo.guard.watch: auto`` of a guarded ZO run: ``eval`` when the run evaluates every ``eval_steps``, else
+      ``loss`` (with that watch's defaults);
     * ``load_best_model_at_end``: true when the run has evaluation records; ``metric_for_best_model``: the
       task's first metric (:data:`~zopeft.metrics.TASK_METRICS`); ``greater_is_better``: from the metric.
 
@@ -79,11 +80,9 @@ def resolve_run(recipe: Recipe, data: DataSplits, shards: int = 1) -> Recipe:
         greater_is_better=greater_is_better(metric) if recipe.greater_is_better is None else recipe.greater_is_better,
     )
     guard = recipe.zo.guard
-    if guard.watch == "auto":
-        evaluates = recipe.is_zeroth_order and guard.enabled and bool(recipe.eval_steps) and judged is not None
-        given = {key: getattr(guard, key) for key in guard.model_fields_set}
-        guard = GuardSettings.model_validate({**given, "watch": "eval" if evaluates else "loss"})
-        updates["zo"] = recipe.zo.model_copy(update={"guard": guard})
+    if guard.watch == "auto" and recipe.is_zeroth_order and guard.enabled:
+        evaluates = bool(recipe.eval_steps) and judged is not None
+        updates["zo"] = recipe.zo.model_copy(update={"guard": guard.settled("eval" if evaluates else "loss")})
     return recipe.model_copy(update=updates)
 
 
