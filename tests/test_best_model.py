@@ -9,6 +9,9 @@ import torch
 import yaml
 from test_cli import adapter_tensors, invoke, write_recipe
 
+from zopeft.recipe import RecipeError, load_recipe
+from zopeft.resolved import resolve_run
+from zopeft.splits import DataSplits
 from zopeft.tasks import ClassificationTask
 
 
@@ -112,6 +115,30 @@ def test_the_guard_watches_the_evaluations_by_default(tmp_path, scripted_accurac
     without = invoke("validate", recipe, "eval_steps=")
     assert "guard: watches the training loss (no eval_steps: the run evaluates at its start and end only)" in \
         without.output
+
+
+def test_a_resumed_run_keeps_the_guard_watch_of_its_checkpoint_unless_the_recipe_names_another(tmp_path):
+    """watch: auto takes the checkpoint's watch (a run of zopeft 0.2 watched the loss, eval_steps or not); a watch, or
+    another zo setting, named and different is refused by its key."""
+    keys = dict(save_steps=2, zo={"optimizer": "mezo"})
+    assert invoke("train", write_recipe(tmp_path, max_steps=2, **keys)).exit_code == 0  # no eval_steps: loss
+    out = tmp_path / "out"
+    resumed = invoke("train", write_recipe(tmp_path, max_steps=4, eval_steps=2, resume_from_checkpoint="auto", **keys))
+    assert resumed.exit_code == 0, resumed.output
+    assert "guard: watches the training loss" in resumed.output
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["zo"]["guard"]["watch"] == "loss"
+    checkpoint = out / "checkpoint-4" / "recipe.yaml"  # as zopeft 0.2 wrote it: watch: loss, with eval_steps
+    assert yaml.safe_load(checkpoint.read_text())["eval_steps"] == 2
+    again = write_recipe(tmp_path, max_steps=6, eval_steps=2, resume_from_checkpoint="auto", **keys)
+    for override, changed in (("zo.guard.watch=eval", "zo.guard.smoothing, zo.guard.margin, zo.guard.patience, "
+                                                      "zo.guard.watch;"), ("zo.eps=0.01", "zo.eps;")):
+        refused = invoke("train", again, override)
+        assert refused.exit_code == 2 and f"was trained with different {changed}" in refused.output, refused.output
+    assert invoke("train", again).exit_code == 0
+    watched = load_recipe(again, ["zo.guard.watch=eval"])  # a checkpoint's watch on the evaluations needs eval_steps
+    unwatched = load_recipe(again, ["eval_steps="])
+    with pytest.raises(RecipeError, match="eval_steps: the checkpoint resumed has its guard watch the evaluations"):
+        resolve_run(unwatched, DataSplits(unwatched), resumed=watched)
 
 
 def test_the_start_is_evaluated_once_for_every_run_of_the_same_model_adapter_and_records(tmp_path):

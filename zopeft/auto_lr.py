@@ -20,8 +20,8 @@ import torch
 
 from .lr_find import LRFindResult, search
 from .objectives import Objective
-from .recipe import Recipe, RecipeError, load_recipe
-from .rundir import RECIPE_NAME
+from .recipe import Recipe, RecipeError
+from .rundir import RECIPE_NAME, checkpoint_recipe
 from .splits import DataSplits
 
 __all__ = ["LearningRate", "choose_learning_rate"]
@@ -49,7 +49,7 @@ def choose_learning_rate(
     if recipe.learning_rate != "auto":
         return LearningRate(recipe)
     if checkpoint is not None:
-        lr = load_recipe(checkpoint / RECIPE_NAME, check_files=False).learning_rate
+        lr = checkpoint_recipe(checkpoint).learning_rate
         echo(f"learning_rate: auto: {lr:g}, picked by lr-find when this run started ({checkpoint / RECIPE_NAME})")
         return LearningRate(recipe.model_copy(update={"learning_rate": lr}))
     if world_size > 1:

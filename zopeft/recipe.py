@@ -677,15 +677,24 @@ class Recipe(_Strict):
         return notes
 
     def essentials(self) -> dict[str, Any]:
-        """The keys that must match for a checkpoint to be resumed."""
+        """The keys that must match for a checkpoint to be resumed; those of ``zo`` by their own dotted names
+        (``zo.eps``, ``zo.guard.watch``)."""
         data = self.model_dump()
-        data["zo"] = {k: v for k, v in data["zo"].items() if k not in OPERATIONAL_ZO_KEYS}
-        return {k: data[k] for k in ESSENTIAL_KEYS}
+        zo = {k: v for k, v in data["zo"].items() if k not in OPERATIONAL_ZO_KEYS}
+        return {**{k: data[k] for k in ESSENTIAL_KEYS if k != "zo"}, **_dotted(zo, "zo.")}
 
     def to_yaml(self) -> str:
         """The recipe as YAML (with num_train_epochs, without the max_steps it replaces)."""
         dropped = {"max_steps"} if self.num_train_epochs is not None else set()
         return yaml.safe_dump(self.model_dump(exclude=dropped), sort_keys=False, allow_unicode=True)
+
+
+def _dotted(mapping: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A nested mapping's values by their dotted key paths: ``{"guard": {"watch": "eval"}}`` -> ``guard.watch``."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        flat.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def bundled_recipes_dir() -> Path:

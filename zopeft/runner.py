@@ -47,7 +47,7 @@ from .optim.base import ZOOptimizer
 from .recipe import Recipe
 from .registry import optimizer_class
 from .resolved import resolve_run, run_lines
-from .rundir import LOG_NAME, JsonlLog, RunDir
+from .rundir import LOG_NAME, JsonlLog, RunDir, checkpoint_recipe
 from .splits import DataSplits, Split
 from .stopping import StopSignals
 from .trackers import Trackers
@@ -196,8 +196,10 @@ class _Run:
         main = rank == 0
         task, data = training_data(recipe)
         epochs = recipe.num_train_epochs
-        recipe = resolve_run(recipe, data, _data_shards(recipe, world_size))
-        checkpoint = run.prepare(recipe, world_size, echo)
+        checkpoint = run.resume_point(recipe, echo)
+        resumed = checkpoint_recipe(checkpoint) if checkpoint is not None else None
+        recipe = resolve_run(recipe, data, _data_shards(recipe, world_size), resumed)
+        run.prepare(recipe, checkpoint, world_size, echo)
         train_data = data.train.fingerprint()
         if checkpoint is not None:
             run.check_data(checkpoint, train_data)
