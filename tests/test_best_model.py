@@ -100,6 +100,37 @@ def test_resume_keeps_the_best_so_far(tmp_path, scripted_accuracy):
     assert same(adapter_tensors(tmp_path / "other" / "out" / "checkpoint-best"), step2)
 
 
+def test_resuming_before_the_best_step_tracks_the_best_afresh(tmp_path, scripted_accuracy):
+    """The first run's best (step 6) came after checkpoint-4: a run resumed from checkpoint-4 never reached it, so it
+    keeps its own best (step 6 of its own trajectory), which replay rebuilds."""
+    scripted_accuracy += [0.50, 0.60, 0.55, 0.90, 0.70]  # the start, steps 2, 4, 6 and the end (8)
+    keys = dict(eval_steps=2, save_steps=4, zo={"optimizer": "mezo", "guard": False})
+    assert invoke("train", write_recipe(tmp_path, max_steps=8, **keys)).exit_code == 0
+    out = tmp_path / "out"
+    assert json.loads((out / "checkpoint-best" / "best.json").read_text())["step"] == 6
+    scripted_accuracy += [0.40, 0.30, 0.20]  # the resumed run: steps 6, 8 and the end (10)
+    result = invoke("train", write_recipe(tmp_path, max_steps=10, resume_from_checkpoint=str(out / "checkpoint-4"),
+                                          **keys))
+    assert result.exit_code == 0, result.output
+    assert ("best model: not continuing from checkpoint-best/ (it holds the adapter of step 6, and checkpoint-4 "
+            "records the best as step 2") in result.output
+    assert json.loads((out / "checkpoint-best" / "best.json").read_text())["step"] == 6
+    assert "output_dir holds the adapter of step 6, eval_accuracy 0.4000" in result.output
+    replayed = invoke("replay", out, "--out", tmp_path / "replayed")
+    assert replayed.exit_code == 0 and "bit-identical" in replayed.output, replayed.output
+
+
+@pytest.mark.parametrize("damage", ["{", "{}"])
+def test_a_damaged_best_json_is_no_traceback(tmp_path, scripted_accuracy, damage):
+    scripted_accuracy += [0.50, 0.60, 0.40]  # the start and step 2 (checkpoint), then the resumed run's end (4)
+    keys = dict(eval_steps=2, save_steps=2, zo={"optimizer": "mezo", "guard": False})
+    assert invoke("train", write_recipe(tmp_path, max_steps=2, **keys)).exit_code == 0
+    (tmp_path / "out" / "checkpoint-best" / "best.json").write_text(damage)
+    result = invoke("train", write_recipe(tmp_path, max_steps=4, resume_from_checkpoint="auto", **keys))
+    assert result.exit_code == 0, result.output
+    assert "best model: not continuing from checkpoint-best/ (best.json is unreadable" in result.output
+
+
 def test_the_guard_watches_the_evaluations_by_default(tmp_path, scripted_accuracy):
     """With evaluation records and eval_steps a fall of accuracy is rolled back (zo.guard.watch: auto -> eval); without
     eval_steps the guard watches the loss, and validate says which."""

@@ -7,9 +7,10 @@ to ``checkpoint-best/`` (atomically, as checkpoints are; not one of the ``checkp
 directory) and ``best.json``: the step, the metric and its value, the eval scores of that step and
 a fingerprint of the records judged.  At the end the run puts those weights back before it saves
 output_dir's adapter, so ``zopeft merge`` and ``zopeft eval --adapter RUN`` use them, and logs a
-``best_model`` record: which step they came from and what the last step scored.  A resumed run
-continues from the ``best.json`` of its checkpoint's run (copied over when that run is another
-directory's) when it judges the same records by the same metric.
+``best_model`` record: which step they came from and what the last step scored.  Each checkpoint
+records the best so far (step and value); a resumed run continues from the ``best.json`` of its
+checkpoint's run (copied over when that run is another directory's) when it is that best, judged on
+the same records by the same metric, and otherwise tracks the best afresh.
 """
 
 from __future__ import annotations
@@ -50,20 +51,24 @@ class BestModel:
         self.greater = bool(recipe.greater_is_better)
         self.best: dict[str, Any] | None = None  # best.json
 
-    def resume(self, checkpoint: Path) -> None:
-        """Continue from the best that the run of ``checkpoint`` kept (its output_dir's checkpoint-best/, copied here
-        when that is another directory), if it judged these records by this metric."""
+    def record(self) -> dict[str, Any] | None:
+        """The best so far as a checkpoint records it (its step and value; None: none yet)."""
+        return None if self.best is None else {"step": self.best["step"], "value": self.best["value"]}
+
+    def resume(self, checkpoint: Path, known: dict[str, Any] | None) -> None:
+        """Continue from the best that the run of ``checkpoint`` knew at its step (``known``: the :meth:`record` of
+        its trainer_state.json), if its output_dir's checkpoint-best/ still holds that one (copied here when that
+        is another directory), judged on these records by this metric; else track the best afresh and say why."""
         source = checkpoint.parent / BEST_NAME
-        file = source / BEST_FILE
-        if not file.is_file():
+        if not (source / BEST_FILE).is_file():
             return
-        saved = json.loads(file.read_text())
-        weights = sorted(source.glob("*.safetensors"))
-        problem = next((p for p in map(check_safetensors, weights) if p), None) if weights else f"{source} has no weights"
-        if problem or (saved.get("metric"), saved.get("greater_is_better"), saved.get("records")) != (
-                self.metric, self.greater, self.records):
-            why = problem or "it was judged by another metric or on other records"
-            self.echo(f"best model: not continuing from {BEST_NAME} ({why}); the best is tracked afresh")
+        try:
+            saved = json.loads((source / BEST_FILE).read_text())
+            problem = self._unlike(source, saved, checkpoint.name, known)
+        except (ValueError, KeyError, TypeError) as err:  # damaged or edited by hand: as if absent
+            problem = f"{BEST_FILE} is unreadable: {type(err).__name__}: {err}"
+        if problem:
+            self.echo(f"best model: not continuing from {BEST_NAME}/ ({problem}); the best is tracked afresh")
             return
         if source.resolve() != self.path.resolve():
             with self.run.directory(BEST_NAME) as tmp:
@@ -71,6 +76,20 @@ class BestModel:
         self.best = saved
         self.echo(f"best model: so far the adapter of step {saved['step']} ({self.metric} {saved['value']:.4g}, "
                   f"in {source})")
+
+    def _unlike(self, source: Path, saved: dict[str, Any], checkpoint: str, known: dict[str, Any] | None) -> str | None:
+        """Why ``saved`` (``source``'s best.json) is not the best the resumed ``checkpoint`` knew, or None."""
+        weights = sorted(source.glob("*.safetensors"))
+        damaged = next((p for p in map(check_safetensors, weights) if p), None) if weights else f"{source} has no weights"
+        if damaged:
+            return damaged
+        if (saved["metric"], saved["greater_is_better"], saved["records"]) != (self.metric, self.greater, self.records):
+            return "it was judged by another metric or on other records"
+        if known is None or (saved["step"], saved["value"]) != (known["step"], known["value"]):
+            recorded = "no best" if known is None else f"the best as step {known['step']} ({self.metric} {known['value']:.4g})"
+            return (f"it holds the adapter of step {saved['step']}, and {checkpoint} records {recorded}: the run went "
+                    "on from there another way")
+        return None
 
     def better(self, value: float) -> bool:
         """Whether ``value`` beats the best so far (strictly; a non-finite value never does)."""

@@ -233,6 +233,7 @@ class _Run:
         sched = get_scheduler(recipe.lr_scheduler_type, opt, num_warmup_steps=recipe.num_warmup_steps,
                               num_training_steps=recipe.max_steps)
         start = forward_passes = 0
+        state: dict[str, Any] = {}  # the checkpoint's trainer_state.json
         ema = EMA()  # of the training loss
         if checkpoint is not None:
             state = run.load_checkpoint(checkpoint, model, opt, sched, guard)
@@ -247,7 +248,7 @@ class _Run:
             if recipe.load_best_model_at_end and judged is not None:
                 best = BestModel(run, recipe, "select" if data.select else "eval", judged.fingerprint(), echo)
                 if checkpoint is not None:
-                    best.resume(checkpoint)
+                    best.resume(checkpoint, state.get("best_model"))
         session = cls(
             recipe=recipe, run=run, main=main, world_size=world_size, echo=echo, show_bar=show_bar, task=task,
             data=data, target=target, model=model, tokenizer=tokenizer, opt=opt, guard=guard, sched=sched,
@@ -350,6 +351,7 @@ class _Run:
         self.run.save_checkpoint(done, recipe, self.model, self.opt, self.sched, {
             "forward_passes": self.forward_passes, "epoch": position // n, "example_position": position % n,
             "world_size": self.world_size, "loss_ema": self.ema.value, "train_data": self.train_data,
+            "best_model": self.best.record() if self.best is not None else None,
         }, self.guard)
 
     # ----- evaluations -------------------------------------------------------------------------
