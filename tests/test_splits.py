@@ -112,7 +112,8 @@ def test_select_size_under_the_default_watch(tmp_path):
     eval_steps."""
     from test_cli import invoke, write_recipe
 
-    adamw = write_recipe(tmp_path, max_steps=2, learning_rate=1e-3, zo={"optimizer": "adamw", "guard": {"select_size": 12}})
+    adamw = write_recipe(tmp_path, max_steps=2, learning_rate=1e-3,
+                         zo={"optimizer": "adamw", "guard": {"select_size": 12}})
     validated = invoke("validate", adamw)
     assert validated.exit_code == 0 and "guard: off" in validated.output, validated.output
     trained = invoke("train", adamw)

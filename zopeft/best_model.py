@@ -86,7 +86,8 @@ class BestModel:
         if (saved["metric"], saved["greater_is_better"], saved["records"]) != (self.metric, self.greater, self.records):
             return "it was judged by another metric or on other records"
         if known is None or (saved["step"], saved["value"]) != (known["step"], known["value"]):
-            recorded = "no best" if known is None else f"the best as step {known['step']} ({self.metric} {known['value']:.4g})"
+            recorded = ("no best" if known is None
+                        else f"the best as step {known['step']} ({self.metric} {known['value']:.4g})")
             return (f"it holds the adapter of step {saved['step']}, and {checkpoint} records {recorded}: the run went "
                     "on from there another way")
         return None
