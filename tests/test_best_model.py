@@ -120,15 +120,23 @@ def test_resuming_before_the_best_step_tracks_the_best_afresh(tmp_path, scripted
     assert replayed.exit_code == 0 and "bit-identical" in replayed.output, replayed.output
 
 
-@pytest.mark.parametrize("damage", ["{", "{}"])
-def test_a_damaged_best_json_is_no_traceback(tmp_path, scripted_accuracy, damage):
-    scripted_accuracy += [0.50, 0.60, 0.40]  # the start and step 2 (checkpoint), then the resumed run's end (4)
-    keys = dict(eval_steps=2, save_steps=2, zo={"optimizer": "mezo", "guard": False})
+@pytest.mark.parametrize("damage", [None, "{", "{}"])
+def test_the_last_evaluations_best_is_kept_on_resume_and_a_damaged_best_json_is_no_traceback(
+        tmp_path, scripted_accuracy, damage):
+    """The best of the end (step 2), evaluated after checkpoint-2 was written, is that checkpoint's own adapter."""
+    scripted_accuracy += [0.50, 0.60, 0.40]  # the start and the end (2), then the resumed run's end (4)
+    keys = dict(save_steps=2, zo={"optimizer": "mezo", "guard": False})
     assert invoke("train", write_recipe(tmp_path, max_steps=2, **keys)).exit_code == 0
-    (tmp_path / "out" / "checkpoint-best" / "best.json").write_text(damage)
+    out = tmp_path / "out"
+    if damage is not None:
+        (out / "checkpoint-best" / "best.json").write_text(damage)
     result = invoke("train", write_recipe(tmp_path, max_steps=4, resume_from_checkpoint="auto", **keys))
     assert result.exit_code == 0, result.output
-    assert "best model: not continuing from checkpoint-best/ (best.json is unreadable" in result.output
+    if damage is None:
+        assert "best model: so far the adapter of step 2 (eval_accuracy 0.6" in result.output
+        assert same(adapter_tensors(out), adapter_tensors(out / "checkpoint-2"))
+    else:
+        assert "best model: not continuing from checkpoint-best/ (best.json is unreadable" in result.output
 
 
 def test_the_guard_watches_the_evaluations_by_default(tmp_path, scripted_accuracy):

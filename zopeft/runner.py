@@ -248,7 +248,7 @@ class _Run:
             if recipe.load_best_model_at_end and judged is not None:
                 best = BestModel(run, recipe, "select" if data.select else "eval", judged.fingerprint(), echo)
                 if checkpoint is not None:
-                    best.resume(checkpoint, state.get("best_model"))
+                    best.resume(checkpoint, state)
         session = cls(
             recipe=recipe, run=run, main=main, world_size=world_size, echo=echo, show_bar=show_bar, task=task,
             data=data, target=target, model=model, tokenizer=tokenizer, opt=opt, guard=guard, sched=sched,
