@@ -48,7 +48,8 @@ ESSENTIAL_KEYS = (
     "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "num_virtual_tokens",
     "modules_to_save", "dataset", "task", "template", "label_words", "text_fields", "label_field", "choices_field",
     "column_names", "label_word_scoring", "answer_field", "max_new_tokens", "stop_strings", "val_size", "cutoff_len",
-    "max_train_samples", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "zo",
+    "max_train_samples", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "learning_rate",
+    "lr_find_pick", "lr_scheduler_type", "warmup_steps", "weight_decay", "zo",
 )
 # zo keys that change how a step is computed, not what it computes: free to change on resume.
 OPERATIONAL_ZO_KEYS = ("batched", "perturbation_batch_size", "max_memory", "sync_check_steps")
@@ -348,7 +349,10 @@ class Recipe(_Strict):
     # training
     learning_rate: float | Literal["auto"] = Field(
         1e-3, description="a number in [0, 1], or auto: lr-find picks it before the first step (at most 25% of the "
-        "run's forward passes; the run's recipe.yaml records the pick)")
+        "run's forward passes; the run's recipe.yaml records the pick as lr_find_pick)")
+    lr_find_pick: float | None = Field(
+        None, ge=0, le=1, description="learning_rate: auto: the learning rate lr-find picked (a run records it); a "
+        "recipe with it trains at it without searching again")
     max_steps: int = Field(100, ge=1, le=STEPS)
     num_train_epochs: float | None = Field(
         None, gt=0, le=1e6, description="passes over the training records instead of max_steps (fractions allowed): "
@@ -587,6 +591,9 @@ class Recipe(_Strict):
         if self.learning_rate == "auto" and not self.is_zeroth_order:
             raise ValueError(f"learning_rate: auto runs lr-find, which tunes ZO optimizers; give {self.zo.optimizer} a "
                              "number (e.g. 1e-4)")
+        if self.lr_find_pick is not None and self.learning_rate != "auto":
+            raise ValueError(f"lr_find_pick: the learning rate lr-find picked for learning_rate: auto, and learning_rate "
+                             f"is {self.learning_rate:g}; drop lr_find_pick, or set learning_rate: auto")
         metrics = TASK_METRICS.get(self.task_kind or "", ())
         if self.metric_for_best_model is not None and metrics and self.metric_for_best_model not in metrics:
             raise ValueError(f"metric_for_best_model: task {self.task_kind} reports {', '.join(metrics)}, not "
@@ -624,6 +631,11 @@ class Recipe(_Strict):
     @property
     def is_zeroth_order(self) -> bool:
         return self.zo.optimizer not in FIRST_ORDER_OPTIMIZERS
+
+    @property
+    def effective_learning_rate(self) -> float | None:
+        """The learning rate to train at: ``learning_rate``, or for ``auto`` lr-find's pick (None before it picks)."""
+        return self.lr_find_pick if self.learning_rate == "auto" else self.learning_rate
 
     @property
     def num_warmup_steps(self) -> int:

@@ -109,8 +109,10 @@ def run_lines(recipe: Recipe, data: DataSplits) -> list[str]:
     if recipe.learning_rate == "auto":
         on = (f"eval {metric} on {len(data.tune.records)} evaluation records that are not reported" if data.tune
               else "the loss on training records its short runs do not train on")
-        lines.append(f"learning rate: auto: lr-find picks it before the first step with at most {LR_FIND_BUDGET:.0%} "
-                     f"of the run's forward passes, ranking by {on}")
+        picks = (f"{recipe.lr_find_pick:g}, picked by lr-find before (lr_find_pick)" if recipe.lr_find_pick is not None
+                 else f"lr-find picks it before the first step with at most {LR_FIND_BUDGET:.0%} of the run's forward "
+                      "passes")
+        lines.append(f"learning rate: auto: {picks}, ranking by {on}")
     guard = recipe.zo.guard
     if not recipe.is_zeroth_order or not guard.enabled:
         lines.append("guard: off")

@@ -338,7 +338,7 @@ class RunDir:
         saved = checkpoint_recipe(checkpoint)
         kept, given = saved.essentials(), recipe.essentials()
         changed = [k for k in {**given, **kept} if kept.get(k) != given.get(k)
-                   and not (k == "learning_rate" and given[k] == "auto")]  # auto: the checkpoint's pick, see auto_lr
+                   and not (k == "lr_find_pick" and given[k] is None)]  # auto: the checkpoint's pick, see auto_lr
         if changed:
             raise RecipeError([
                 f"resume_from_checkpoint: {checkpoint} was trained with different {', '.join(changed)}; "

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .auto_lr import LearningRate, choose_learning_rate
+from .auto_lr import LearningRate, find_learning_rate, known_learning_rate
 from .best_model import BestModel, best_line
 from .components import (
     adapter_spec, checks_eps, eval_data, forward_equivalents, make_optimizer, model_spec, objective, step_batches,
@@ -203,6 +203,7 @@ class _Run:
         train_data = data.train.fingerprint()
         if checkpoint is not None:
             run.check_data(checkpoint, train_data)
+        chosen = known_learning_rate(recipe, checkpoint, world_size, echo)  # None: lr-find searches, below
         target = objective(recipe, task)
         barrier()  # every rank has read output_dir before rank 0 writes to it
         for note in data.notes():
@@ -221,8 +222,8 @@ class _Run:
         for line in run_lines(recipe, data):
             echo(line)
         show_bar = main and (sys.stderr.isatty() if progress is None else progress)
-        chosen = choose_learning_rate(recipe, checkpoint, world_size, model, tokenizer, task, data, target, echo,
-                                      show_bar)
+        if chosen is None:
+            chosen = find_learning_rate(recipe, model, tokenizer, task, data, target, echo, show_bar)
         recipe = chosen.recipe
         opt = make_optimizer(recipe, model, world_size)
         guard = Guard(opt, **recipe.zo.guard.kwargs()) if recipe.is_zeroth_order and recipe.zo.guard.enabled else None
@@ -430,7 +431,7 @@ class _Run:
             train_seconds=self.train_seconds, eval_seconds=self.eval_seconds, wall_seconds=time.perf_counter() - began,
             evaluated_on=self.data.eval.description if self.data.eval else None, eval_before=self.eval_before,
             eval_after=kept["eval"] if kept else self.eval_after, resumed_from=self.checkpoint,
-            learning_rate=float(self.recipe.learning_rate), lr_find_forward_passes=self.chosen.forward_passes,
+            learning_rate=self.recipe.effective_learning_rate, lr_find_forward_passes=self.chosen.forward_passes,
             lr_find_seconds=self.chosen.seconds, best_model=kept, steps_run=self.last - self.start,
             skipped=dict(self.skipped()),
         )
