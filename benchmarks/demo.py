@@ -87,7 +87,7 @@ def summarize(output_dir: Path, merged_dir: Path, train_s: float, merge_s: float
         "model": recipe.model_name_or_path,
         "finetuning": f"{recipe.finetuning_type} r={recipe.lora_rank} on {recipe.lora_target}",
         "optimizer": recipe.zo.model_dump(include={"optimizer", "eps", "n_perturbations"}),
-        "learning_rate": recipe.learning_rate,
+        "learning_rate": recipe.effective_learning_rate,
         "dataset": recipe.dataset, "template": recipe.template, "label_words": recipe.label_words,
         "dev_examples": n,
         "accuracy_before": acc0, "se_before": se0,

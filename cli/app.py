@@ -400,7 +400,8 @@ def lr_find(
         beat = "" if result.improved else "; none beat the start: the run may need more steps, or a larger --span"
         typer.echo(f"recommended learning_rate: {result.recommended:.3g} ({result.rule}){beat}")
         if write_recipe is not None:  # the resolved recipe (overrides included) with the recommended lr
-            tuned = resolved.model_copy(update={"learning_rate": float(f"{result.recommended:.3g}")})
+            tuned = resolved.model_copy(update={"learning_rate": float(f"{result.recommended:.3g}"),
+                                                "lr_find_pick": None})
             write_output_file(write_recipe, tuned.to_yaml(), "zopeft lr-find")
             typer.echo(f"written: {write_recipe}")
     typer.echo(f"written: {target}")

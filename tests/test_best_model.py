@@ -9,6 +9,9 @@ import torch
 import yaml
 from test_cli import adapter_tensors, invoke, write_recipe
 
+from zopeft.recipe import RecipeError, load_recipe
+from zopeft.resolved import resolve_run
+from zopeft.splits import DataSplits
 from zopeft.tasks import ClassificationTask
 
 
@@ -97,6 +100,45 @@ def test_resume_keeps_the_best_so_far(tmp_path, scripted_accuracy):
     assert same(adapter_tensors(tmp_path / "other" / "out" / "checkpoint-best"), step2)
 
 
+def test_resuming_before_the_best_step_tracks_the_best_afresh(tmp_path, scripted_accuracy):
+    """The first run's best (step 6) came after checkpoint-4: a run resumed from checkpoint-4 never reached it, so it
+    keeps its own best (step 6 of its own trajectory), which replay rebuilds."""
+    scripted_accuracy += [0.50, 0.60, 0.55, 0.90, 0.70]  # the start, steps 2, 4, 6 and the end (8)
+    keys = dict(eval_steps=2, save_steps=4, zo={"optimizer": "mezo", "guard": False})
+    assert invoke("train", write_recipe(tmp_path, max_steps=8, **keys)).exit_code == 0
+    out = tmp_path / "out"
+    assert json.loads((out / "checkpoint-best" / "best.json").read_text())["step"] == 6
+    scripted_accuracy += [0.40, 0.30, 0.20]  # the resumed run: steps 6, 8 and the end (10)
+    result = invoke("train", write_recipe(tmp_path, max_steps=10, resume_from_checkpoint=str(out / "checkpoint-4"),
+                                          **keys))
+    assert result.exit_code == 0, result.output
+    assert ("best model: not continuing from checkpoint-best/ (it holds the adapter of step 6, and checkpoint-4 "
+            "records the best as step 2") in result.output
+    assert json.loads((out / "checkpoint-best" / "best.json").read_text())["step"] == 6
+    assert "output_dir holds the adapter of step 6, eval_accuracy 0.4000" in result.output
+    replayed = invoke("replay", out, "--out", tmp_path / "replayed")
+    assert replayed.exit_code == 0 and "bit-identical" in replayed.output, replayed.output
+
+
+@pytest.mark.parametrize("damage", [None, "{", "{}"])
+def test_the_last_evaluations_best_is_kept_on_resume_and_a_damaged_best_json_is_no_traceback(
+        tmp_path, scripted_accuracy, damage):
+    """The best of the end (step 2), evaluated after checkpoint-2 was written, is that checkpoint's own adapter."""
+    scripted_accuracy += [0.50, 0.60, 0.40]  # the start and the end (2), then the resumed run's end (4)
+    keys = dict(save_steps=2, zo={"optimizer": "mezo", "guard": False})
+    assert invoke("train", write_recipe(tmp_path, max_steps=2, **keys)).exit_code == 0
+    out = tmp_path / "out"
+    if damage is not None:
+        (out / "checkpoint-best" / "best.json").write_text(damage)
+    result = invoke("train", write_recipe(tmp_path, max_steps=4, resume_from_checkpoint="auto", **keys))
+    assert result.exit_code == 0, result.output
+    if damage is None:
+        assert "best model: so far the adapter of step 2 (eval_accuracy 0.6" in result.output
+        assert same(adapter_tensors(out), adapter_tensors(out / "checkpoint-2"))
+    else:
+        assert "best model: not continuing from checkpoint-best/ (best.json is unreadable" in result.output
+
+
 def test_the_guard_watches_the_evaluations_by_default(tmp_path, scripted_accuracy):
     """With evaluation records and eval_steps a fall of accuracy is rolled back (zo.guard.watch: auto -> eval); without
     eval_steps the guard watches the loss, and validate says which."""
@@ -112,6 +154,30 @@ def test_the_guard_watches_the_evaluations_by_default(tmp_path, scripted_accurac
     without = invoke("validate", recipe, "eval_steps=")
     assert "guard: watches the training loss (no eval_steps: the run evaluates at its start and end only)" in \
         without.output
+
+
+def test_a_resumed_run_keeps_the_guard_watch_of_its_checkpoint_unless_the_recipe_names_another(tmp_path):
+    """watch: auto takes the checkpoint's watch (a run of zopeft 0.2 watched the loss, eval_steps or not); a watch, or
+    another zo setting, named and different is refused by its key."""
+    keys = dict(save_steps=2, zo={"optimizer": "mezo"})
+    assert invoke("train", write_recipe(tmp_path, max_steps=2, **keys)).exit_code == 0  # no eval_steps: loss
+    out = tmp_path / "out"
+    resumed = invoke("train", write_recipe(tmp_path, max_steps=4, eval_steps=2, resume_from_checkpoint="auto", **keys))
+    assert resumed.exit_code == 0, resumed.output
+    assert "guard: watches the training loss" in resumed.output
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["zo"]["guard"]["watch"] == "loss"
+    checkpoint = out / "checkpoint-4" / "recipe.yaml"  # as zopeft 0.2 wrote it: watch: loss, with eval_steps
+    assert yaml.safe_load(checkpoint.read_text())["eval_steps"] == 2
+    again = write_recipe(tmp_path, max_steps=6, eval_steps=2, resume_from_checkpoint="auto", **keys)
+    for override, changed in (("zo.guard.watch=eval", "zo.guard.smoothing, zo.guard.margin, zo.guard.patience, "
+                                                      "zo.guard.watch;"), ("zo.eps=0.01", "zo.eps;")):
+        refused = invoke("train", again, override)
+        assert refused.exit_code == 2 and f"was trained with different {changed}" in refused.output, refused.output
+    assert invoke("train", again).exit_code == 0
+    watched = load_recipe(again, ["zo.guard.watch=eval"])  # a checkpoint's watch on the evaluations needs eval_steps
+    unwatched = load_recipe(again, ["eval_steps="])
+    with pytest.raises(RecipeError, match="eval_steps: the checkpoint resumed has its guard watch the evaluations"):
+        resolve_run(unwatched, DataSplits(unwatched), resumed=watched)
 
 
 def test_the_start_is_evaluated_once_for_every_run_of_the_same_model_adapter_and_records(tmp_path):

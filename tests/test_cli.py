@@ -105,6 +105,9 @@ def test_every_bundled_recipe_validates(recipe):
         ("num_train_epochs=0", "num_train_epochs: Input should be greater than 0"),
         ("learning_rate=aut", "learning_rate: Input should be a valid number, unable to parse string as a number, "
                               "got 'aut'; or auto (lr-find picks it) (did you mean 'auto'?)"),
+        ("lr_find_pick=0.02", "lr_find_pick: the learning rate lr-find picked for learning_rate: auto, and "
+                              "learning_rate is 0.01; drop lr_find_pick, or set learning_rate: auto"),
+        ("lr_find_pick=-1", "lr_find_pick: Input should be greater than or equal to 0"),
         ("metric_for_best_model=acuracy", "metric_for_best_model: task classification reports accuracy, macro_f1, "
                                           "loss, not 'acuracy' (did you mean 'accuracy'?)"),
         ("warmup_ratio=1.5", "warmup_ratio: a fraction of max_steps in [0, 1), got 1.5"),

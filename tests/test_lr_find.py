@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from test_cli import invoke, write_recipe
 
@@ -49,15 +50,35 @@ def test_learning_rate_auto_records_its_pick_and_a_resumed_run_keeps_it(tmp_path
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     found = next(r["lr_find"] for r in log if "lr_find" in r)
     picked = float(f"{found['recommended']:.3g}")
-    assert yaml.safe_load((out / "recipe.yaml").read_text())["learning_rate"] == picked
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert (saved["learning_rate"], saved["lr_find_pick"]) == ("auto", picked)  # found by lr-find, and what it found
     assert f"learning_rate: auto: {picked:g} (lr-find spent" in result.output
     assert f"+ {found['spent']['total']} of lr-find (learning_rate: auto: {picked:g})" in result.output
     assert found["spent"]["total"] <= 0.25 * 100 * 2 and "s lr-find + " in result.output  # its time, apart
     assert all(r["lr"] == [picked] for r in map(json.loads, (out / "zo_steps.jsonl").read_text().splitlines()))
     # the run reports on the evaluation records lr-find did not rank on
     assert "less the 4 lr-find ranks learning rates on" in result.output
+    scored = invoke("eval", out / "recipe.yaml", "--adapter", out)  # the run's recipe: the records the run reported
+    assert scored.exit_code == 0, scored.output
+    reported = next(line for line in result.output.splitlines() if line.startswith("eval on "))
+    assert reported == f"eval on {json.loads((out / 'eval_dev.json').read_text())['evaluated_on']}"
+    switched = invoke("train", write_recipe(tmp_path, max_steps=104, resume_from_checkpoint="auto",
+                                            **{**keys, "learning_rate": picked}))
+    assert switched.exit_code == 2 and "was trained with different learning_rate;" in switched.output
     resumed = invoke("train", write_recipe(tmp_path, max_steps=104, resume_from_checkpoint="auto", **keys))
     assert resumed.exit_code == 0, resumed.output
     assert f"learning_rate: auto: {picked:g}, picked by lr-find when this run started" in resumed.output
-    assert "lr-find spent" not in resumed.output
-    assert yaml.safe_load((out / "recipe.yaml").read_text())["learning_rate"] == picked
+    assert "lr-find spent" not in resumed.output and "best model: so far the adapter of step" in resumed.output
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["lr_find_pick"] == picked
+
+
+def test_learning_rate_auto_under_torchrun_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import contextlib
+
+    import zopeft.runner
+
+    monkeypatch.setattr(zopeft.runner, "distributed_session", lambda: contextlib.nullcontext((0, 2)))
+    monkeypatch.setattr(zopeft.runner, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    result = invoke("train", write_recipe(tmp_path, learning_rate="auto", zo={"optimizer": "mezo"}))
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: learning_rate: auto runs lr-find in one process")

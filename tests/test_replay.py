@@ -151,3 +151,21 @@ def test_replay_refuses_a_recipe_edited_since_the_run(finished_run, tmp_path, ed
                 "model_name_or_path": ("model_name_or_path:", "are not the weights zo_steps.jsonl started from")}
     one_error_line(invoke("replay", run, "--out", tmp_path / "replayed"), *expected[edit])
     assert not (tmp_path / "replayed").exists()
+
+
+def test_a_run_resumed_after_a_guard_rollback_is_replayed_without_a_false_warning(tmp_path, monkeypatch):
+    """The rollback's record in zo_steps.jsonl is no gap in the steps: resuming past it says nothing about replay."""
+    import zopeft
+
+    scores = iter([0.9, 0.5])  # the start, then step 2: worse, rolled back
+    monkeypatch.setattr(zopeft.Guard, "observe_metrics", lambda self, metrics, **kw: self.observe_eval(next(scores)))
+    keys = dict(eval_steps=2, save_steps=4, load_best_model_at_end=False,
+                zo={"optimizer": "mezo", "guard": {"watch": "eval", "margin": 0.0}})
+    first = invoke("train", write_recipe(tmp_path, max_steps=4, **keys))
+    assert first.exit_code == 0 and "guard: rolled back" in first.output, first.output
+    resumed = invoke("train", write_recipe(tmp_path, max_steps=6, resume_from_checkpoint="auto", **keys))
+    assert resumed.exit_code == 0 and "RESUMING" in resumed.output, resumed.output
+    assert "will not be able to rebuild" not in resumed.output
+    replayed = invoke("replay", tmp_path / "out", "--out", tmp_path / "replayed")
+    assert replayed.exit_code == 0 and "replayed 6 steps" in replayed.output, replayed.output
+    assert "bit-identical to" in replayed.output

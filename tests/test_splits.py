@@ -104,7 +104,29 @@ def test_select_size_needs_a_guard_on_the_evaluations(overrides, error):
     adamw = load_recipe(None, ["model_name_or_path=m", "dataset=sst2", "zo.guard.watch=eval", "eval_steps=5",
                                "zo.guard.select_size=100", "zo.optimizer=adamw"], check_files=False)
     assert adamw.notes() == ["zo.guard.select_size: adamw trains without the guard: the records it holds out are not "
-                             "trained on (as in a ZO run of the recipe) and not evaluated"]
+                             "trained on and pick the best model, as in a ZO run of the recipe"]
+
+
+def test_select_size_under_the_default_watch(tmp_path):
+    """AdamW keeps a ZO run's held-out records (comparable baselines); ZO judges them every eval_steps, so it needs
+    eval_steps."""
+    from test_cli import invoke, write_recipe
+
+    adamw = write_recipe(tmp_path, max_steps=2, learning_rate=1e-3,
+                         zo={"optimizer": "adamw", "guard": {"select_size": 12}})
+    validated = invoke("validate", adamw)
+    assert validated.exit_code == 0 and "guard: off" in validated.output, validated.output
+    trained = invoke("train", adamw)
+    assert trained.exit_code == 0, trained.output
+    assert "best model judges sst2 train split, held out by zo.guard.select_size 12" in trained.output
+    zo = write_recipe(tmp_path, zo={"optimizer": "mezo", "guard": {"select_size": 12}})
+    refused = invoke("validate", zo)
+    assert refused.exit_code == 2 and refused.output.strip().splitlines() == [
+        "error: zo.guard.select_size: the guard judges these records at its evaluations every eval_steps, but "
+        "eval_steps is not set (the run evaluates at its start and end only); set eval_steps, or drop select_size"]
+    watched = invoke("validate", zo, "eval_steps=2")
+    assert watched.exit_code == 0, watched.output
+    assert "guard: watches the accuracy (higher is better) on the guard's records every 2 steps" in watched.output
 
 
 def test_a_bundled_dataset_evaluates_its_dev_split_and_an_eval_file_is_named(tmp_path):

@@ -2,10 +2,12 @@
 
 A new run searches (:func:`zopeft.lr_find.search`) on its loaded model with at most
 :data:`~zopeft.resolved.LR_FIND_BUDGET` of its forward passes, ranking by the evaluation metric on
-the evaluation records it then does not report (:attr:`zopeft.splits.DataSplits.tune`); a resumed
-run takes the learning rate its checkpoint's ``recipe.yaml`` recorded.  The run saves its recipe
-with that number, logs lr-find's result (an ``lr_find`` record at step 0) and counts its forward
-passes in the run's.
+the evaluation records it then does not report (:attr:`zopeft.splits.DataSplits.tune`).  The run
+saves its recipe with ``learning_rate: auto`` and the pick as ``lr_find_pick`` (so that evaluating or
+resuming by it leaves out the same records), logs lr-find's result (an ``lr_find`` record at step 0)
+and counts its forward passes in the run's.  A recipe that records a pick, and a resumed run (its
+checkpoint's), train at that pick without searching: :func:`known_learning_rate` settles it, or
+refuses a search under torchrun, before the model loads.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import torch
 
 from .lr_find import LRFindResult, search
 from .objectives import Objective
-from .recipe import Recipe, RecipeError, load_recipe
-from .rundir import RECIPE_NAME
+from .recipe import Recipe, RecipeError
+from .rundir import RECIPE_NAME, checkpoint_recipe
 from .splits import DataSplits
 
-__all__ = ["LearningRate", "choose_learning_rate"]
+__all__ = ["LearningRate", "find_learning_rate", "known_learning_rate"]
 
 
 @dataclass
@@ -41,20 +43,33 @@ class LearningRate:
         return self.found.spent["total"] if self.found else 0
 
 
-def choose_learning_rate(
-    recipe: Recipe, checkpoint: Path | None, world_size: int, model: torch.nn.Module, tokenizer: Any, task: Any,
-    data: DataSplits, target: Objective | None, echo: Callable[[str], None], progress: bool,
-) -> LearningRate:
-    """The recipe's learning rate, or for ``auto`` the checkpoint's, or lr-find's pick (the model left as it was)."""
+def known_learning_rate(recipe: Recipe, checkpoint: Path | None, world_size: int,
+                        echo: Callable[[str], None]) -> LearningRate | None:
+    """Before the model loads: the recipe's learning rate, the pick it records (``lr_find_pick``) or, resumed with
+    ``auto``, its checkpoint's; None where lr-find must search, which is refused under torchrun."""
     if recipe.learning_rate != "auto":
         return LearningRate(recipe)
+    if recipe.lr_find_pick is not None:
+        echo(f"learning_rate: auto: {recipe.lr_find_pick:g}, picked by lr-find before (the recipe's lr_find_pick)")
+        return LearningRate(recipe)
     if checkpoint is not None:
-        lr = load_recipe(checkpoint / RECIPE_NAME, check_files=False).learning_rate
-        echo(f"learning_rate: auto: {lr:g}, picked by lr-find when this run started ({checkpoint / RECIPE_NAME})")
-        return LearningRate(recipe.model_copy(update={"learning_rate": lr}))
+        pick = checkpoint_recipe(checkpoint).lr_find_pick
+        if pick is None:
+            raise RecipeError([f"lr_find_pick: {checkpoint / RECIPE_NAME} says learning_rate: auto without the pick "
+                               "its run trained at; restore it, or start a new output_dir"])
+        echo(f"learning_rate: auto: {pick:g}, picked by lr-find when this run started ({checkpoint / RECIPE_NAME})")
+        return LearningRate(recipe.model_copy(update={"lr_find_pick": pick}))
     if world_size > 1:
         raise RecipeError(["learning_rate: auto runs lr-find in one process; run `zopeft lr-find RECIPE --write-recipe "
                            "tuned.yaml` and launch tuned.yaml under torchrun"])
+    return None
+
+
+def find_learning_rate(
+    recipe: Recipe, model: torch.nn.Module, tokenizer: Any, task: Any, data: DataSplits, target: Objective | None,
+    echo: Callable[[str], None], progress: bool,
+) -> LearningRate:
+    """lr-find's pick for ``learning_rate: auto`` (the model left as it was)."""
     began = time.perf_counter()
     found = search(recipe, model, tokenizer, task, data, target, echo=echo, progress=progress)
     if found.recommended is None:
@@ -64,4 +79,4 @@ def choose_learning_rate(
     lr = float(f"{found.recommended:.3g}")
     note = "" if found.improved else "; no learning rate beat the start"
     echo(f"learning_rate: auto: {lr:g} ({found.summary()}{note})")
-    return LearningRate(recipe.model_copy(update={"learning_rate": lr}), found, time.perf_counter() - began)
+    return LearningRate(recipe.model_copy(update={"lr_find_pick": lr}), found, time.perf_counter() - began)

@@ -7,13 +7,16 @@ to ``checkpoint-best/`` (atomically, as checkpoints are; not one of the ``checkp
 directory) and ``best.json``: the step, the metric and its value, the eval scores of that step and
 a fingerprint of the records judged.  At the end the run puts those weights back before it saves
 output_dir's adapter, so ``zopeft merge`` and ``zopeft eval --adapter RUN`` use them, and logs a
-``best_model`` record: which step they came from and what the last step scored.  A resumed run
-continues from the ``best.json`` of its checkpoint's run (copied over when that run is another
-directory's) when it judges the same records by the same metric.
+``best_model`` record: which step they came from and what the last step scored.  Each checkpoint
+records the best so far (step and value); a resumed run continues from the ``best.json`` of its
+checkpoint's run (copied over when that run is another directory's) when it is that best (or the
+checkpoint's own adapter, as the run's last evaluation judged it), judged on the same records by
+the same metric, and otherwise tracks the best afresh.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
 import math
 import shutil
@@ -50,20 +53,25 @@ class BestModel:
         self.greater = bool(recipe.greater_is_better)
         self.best: dict[str, Any] | None = None  # best.json
 
-    def resume(self, checkpoint: Path) -> None:
-        """Continue from the best that the run of ``checkpoint`` kept (its output_dir's checkpoint-best/, copied here
-        when that is another directory), if it judged these records by this metric."""
+    def record(self) -> dict[str, Any] | None:
+        """The best so far as a checkpoint records it (its step and value; None: none yet)."""
+        return None if self.best is None else {"step": self.best["step"], "value": self.best["value"]}
+
+    def resume(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """Continue from the best that the run of ``checkpoint`` knew (``state``: its trainer_state.json, with the
+        :meth:`record` of its step) if its output_dir's checkpoint-best/ still holds that one, or the checkpoint's
+        own adapter as the run's last evaluation judged it (copied here when that is another directory), judged on
+        these records by this metric; else track the best afresh and say why."""
         source = checkpoint.parent / BEST_NAME
-        file = source / BEST_FILE
-        if not file.is_file():
+        if not (source / BEST_FILE).is_file():
             return
-        saved = json.loads(file.read_text())
-        weights = sorted(source.glob("*.safetensors"))
-        problem = next((p for p in map(check_safetensors, weights) if p), None) if weights else f"{source} has no weights"
-        if problem or (saved.get("metric"), saved.get("greater_is_better"), saved.get("records")) != (
-                self.metric, self.greater, self.records):
-            why = problem or "it was judged by another metric or on other records"
-            self.echo(f"best model: not continuing from {BEST_NAME} ({why}); the best is tracked afresh")
+        try:
+            saved = json.loads((source / BEST_FILE).read_text())
+            problem = self._unlike(source, saved, checkpoint, state)
+        except (ValueError, KeyError, TypeError) as err:  # damaged or edited by hand: as if absent
+            problem = f"{BEST_FILE} is unreadable: {type(err).__name__}: {err}"
+        if problem:
+            self.echo(f"best model: not continuing from {BEST_NAME}/ ({problem}); the best is tracked afresh")
             return
         if source.resolve() != self.path.resolve():
             with self.run.directory(BEST_NAME) as tmp:
@@ -71,6 +79,24 @@ class BestModel:
         self.best = saved
         self.echo(f"best model: so far the adapter of step {saved['step']} ({self.metric} {saved['value']:.4g}, "
                   f"in {source})")
+
+    def _unlike(self, source: Path, saved: dict[str, Any], checkpoint: Path, state: dict[str, Any]) -> str | None:
+        """Why ``saved`` (``source``'s best.json) is not the best the resumed ``checkpoint`` knew, or None."""
+        weights = sorted(source.glob("*.safetensors"))
+        damaged = next((p for p in map(check_safetensors, weights) if p), None) if weights else f"{source} has no weights"
+        if damaged:
+            return damaged
+        if (saved["metric"], saved["greater_is_better"], saved["records"]) != (self.metric, self.greater, self.records):
+            return "it was judged by another metric or on other records"
+        known = state.get("best_model")
+        if known is not None and (saved["step"], saved["value"]) == (known["step"], known["value"]):
+            return None
+        if saved["step"] == state["global_step"] and _same_weights(weights, checkpoint):
+            return None  # the run's last evaluation, after its last checkpoint, of that checkpoint's adapter
+        recorded = ("no best" if known is None
+                    else f"the best as step {known['step']} ({self.metric} {known['value']:.4g})")
+        return (f"it holds the adapter of step {saved['step']}, and {checkpoint.name} records {recorded}: the run went "
+                "on from there another way")
 
     def better(self, value: float) -> bool:
         """Whether ``value`` beats the best so far (strictly; a non-finite value never does)."""
@@ -103,6 +129,11 @@ class BestModel:
             load_weights(self.path, model)
         return {"step": self.best["step"], "metric": self.metric, "value": self.best["value"], "last_step": last_step,
                 "last_value": last.get(self.name), "rollbacks": self.best.get("rollbacks", 0), "eval": self.best["eval"]}
+
+
+def _same_weights(weights: list[Path], directory: Path) -> bool:
+    """Whether ``directory`` holds each of the ``weights`` files, byte for byte."""
+    return all((directory / w.name).is_file() and filecmp.cmp(w, directory / w.name, shallow=False) for w in weights)
 
 
 def kept_steps(run: RunDir, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int | None]:

@@ -133,7 +133,7 @@ def make_optimizer(recipe: Recipe, model: torch.nn.Module, world_size: int = 1) 
     """The recipe's ZO optimizer (or the first-order AdamW baseline) over the model's trainable tensors."""
     if recipe.is_zeroth_order:
         return get_optimizer(
-            recipe.zo.optimizer, model, lr=recipe.learning_rate, weight_decay=recipe.weight_decay,
+            recipe.zo.optimizer, model, lr=recipe.effective_learning_rate, weight_decay=recipe.weight_decay,
             seed=recipe.seed, **recipe.zo.optimizer_kwargs(),
         )
     if world_size > 1:
@@ -142,7 +142,7 @@ def make_optimizer(recipe: Recipe, model: torch.nn.Module, world_size: int = 1) 
             "launch it without torchrun or choose a ZO optimizer (fzoo, mezo, adamezo, hizoo)"
         ])
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    return torch.optim.AdamW(params, lr=recipe.effective_learning_rate, weight_decay=recipe.weight_decay)
 
 
 def training_batch(task: Task, records: list[dict], tokenizer: Any, model: torch.nn.Module, scored: bool) -> Any:

@@ -48,7 +48,8 @@ ESSENTIAL_KEYS = (
     "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "num_virtual_tokens",
     "modules_to_save", "dataset", "task", "template", "label_words", "text_fields", "label_field", "choices_field",
     "column_names", "label_word_scoring", "answer_field", "max_new_tokens", "stop_strings", "val_size", "cutoff_len",
-    "max_train_samples", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "zo",
+    "max_train_samples", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "learning_rate",
+    "lr_find_pick", "lr_scheduler_type", "warmup_steps", "weight_decay", "zo",
 )
 # zo keys that change how a step is computed, not what it computes: free to change on resume.
 OPERATIONAL_ZO_KEYS = ("batched", "perturbation_batch_size", "max_memory", "sync_check_steps")
@@ -159,11 +160,18 @@ class GuardSettings(_Strict):
 
     @model_validator(mode="after")
     def _selects_on_evaluations(self) -> GuardSettings:
-        if self.select_size is not None and not (self.enabled and self.watch != "loss"):
+        """select_size holds out records for the guard on the evaluations (0 holds out none: allowed anywhere)."""
+        if self.select_size and not (self.enabled and self.watch != "loss"):
             raise ValueError(f"select_size: the records the guard judges when it watches the evaluations, but "
                              f"{'the guard is off' if not self.enabled else 'it watches the loss'}; set "
                              "zo.guard.watch: eval (with eval_steps), or drop select_size")
         return self
+
+    def settled(self, watch: str) -> GuardSettings:
+        """``watch: auto`` settled as ``watch``, with that watch's defaults where the recipe sets none (unvalidated:
+        what the recipe set was validated already)."""
+        defaults = {k: v for k, v in GUARD_DEFAULTS[watch].items() if k not in self.model_fields_set}
+        return self.model_copy(update={**defaults, "watch": watch})
 
     def kwargs(self) -> dict[str, Any]:
         """:class:`zopeft.Guard` keyword arguments."""
@@ -341,7 +349,10 @@ class Recipe(_Strict):
     # training
     learning_rate: float | Literal["auto"] = Field(
         1e-3, description="a number in [0, 1], or auto: lr-find picks it before the first step (at most 25% of the "
-        "run's forward passes; the run's recipe.yaml records the pick)")
+        "run's forward passes; the run's recipe.yaml records the pick as lr_find_pick)")
+    lr_find_pick: float | None = Field(
+        None, ge=0, le=1, description="learning_rate: auto: the learning rate lr-find picked (a run records it); a "
+        "recipe with it trains at it without searching again")
     max_steps: int = Field(100, ge=1, le=STEPS)
     num_train_epochs: float | None = Field(
         None, gt=0, le=1e6, description="passes over the training records instead of max_steps (fractions allowed): "
@@ -569,6 +580,10 @@ class Recipe(_Strict):
         if self.guards_evaluations and not self.eval_steps:
             raise ValueError("zo.guard.watch: eval judges the evaluations every eval_steps, but eval_steps is not set "
                              "(the run evaluates at its start and end only); set eval_steps, or zo.guard.watch: loss")
+        if self.is_zeroth_order and self.zo.guard.enabled and self.zo.guard.select_size and not self.eval_steps:
+            raise ValueError("zo.guard.select_size: the guard judges these records at its evaluations every eval_steps, "
+                             "but eval_steps is not set (the run evaluates at its start and end only); set eval_steps, "
+                             "or drop select_size")
         self._generation_consistent()
         if self.num_train_epochs is not None and "max_steps" in self.model_fields_set:
             raise ValueError("num_train_epochs: give max_steps or num_train_epochs, not both (zopeft validate prints the "
@@ -576,6 +591,9 @@ class Recipe(_Strict):
         if self.learning_rate == "auto" and not self.is_zeroth_order:
             raise ValueError(f"learning_rate: auto runs lr-find, which tunes ZO optimizers; give {self.zo.optimizer} a "
                              "number (e.g. 1e-4)")
+        if self.lr_find_pick is not None and self.learning_rate != "auto":
+            raise ValueError(f"lr_find_pick: the learning rate lr-find picked for learning_rate: auto, and learning_rate "
+                             f"is {self.learning_rate:g}; drop lr_find_pick, or set learning_rate: auto")
         metrics = TASK_METRICS.get(self.task_kind or "", ())
         if self.metric_for_best_model is not None and metrics and self.metric_for_best_model not in metrics:
             raise ValueError(f"metric_for_best_model: task {self.task_kind} reports {', '.join(metrics)}, not "
@@ -615,6 +633,11 @@ class Recipe(_Strict):
         return self.zo.optimizer not in FIRST_ORDER_OPTIMIZERS
 
     @property
+    def effective_learning_rate(self) -> float | None:
+        """The learning rate to train at: ``learning_rate``, or for ``auto`` lr-find's pick (None before it picks)."""
+        return self.lr_find_pick if self.learning_rate == "auto" else self.learning_rate
+
+    @property
     def num_warmup_steps(self) -> int:
         """``warmup_steps`` as a count: a fraction is of ``max_steps``, rounded up (as transformers does)."""
         warmup = self.warmup_steps
@@ -630,7 +653,7 @@ class Recipe(_Strict):
         notes = self.zo.notes()
         if self.zo.guard.select_size is not None and not self.is_zeroth_order:
             notes.append(f"zo.guard.select_size: {self.zo.optimizer} trains without the guard: the records it holds "
-                         "out are not trained on (as in a ZO run of the recipe) and not evaluated")
+                         "out are not trained on and pick the best model, as in a ZO run of the recipe")
         if self.guards_evaluations and self.eval_steps and self.num_train_epochs is None:
             judged = 1 + (self.max_steps - 1) // self.eval_steps  # the start and every eval_steps before the end
             if judged <= self.zo.guard.patience:
@@ -666,15 +689,24 @@ class Recipe(_Strict):
         return notes
 
     def essentials(self) -> dict[str, Any]:
-        """The keys that must match for a checkpoint to be resumed."""
+        """The keys that must match for a checkpoint to be resumed; those of ``zo`` by their own dotted names
+        (``zo.eps``, ``zo.guard.watch``)."""
         data = self.model_dump()
-        data["zo"] = {k: v for k, v in data["zo"].items() if k not in OPERATIONAL_ZO_KEYS}
-        return {k: data[k] for k in ESSENTIAL_KEYS}
+        zo = {k: v for k, v in data["zo"].items() if k not in OPERATIONAL_ZO_KEYS}
+        return {**{k: data[k] for k in ESSENTIAL_KEYS if k != "zo"}, **_dotted(zo, "zo.")}
 
     def to_yaml(self) -> str:
         """The recipe as YAML (with num_train_epochs, without the max_steps it replaces)."""
         dropped = {"max_steps"} if self.num_train_epochs is not None else set()
         return yaml.safe_dump(self.model_dump(exclude=dropped), sort_keys=False, allow_unicode=True)
+
+
+def _dotted(mapping: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A nested mapping's values by their dotted key paths: ``{"guard": {"watch": "eval"}}`` -> ``guard.watch``."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        flat.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def bundled_recipes_dir() -> Path:

@@ -19,9 +19,9 @@ from typing import Any
 from .data import BUILTIN_DATASETS
 from .metrics import TASK_METRICS, greater_is_better
 from .model_files import local_tokenizer_file
-from .recipe import GuardSettings, Recipe, RecipeError
+from .recipe import Recipe, RecipeError
 from .records import answer_texts, canon_label, choice_texts, label_index, label_keys, prompt_text
-from .splits import DataSplits
+from .splits import DataSplits, Split
 
 __all__ = ["LR_FIND_BUDGET", "effective_lines", "label_word_tokens", "resolve_run", "run_lines", "task_settings"]
 
@@ -51,17 +51,20 @@ def task_settings(recipe: Recipe) -> dict[str, Any]:
     return settings
 
 
-def resolve_run(recipe: Recipe, data: DataSplits, shards: int = 1) -> Recipe:
+def resolve_run(recipe: Recipe, data: DataSplits, shards: int = 1, resumed: Recipe | None = None) -> Recipe:
     """The recipe with what it leaves to its data made explicit (the recipe a run saves and resumes by).
 
     * ``max_steps`` from ``num_train_epochs``: ceil(epochs x training records / examples a step), where a step
       reads ``per_device_train_batch_size x gradient_accumulation_steps x shards`` examples (``shards``: the
       data-parallel ranks);
-    * ``zo.guard.watch: auto``: ``eval`` when the run evaluates every ``eval_steps``, else ``loss``;
+    * ``zo.guard.watch: auto`` of a guarded ZO run, with that watch's defaults: the watch of the checkpoint it
+      resumes (``resumed``: that checkpoint's recipe), else ``eval`` when the run evaluates every ``eval_steps``,
+      else ``loss``;
     * ``load_best_model_at_end``: true when the run has evaluation records; ``metric_for_best_model``: the
       task's first metric (:data:`~zopeft.metrics.TASK_METRICS`); ``greater_is_better``: from the metric.
 
-    Raises :class:`RecipeError` for ``load_best_model_at_end: true`` without evaluation records.
+    Raises :class:`RecipeError` for ``load_best_model_at_end: true`` without evaluation records, and for a resumed
+    watch on the evaluations without ``eval_steps``.
     """
     judged = data.select or data.eval
     updates: dict[str, Any] = {}
@@ -79,12 +82,22 @@ def resolve_run(recipe: Recipe, data: DataSplits, shards: int = 1) -> Recipe:
         greater_is_better=greater_is_better(metric) if recipe.greater_is_better is None else recipe.greater_is_better,
     )
     guard = recipe.zo.guard
-    if guard.watch == "auto":
-        evaluates = recipe.is_zeroth_order and guard.enabled and bool(recipe.eval_steps) and judged is not None
-        given = {key: getattr(guard, key) for key in guard.model_fields_set}
-        guard = GuardSettings.model_validate({**given, "watch": "eval" if evaluates else "loss"})
-        updates["zo"] = recipe.zo.model_copy(update={"guard": guard})
+    if guard.watch == "auto" and recipe.is_zeroth_order and guard.enabled:
+        updates["zo"] = recipe.zo.model_copy(update={"guard": guard.settled(_watch(recipe, judged, resumed))})
     return recipe.model_copy(update=updates)
+
+
+def _watch(recipe: Recipe, judged: Split | None, resumed: Recipe | None) -> str:
+    """What ``zo.guard.watch: auto`` watches: the resumed checkpoint's watch, else the evaluations when the run
+    makes them every eval_steps, else the loss."""
+    watch = resumed.zo.guard.watch if resumed is not None else "auto"
+    if watch == "eval" and not recipe.eval_steps:
+        raise RecipeError(["eval_steps: the checkpoint resumed has its guard watch the evaluations every eval_steps "
+                           "(zo.guard.watch: eval), and eval_steps is not set; set eval_steps, or start a new "
+                           "output_dir"])
+    if watch != "auto":
+        return watch
+    return "eval" if recipe.eval_steps and judged is not None else "loss"
 
 
 def run_lines(recipe: Recipe, data: DataSplits) -> list[str]:
@@ -96,8 +109,10 @@ def run_lines(recipe: Recipe, data: DataSplits) -> list[str]:
     if recipe.learning_rate == "auto":
         on = (f"eval {metric} on {len(data.tune.records)} evaluation records that are not reported" if data.tune
               else "the loss on training records its short runs do not train on")
-        lines.append(f"learning rate: auto: lr-find picks it before the first step with at most {LR_FIND_BUDGET:.0%} "
-                     f"of the run's forward passes, ranking by {on}")
+        picks = (f"{recipe.lr_find_pick:g}, picked by lr-find before (lr_find_pick)" if recipe.lr_find_pick is not None
+                 else f"lr-find picks it before the first step with at most {LR_FIND_BUDGET:.0%} of the run's forward "
+                      "passes")
+        lines.append(f"learning rate: auto: {picks}, ranking by {on}")
     guard = recipe.zo.guard
     if not recipe.is_zeroth_order or not guard.enabled:
         lines.append("guard: off")

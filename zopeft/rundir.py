@@ -44,7 +44,7 @@ from .trackers import TRACKER_DIRS, tracker_problem
 
 __all__ = [
     "BEST_NAME", "LOG_NAME", "RECIPE_NAME", "STEP_LOG_NAME", "JsonlLog", "RunDir", "checkpoint_problem",
-    "check_output_target", "load_weights", "read_jsonl",
+    "checkpoint_recipe", "check_output_target", "load_weights", "read_jsonl",
 ]
 
 logger = logging.getLogger("zopeft")
@@ -259,9 +259,9 @@ class RunDir:
                     path.rmdir()
 
     # ----- before a run: what to resume, and whether it may start here -----------------------
-    def prepare(self, recipe: Recipe, world_size: int, echo: Echo) -> Path | None:
-        """The checkpoint to resume (or None) after every check that needs no model (report_to's trackers
-        included); writes nothing."""
+    def prepare(self, recipe: Recipe, checkpoint: Path | None, world_size: int, echo: Echo) -> None:
+        """Every check that needs no model (report_to's trackers included) before a run from ``checkpoint``
+        (:meth:`resume_point`; None: from the start); writes nothing."""
         problem = tracker_problem(recipe.report_to)
         if problem:
             raise RecipeError([f"report_to: {problem}"])
@@ -270,7 +270,6 @@ class RunDir:
         if others:
             echo(f"output_dir: leaving {', '.join(others)} alone (only checkpoint-<step> directories are resumed and rotated)")
         self._check_foreign(recipe)
-        checkpoint = self._resume_point(recipe, echo)
         if checkpoint is not None:
             self._check_resumable(recipe, checkpoint, world_size, echo)
         previous = self.run_files()
@@ -278,13 +277,12 @@ class RunDir:
             if self._trained_nothing():
                 echo(f"output_dir: the run in {self.path} stopped before training a step (no checkpoint, adapter or "
                      f"step record; it left {_shown(previous)}): starting over")
-                return checkpoint
+                return
             resume = "" if recipe.resume_from_checkpoint == "auto" else "continue it with resume_from_checkpoint=auto, "
             raise RecipeError([
                 f"output_dir: {self.path} already holds a run ({_shown(previous)}); {resume}choose another output_dir, "
                 "or start over with --overwrite (overwrite_output_dir: true)"
             ])
-        return checkpoint
 
     def _check_foreign(self, recipe: Recipe) -> None:
         """Refuse files zopeft did not write where a run writes, and (without overwrite_output_dir) anywhere
@@ -310,7 +308,8 @@ class RunDir:
         """Whether ``checkpoint`` is one of this run's (a resume in place)."""
         return checkpoint is not None and checkpoint.resolve().parent == self.path.resolve()
 
-    def _resume_point(self, recipe: Recipe, echo: Echo) -> Path | None:
+    def resume_point(self, recipe: Recipe, echo: Echo) -> Path | None:
+        """The complete checkpoint ``resume_from_checkpoint`` names (auto: this run's latest), or None."""
         value = recipe.resume_from_checkpoint
         if value is None:
             return None
@@ -336,9 +335,10 @@ class RunDir:
                 f"resume_from_checkpoint: {checkpoint} was written by {saved_world} process(es), this run has "
                 f"{world_size}; resume with torchrun --nproc_per_node {saved_world}"
             ])
-        saved = load_recipe(checkpoint / RECIPE_NAME, check_files=False)
-        changed = [k for k, v in recipe.essentials().items() if saved.essentials().get(k) != v
-                   and not (k == "learning_rate" and v == "auto")]  # auto: the checkpoint's pick, see auto_lr
+        saved = checkpoint_recipe(checkpoint)
+        kept, given = saved.essentials(), recipe.essentials()
+        changed = [k for k in {**given, **kept} if kept.get(k) != given.get(k)
+                   and not (k == "lr_find_pick" and given[k] is None)]  # auto: the checkpoint's pick, see auto_lr
         if changed:
             raise RecipeError([
                 f"resume_from_checkpoint: {checkpoint} was trained with different {', '.join(changed)}; "
@@ -393,7 +393,7 @@ class RunDir:
             return log, None
         source = checkpoint.parent / STEP_LOG_NAME if checkpoint is not None else None
         steps = JsonlLog(self.path / STEP_LOG_NAME, lambda r: r["step"] < start, source, checked=True)
-        if [r["step"] for r in steps.kept] != list(range(start)):
+        if [r["step"] for r in steps.kept if "rollback_to" not in r] != list(range(start)):  # as zopeft.replay reads it
             echo(f"{STEP_LOG_NAME}: no complete step log before step {start} (looked in {source}); "
                  "`zopeft replay` will not be able to rebuild this run")
         return log, steps
@@ -460,6 +460,11 @@ class RunDir:
             return None
         self._claim([PLOT_NAME])
         return plot_log(self.path / LOG_NAME, self.path / PLOT_NAME)
+
+
+def checkpoint_recipe(checkpoint: Path) -> Recipe:
+    """The recipe a checkpoint was written with (resolved: its max_steps, guard watch and learning rate)."""
+    return load_recipe(checkpoint / RECIPE_NAME, check_files=False)
 
 
 def load_weights(directory: Path, model: torch.nn.Module) -> None:

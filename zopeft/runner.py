@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .auto_lr import LearningRate, choose_learning_rate
+from .auto_lr import LearningRate, find_learning_rate, known_learning_rate
 from .best_model import BestModel, best_line
 from .components import (
     adapter_spec, checks_eps, eval_data, forward_equivalents, make_optimizer, model_spec, objective, step_batches,
@@ -47,7 +47,7 @@ from .optim.base import ZOOptimizer
 from .recipe import Recipe
 from .registry import optimizer_class
 from .resolved import resolve_run, run_lines
-from .rundir import LOG_NAME, JsonlLog, RunDir
+from .rundir import LOG_NAME, JsonlLog, RunDir, checkpoint_recipe
 from .splits import DataSplits, Split
 from .stopping import StopSignals
 from .trackers import Trackers
@@ -196,11 +196,14 @@ class _Run:
         main = rank == 0
         task, data = training_data(recipe)
         epochs = recipe.num_train_epochs
-        recipe = resolve_run(recipe, data, _data_shards(recipe, world_size))
-        checkpoint = run.prepare(recipe, world_size, echo)
+        checkpoint = run.resume_point(recipe, echo)
+        resumed = checkpoint_recipe(checkpoint) if checkpoint is not None else None
+        recipe = resolve_run(recipe, data, _data_shards(recipe, world_size), resumed)
+        run.prepare(recipe, checkpoint, world_size, echo)
         train_data = data.train.fingerprint()
         if checkpoint is not None:
             run.check_data(checkpoint, train_data)
+        chosen = known_learning_rate(recipe, checkpoint, world_size, echo)  # None: lr-find searches, below
         target = objective(recipe, task)
         barrier()  # every rank has read output_dir before rank 0 writes to it
         for note in data.notes():
@@ -219,8 +222,8 @@ class _Run:
         for line in run_lines(recipe, data):
             echo(line)
         show_bar = main and (sys.stderr.isatty() if progress is None else progress)
-        chosen = choose_learning_rate(recipe, checkpoint, world_size, model, tokenizer, task, data, target, echo,
-                                      show_bar)
+        if chosen is None:
+            chosen = find_learning_rate(recipe, model, tokenizer, task, data, target, echo, show_bar)
         recipe = chosen.recipe
         opt = make_optimizer(recipe, model, world_size)
         guard = Guard(opt, **recipe.zo.guard.kwargs()) if recipe.is_zeroth_order and recipe.zo.guard.enabled else None
@@ -231,6 +234,7 @@ class _Run:
         sched = get_scheduler(recipe.lr_scheduler_type, opt, num_warmup_steps=recipe.num_warmup_steps,
                               num_training_steps=recipe.max_steps)
         start = forward_passes = 0
+        state: dict[str, Any] = {}  # the checkpoint's trainer_state.json
         ema = EMA()  # of the training loss
         if checkpoint is not None:
             state = run.load_checkpoint(checkpoint, model, opt, sched, guard)
@@ -245,7 +249,7 @@ class _Run:
             if recipe.load_best_model_at_end and judged is not None:
                 best = BestModel(run, recipe, "select" if data.select else "eval", judged.fingerprint(), echo)
                 if checkpoint is not None:
-                    best.resume(checkpoint)
+                    best.resume(checkpoint, state)
         session = cls(
             recipe=recipe, run=run, main=main, world_size=world_size, echo=echo, show_bar=show_bar, task=task,
             data=data, target=target, model=model, tokenizer=tokenizer, opt=opt, guard=guard, sched=sched,
@@ -348,6 +352,7 @@ class _Run:
         self.run.save_checkpoint(done, recipe, self.model, self.opt, self.sched, {
             "forward_passes": self.forward_passes, "epoch": position // n, "example_position": position % n,
             "world_size": self.world_size, "loss_ema": self.ema.value, "train_data": self.train_data,
+            "best_model": self.best.record() if self.best is not None else None,
         }, self.guard)
 
     # ----- evaluations -------------------------------------------------------------------------
@@ -426,7 +431,7 @@ class _Run:
             train_seconds=self.train_seconds, eval_seconds=self.eval_seconds, wall_seconds=time.perf_counter() - began,
             evaluated_on=self.data.eval.description if self.data.eval else None, eval_before=self.eval_before,
             eval_after=kept["eval"] if kept else self.eval_after, resumed_from=self.checkpoint,
-            learning_rate=float(self.recipe.learning_rate), lr_find_forward_passes=self.chosen.forward_passes,
+            learning_rate=self.recipe.effective_learning_rate, lr_find_forward_passes=self.chosen.forward_passes,
             lr_find_seconds=self.chosen.seconds, best_model=kept, steps_run=self.last - self.start,
             skipped=dict(self.skipped()),
         )
