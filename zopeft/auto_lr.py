@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .lr_find import LRFindResult, search
+from .lr_find import BudgetError, LRFindResult, search
 from .objectives import Objective
 from .recipe import Recipe, RecipeError, load_recipe
 from .rundir import RECIPE_NAME
@@ -56,7 +56,11 @@ def choose_learning_rate(
         raise RecipeError(["learning_rate: auto runs lr-find in one process; run `zopeft lr-find RECIPE --write-recipe "
                            "tuned.yaml` and launch tuned.yaml under torchrun"])
     began = time.perf_counter()
-    found = search(recipe, model, tokenizer, task, data, target, echo=echo, progress=progress)
+    try:
+        found = search(recipe, model, tokenizer, task, data, target, echo=echo, progress=progress)
+    except BudgetError as error:
+        raise RecipeError([f"learning_rate: auto: lr-find's {error}; raise max_steps, or give learning_rate a number"]
+                          ) from None
     if found.recommended is None:
         tried = ", ".join("{:.3g}: {}".format(row["lr"], row["status"]) for row in found.rows)
         raise RecipeError([f"learning_rate: auto: every learning rate lr-find tried diverged or stalled ({tried}); "
