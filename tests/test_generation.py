@@ -14,7 +14,8 @@ import torch
 from peft import PrefixTuningConfig, TaskType, get_peft_model
 from conftest import VOCAB
 from test_batched import peft_model
-from test_cli import invoke, tiny_llm_dir, write_recipe
+from test_cli import invoke, tiny_bert_dir, tiny_llm_dir, write_recipe
+from test_user_errors import one_error_line
 from test_objectives import lora_llm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -434,3 +435,15 @@ def test_generate_refuses_what_is_not_a_model_source(tmp_path):
         result = invoke("generate", *args)
         assert result.exit_code == 2 and expected in result.output, result.output
         assert len([x for x in result.output.splitlines() if x.startswith("error:")]) == 1
+
+
+def test_generate_refuses_a_classifier_run_and_an_empty_prompt_with_one_line(tmp_path):
+    recipe = write_recipe(tmp_path, model_name_or_path=tiny_bert_dir(), task="sequence_classification",
+                          lora_target=["query", "value"], modules_to_save=["classifier"], max_steps=1)
+    assert invoke("train", recipe).exit_code == 0
+    one_error_line(invoke("generate", tmp_path / "out", "--prompt", "x"), "sequence_classification model",
+                   "needs a causal LM")
+    one_error_line(invoke("generate", generation_recipe(tmp_path), "--prompt", "x", "--prompt", ""),
+                   "prompt 2 ('') has no tokens")
+    with pytest.raises(ValueError, match="has no tokens"):
+        zopeft.generation_batch(AutoTokenizer.from_pretrained(tiny_llm_dir()), [""])

@@ -572,9 +572,14 @@ def _generation_batch(
     tokenizer: Any, prompts: list[list[int]], answers: list[list[str]], records: list[dict], max_new_tokens: int,
     stop_strings: Iterable[str],
 ) -> GenerationBatch:
-    """A :class:`GenerationBatch` of prompt token lists (special prefix included), left-padded."""
+    """A :class:`GenerationBatch` of prompt token lists (special prefix included), left-padded; a prompt without
+    tokens is refused (``ValueError``)."""
     prefix = len(_special_prefix(tokenizer))
     texts = [tokenizer.decode(p[prefix:]) for p in prompts]
+    empty = next((i for i, p in enumerate(prompts) if not p), None)
+    if empty is not None:
+        raise ValueError(f"generation_batch: prompt {empty + 1} ({texts[empty]!r}) has no tokens to generate from; "
+                         "give every prompt some text")
     return GenerationBatch(left_padded(prompts, _pad_id(tokenizer)), answers, records, texts, tokenizer,
                            max_new_tokens, tuple(stop_strings))
 
