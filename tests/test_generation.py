@@ -26,6 +26,7 @@ from zopeft.generation import answer_text, greedy_generate
 from zopeft.inference import generate as zopeft_generate
 from zopeft.objectives import objective_failures, resolve_generation_objective
 from zopeft.optim.evaluation_log import evaluation_path
+from zopeft.plot import curves
 from zopeft.squad_metrics import exact_match, f1, normalize_answer, squad_scores
 from zopeft.tasks import IGNORE, build_task
 
@@ -315,6 +316,9 @@ def test_cli_trains_on_f1_evaluates_by_generation_and_generates(tmp_path):
     evals = [r for r in log if "eval_f1" in r]
     assert len(evals) == 3 and all({"eval_exact_match", "eval_loss", "eval_f1_stderr"} <= r.keys() for r in evals)
     assert not any("eval_generations" in r for r in log)
+    right = curves(log).axes[1]  # the plot's right panel: the F1 and exact-match curves
+    assert right.get_legend_handles_labels()[1] == ["F1", "exact match"]
+    assert list(right.lines[0].get_ydata()) == [r["eval_f1"] for r in evals]
     steps = [json.loads(line) for line in (out / "zo_steps.jsonl").read_text().splitlines()]
     assert all(0 <= x <= 1 for r in steps for x in r["losses"])
     assert "eval on squad dev split (4 of 500 records: max_eval_samples, a fixed random subset): F1 " in result.output
