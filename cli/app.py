@@ -197,12 +197,11 @@ def train(
 
 
 def _kept(kept: dict | None) -> str:
-    """`` (the adapter of step 40, eval_accuracy 0.7900; the last step, 80: 0.6500)`` when the best is not the last."""
-    if kept is None or kept["step"] == kept["last_step"]:
-        return ""
-    last = "" if kept["last_value"] is None else f": {kept['last_value']:.4f}"
-    return (f" (the adapter of step {kept['step']}, {kept['metric']} {kept['value']:.4f}; the last step, "
-            f"{kept['last_step']}{last})")
+    """`` (the adapter of step 40, eval_accuracy 0.7900; the last step, 80, scored 0.6500)`` when the best is not the
+    last (:func:`zopeft.best_model.kept_adapter`)."""
+    from zopeft.best_model import kept_adapter
+
+    return "" if kept is None or kept["step"] == kept["last_step"] else f" ({kept_adapter(kept)})"
 
 
 def _seconds(value: float) -> str:

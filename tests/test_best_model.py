@@ -52,7 +52,7 @@ def test_a_run_whose_last_step_is_worse_leaves_the_earlier_adapter_and_says_so(t
     assert ("best model: output_dir holds the adapter of step 2, eval_accuracy 0.9000; the last step, 8, scored "
             "0.3000 (load_best_model_at_end)") in result.output
     assert "accuracy 0.5000 -> 0.9000" in result.output  # the final line compares the start with the kept adapter
-    assert "(the adapter of step 2, eval_accuracy 0.9000; the last step, 8: 0.3000)" in result.output
+    assert "(the adapter of step 2, eval_accuracy 0.9000; the last step, 8, scored 0.3000)" in result.output
     kept, best, last = adapter_tensors(out), adapter_tensors(out / "checkpoint-best"), adapter_tensors(out / "checkpoint-8")
     assert same(kept, adapter_tensors(out / "checkpoint-2")) and same(kept, best) and not same(kept, last)
     assert json.loads((out / "checkpoint-best" / "best.json").read_text())["step"] == 2
