@@ -32,8 +32,8 @@ loss evaluation is one (MeZO and AdaMeZO: 2 per step, FZOO: N+1 = 9 per step); a
 AdamW step is counted as 3 (one forward pass + a backward pass, which costs about two forward
 passes) - the usual estimate, stated rather than measured.  HiZOO spends 3 per step.  A greedy generation
 of up to 16 new tokens (a point's evaluation under ``f1`` / ``exact_match``) counts as
-:data:`GENERATION_FORWARD_EQUIVALENTS` = 2: the prefill is one forward pass over the prompt, and the
-cached decoding steps (one token per row each) cost about one more on this CPU (measured 1.4-2.0x a
+:data:`zopeft.generation.GENERATION_FORWARD_EQUIVALENTS` = 2, as in lr-find: the prefill is one forward
+pass over the prompt, and the cached decoding steps (one token per row each) cost about one more on this CPU (measured 1.4-2.0x a
 loss forward on the same 4 SQuAD prompts, SmolLM2-135M, one thread; in FLOPs they are ~5% of the
 prefill, so this charges the F1 objective its wall time, not its arithmetic).  The ZO optimizers evaluate their
 points with zopeft's batched path (the points as replicas of the batch in one forward pass:
@@ -77,10 +77,11 @@ from typing import Any
 
 import torch
 
+from zopeft.generation import GENERATION_FORWARD_EQUIVALENTS
+
 from . import common
 
 ADAMW_FORWARD_EQUIVALENTS = 3  # forward + backward ≈ 1 + 2 forward passes
-GENERATION_FORWARD_EQUIVALENTS = 2  # a greedy generation: the prefill + its cached decoding steps (module docstring)
 PAPERS = {
     "fzoo": "FZOO paper: about 3x fewer forward passes than MeZO to the same accuracy",
     "adamezo": "AdaMeZO paper: up to 70% fewer forward passes than MeZO",

@@ -197,12 +197,11 @@ def train(
 
 
 def _kept(kept: dict | None) -> str:
-    """`` (the adapter of step 40, eval_accuracy 0.7900; the last step, 80: 0.6500)`` when the best is not the last."""
-    if kept is None or kept["step"] == kept["last_step"]:
-        return ""
-    last = "" if kept["last_value"] is None else f": {kept['last_value']:.4f}"
-    return (f" (the adapter of step {kept['step']}, {kept['metric']} {kept['value']:.4f}; the last step, "
-            f"{kept['last_step']}{last})")
+    """`` (the adapter of step 40, eval_accuracy 0.7900; the last step, 80, scored 0.6500)`` when the best is not the
+    last (:func:`zopeft.best_model.kept_adapter`)."""
+    from zopeft.best_model import kept_adapter
+
+    return "" if kept is None or kept["step"] == kept["last_step"] else f" ({kept_adapter(kept)})"
 
 
 def _seconds(value: float) -> str:
@@ -239,7 +238,7 @@ def evaluate(
         if task_settings(resolved)["kind"] == "generation":  # each record's prompt, generation, answers and scores
             written.append(target.with_name(f"generations_{split}.jsonl"))
         for path in written:
-            check_output_file(path, overwrite=overwrite, option="--output")
+            check_output_file(path, overwrite=overwrite, option="--output", written_by="zopeft eval")
         metrics = run(resolved, adapter=adapter, split=split)
         generations = metrics.pop("generations", None)
         write_output_file(target, strict_json(metrics, indent=1), "zopeft eval")
@@ -383,7 +382,7 @@ def lr_find(
         target = output or Path(resolved.output_dir) / "lr_find.json"
         for path, option in ((target, "--output"), (write_recipe, "--write-recipe")):
             if path is not None:
-                check_output_file(path, overwrite=overwrite, option=option)
+                check_output_file(path, overwrite=overwrite, option=option, written_by="zopeft lr-find")
         result = find(resolved, budget=budget, points=points, span=span, echo=typer.echo, progress=sys.stderr.isatty())
     typer.echo(f"{'lr':>10} {'steps':>6} {'value':>9} {'loss':>9}  status  (ranked by {result.ranked_by})")
     for row in result.rows:

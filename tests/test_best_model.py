@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 import yaml
 from test_cli import adapter_tensors, invoke, write_recipe
 
+from zopeft.eval_cache import load_evaluation, store_evaluation
 from zopeft.recipe import RecipeError, load_recipe
 from zopeft.resolved import resolve_run
 from zopeft.splits import DataSplits
@@ -53,7 +55,7 @@ def test_a_run_whose_last_step_is_worse_leaves_the_earlier_adapter_and_says_so(t
     assert ("best model: output_dir holds the adapter of step 2, eval_accuracy 0.9000; the last step, 8, scored "
             "0.3000 (load_best_model_at_end)") in result.output
     assert "accuracy 0.5000 -> 0.9000" in result.output  # the final line compares the start with the kept adapter
-    assert "(the adapter of step 2, eval_accuracy 0.9000; the last step, 8: 0.3000)" in result.output
+    assert "(the adapter of step 2, eval_accuracy 0.9000; the last step, 8, scored 0.3000)" in result.output
     kept, best, last = adapter_tensors(out), adapter_tensors(out / "checkpoint-best"), adapter_tensors(out / "checkpoint-8")
     assert same(kept, adapter_tensors(out / "checkpoint-2")) and same(kept, best) and not same(kept, last)
     assert json.loads((out / "checkpoint-best" / "best.json").read_text())["step"] == 2
@@ -194,6 +196,25 @@ def test_the_start_is_evaluated_once_for_every_run_of_the_same_model_adapter_and
     skipped = invoke("train", write_recipe(tmp_path / "d", max_steps=2, eval_on_start=False))
     assert skipped.exit_code == 0 and "eval @ step 0" not in skipped.output
     assert [r["step"] for r in log_of(tmp_path / "d" / "out") if "eval_loss" in r] == [2]
+
+
+def test_the_cache_keeps_strict_json_without_the_generations(tmp_path, monkeypatch):
+    monkeypatch.setattr("zopeft.eval_cache.cache_dir", lambda: tmp_path)
+    store_evaluation("key", {"loss": float("nan"), "f1": 0.5, "generations": [{"prompt": "Q", "generation": "A"}]})
+    text = (tmp_path / "key.json").read_text()
+    assert json.loads(text, parse_constant=pytest.fail) == {"loss": None, "f1": 0.5}
+    kept = load_evaluation("key")  # read back as the evaluation gave it: a NaN loss, which the guard judges
+    assert math.isnan(kept.pop("loss")) and kept == {"f1": 0.5}
+
+
+def test_an_unwritable_cache_is_said_once_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr("zopeft.eval_cache.cache_dir", lambda: tmp_path / "a-file" / "evals")
+    recipe = write_recipe(tmp_path, max_steps=1, eval_steps=1, zo__guard={"watch": "eval", "select_size": 8})
+    result = invoke("train", recipe)  # two evaluations at the start (eval, the guard's records): one warning
+    assert result.exit_code == 0, result.output
+    said = [r for r in caplog.records if "evaluation cache" in r.getMessage()]
+    assert len(said) == 1 and str(tmp_path / "a-file") in said[0].getMessage(), said
 
 
 def test_num_train_epochs_counts_the_steps_of_that_many_passes(tmp_path):

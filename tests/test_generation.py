@@ -14,7 +14,8 @@ import torch
 from peft import PrefixTuningConfig, TaskType, get_peft_model
 from conftest import VOCAB
 from test_batched import peft_model
-from test_cli import invoke, tiny_llm_dir, write_recipe
+from test_cli import invoke, tiny_bert_dir, tiny_llm_dir, write_recipe
+from test_user_errors import one_error_line
 from test_objectives import lora_llm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,6 +26,7 @@ from zopeft.generation import answer_text, greedy_generate
 from zopeft.inference import generate as zopeft_generate
 from zopeft.objectives import objective_failures, resolve_generation_objective
 from zopeft.optim.evaluation_log import evaluation_path
+from zopeft.plot import curves
 from zopeft.squad_metrics import exact_match, f1, normalize_answer, squad_scores
 from zopeft.tasks import IGNORE, build_task
 
@@ -314,6 +316,9 @@ def test_cli_trains_on_f1_evaluates_by_generation_and_generates(tmp_path):
     evals = [r for r in log if "eval_f1" in r]
     assert len(evals) == 3 and all({"eval_exact_match", "eval_loss", "eval_f1_stderr"} <= r.keys() for r in evals)
     assert not any("eval_generations" in r for r in log)
+    right = curves(log).axes[1]  # the plot's right panel: the F1 and exact-match curves
+    assert right.get_legend_handles_labels()[1] == ["F1", "exact match"]
+    assert list(right.lines[0].get_ydata()) == [r["eval_f1"] for r in evals]
     steps = [json.loads(line) for line in (out / "zo_steps.jsonl").read_text().splitlines()]
     assert all(0 <= x <= 1 for r in steps for x in r["losses"])
     assert "eval on squad dev split (4 of 500 records: max_eval_samples, a fixed random subset): F1 " in result.output
@@ -434,3 +439,15 @@ def test_generate_refuses_what_is_not_a_model_source(tmp_path):
         result = invoke("generate", *args)
         assert result.exit_code == 2 and expected in result.output, result.output
         assert len([x for x in result.output.splitlines() if x.startswith("error:")]) == 1
+
+
+def test_generate_refuses_a_classifier_run_and_an_empty_prompt_with_one_line(tmp_path):
+    recipe = write_recipe(tmp_path, model_name_or_path=tiny_bert_dir(), task="sequence_classification",
+                          lora_target=["query", "value"], modules_to_save=["classifier"], max_steps=1)
+    assert invoke("train", recipe).exit_code == 0
+    one_error_line(invoke("generate", tmp_path / "out", "--prompt", "x"), "sequence_classification model",
+                   "needs a causal LM")
+    one_error_line(invoke("generate", generation_recipe(tmp_path), "--prompt", "x", "--prompt", ""),
+                   "prompt 2 ('') has no tokens")
+    with pytest.raises(ValueError, match="has no tokens"):
+        zopeft.generation_batch(AutoTokenizer.from_pretrained(tiny_llm_dir()), [""])

@@ -82,3 +82,22 @@ def test_learning_rate_auto_under_torchrun_is_refused_before_the_model_loads(tmp
     result = invoke("train", write_recipe(tmp_path, learning_rate="auto", zo={"optimizer": "mezo"}))
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines()[-1].startswith("error: learning_rate: auto runs lr-find in one process")
+
+
+def test_learning_rate_auto_pays_for_a_generation_evaluation_as_prefill_and_decoding(tmp_path):
+    from test_generation import generation_recipe
+    from test_user_errors import one_error_line
+
+    keys = dict(max_eval_samples=16, max_new_tokens=16, learning_rate="auto", eval_steps=50,
+                zo={"optimizer": "mezo", "eps": 1e-2})
+    result = invoke("train", generation_recipe(tmp_path, max_steps=30, **keys))
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]
+    found = next(r["lr_find"] for r in log if "lr_find" in r)
+    evaluations = 1 + sum(len(row["evaluations"]) for row in found["rows"])
+    # 4 records a batch of 4: the teacher-forced loss, the prefill and the cached decoding (one at most) per record
+    assert found["spent"]["evaluation"] <= 3 * evaluations
+    (tmp_path / "short").mkdir()
+    short = invoke("train", generation_recipe(tmp_path / "short", max_steps=2, **keys))
+    line = one_error_line(short, "learning_rate: auto:", "raise max_steps, or give learning_rate a number")
+    assert "--budget" not in line

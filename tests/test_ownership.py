@@ -110,7 +110,8 @@ def test_result_files_are_checked_before_the_work_and_replaced_only_with_overwri
     assert json.loads(mine.read_text())["split"] == "dev"
     for _ in range(2):  # its own default output (listed in the directory's manifest) is replaced without asking
         assert invoke("eval", recipe).exit_code == 0
-    assert manifest(tmp_path / "out") == {"written_by": "zopeft eval", "names": ["eval_dev.json"]}
+    assert manifest(tmp_path / "out") == {"written_by": "zopeft eval", "names": ["eval_dev.json"],
+                                      "results": {"eval_dev.json": "zopeft eval"}}
     assert invoke("train", recipe, "max_steps=1").exit_code == 0  # an output_dir holding only zopeft's files
 
 
@@ -136,3 +137,26 @@ def test_a_run_of_zopeft_0_2_without_a_manifest_resumes_and_starts_over(tmp_path
     again = invoke("train", recipe, "--overwrite")
     assert again.exit_code == 0, again.output
     assert (out / "notes.txt").read_text() == "mine" and "notes.txt" not in manifest(out)["names"]
+
+
+def test_a_result_never_replaces_a_runs_files_and_replaces_another_commands_result_only_with_overwrite(tmp_path):
+    recipe = write_recipe(tmp_path, max_steps=1, save_steps=1)
+    assert invoke("train", recipe).exit_code == 0
+    out = tmp_path / "out"
+    before = snapshot(out)
+    for command, option, name in (("lr-find", "--write-recipe", "recipe.yaml"), ("lr-find", "--output", "zo_steps.jsonl"),
+                                  ("eval", "--output", "trainer_log.jsonl"),
+                                  ("eval", "--output", "checkpoint-1/adapter_model.safetensors")):
+        for flags in ((), ("--overwrite",)):
+            one_error_line(invoke(command, recipe, option, out / name, *flags), f"{option}:", "never replaced")
+    assert snapshot(out) == before
+    assert invoke("eval", recipe).exit_code == 0  # its own result in the run's directory, again without asking
+    assert invoke("eval", recipe).exit_code == 0
+    (out / "lr_find.json").write_text("{}")  # as if lr-find had written it there: another command's result
+    data = json.loads((out / MANIFEST_NAME).read_text())
+    data["results"]["lr_find.json"] = "zopeft lr-find"
+    data["names"].append("lr_find.json")
+    (out / MANIFEST_NAME).write_text(json.dumps(data))
+    one_error_line(invoke("eval", recipe, "--output", out / "lr_find.json"), "--output:", "pass --overwrite")
+    assert invoke("eval", recipe, "--output", out / "lr_find.json", "--overwrite").exit_code == 0
+    assert manifest(out)["results"] == {"eval_dev.json": "zopeft eval", "lr_find.json": "zopeft eval"}

@@ -9,6 +9,7 @@ import pytest
 
 from zopeft.data import load_records, named_splits
 from zopeft.recipe import Recipe, RecipeError, load_recipe, parse_overrides
+from zopeft.records import template_fields
 from zopeft.splits import DataSplits
 
 CLASSES = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
@@ -268,6 +269,14 @@ def test_template_overrides_read_escapes_and_a_literal_backslash_n_is_noted():
         "template: 'Sentiment:' names no field of the records: every record gets the same prompt"]
     with pytest.raises(ValueError, match=r"template: 'a \{0\[x\]\}' has a positional field"):
         Recipe(model_name_or_path="m", dataset="sst2", template="a {0[x]}")
+
+
+def test_one_reading_of_a_templates_fields_serves_the_recipe_and_the_tasks():
+    assert template_fields("Q: {question}\n{} {context}") == ["question", "", "context"]  # {}: refused by the recipe
+    with pytest.raises(ValueError):
+        template_fields("Q: {question")
+    with pytest.raises(ValueError, match=r"template: 'a \{\}' has a positional field"):
+        Recipe(model_name_or_path="m", dataset="sst2", template="a {}")
 
 
 @pytest.mark.parametrize("keys,note", [

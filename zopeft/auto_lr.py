@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .lr_find import LRFindResult, search
+from .lr_find import BudgetError, LRFindResult, search
 from .objectives import Objective
 from .recipe import Recipe, RecipeError
 from .rundir import RECIPE_NAME, checkpoint_recipe
@@ -71,7 +71,11 @@ def find_learning_rate(
 ) -> LearningRate:
     """lr-find's pick for ``learning_rate: auto`` (the model left as it was)."""
     began = time.perf_counter()
-    found = search(recipe, model, tokenizer, task, data, target, echo=echo, progress=progress)
+    try:
+        found = search(recipe, model, tokenizer, task, data, target, echo=echo, progress=progress)
+    except BudgetError as error:
+        raise RecipeError([f"learning_rate: auto: lr-find's {error}; raise max_steps, or give learning_rate a number"]
+                          ) from None
     if found.recommended is None:
         tried = ", ".join("{:.3g}: {}".format(row["lr"], row["status"]) for row in found.rows)
         raise RecipeError([f"learning_rate: auto: every learning rate lr-find tried diverged or stalled ({tried}); "

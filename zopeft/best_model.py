@@ -31,7 +31,7 @@ from .jsonl import dumps
 from .recipe import Recipe
 from .rundir import BEST_NAME, LOG_NAME, RECIPE_NAME, RunDir, load_weights, read_jsonl
 
-__all__ = ["BEST_FILE", "BestModel", "best_line", "kept_steps"]
+__all__ = ["BEST_FILE", "BestModel", "best_line", "kept_adapter", "kept_steps"]
 
 BEST_FILE = "best.json"
 
@@ -152,12 +152,19 @@ def kept_steps(run: RunDir, records: list[dict[str, Any]]) -> tuple[list[dict[st
     return made, step
 
 
+def kept_adapter(kept: dict[str, Any]) -> str:
+    """``the adapter of step 40, eval_accuracy 0.8300; the last step, 80, scored 0.5100``: the adapter kept
+    (:meth:`BestModel.keep`) when it is not the last step's, and what the last step scored."""
+    step, metric, value = kept["step"], kept["metric"], kept["value"]
+    adapter = (f"the untrained adapter of step 0, {metric} {value:.4f}, which no later evaluation beat" if step == 0
+               else f"the adapter of step {step}, {metric} {value:.4f}")
+    scored = "" if kept["last_value"] is None else f" {kept['last_value']:.4f}"
+    return f"{adapter}; the last step, {kept['last_step']}, scored{scored}"
+
+
 def best_line(kept: dict[str, Any]) -> str:
     """``best model: ...``: which step's adapter output_dir holds, and what the last step scored."""
-    metric, step, last = kept["metric"], kept["step"], kept["last_step"]
-    if step == last:
+    metric, step = kept["metric"], kept["step"]
+    if step == kept["last_step"]:
         return f"best model: the last step's adapter ({metric} {kept['value']:.4f} at step {step}) is the best"
-    start = " (no evaluation after the start beat it: the untrained adapter)" if step == 0 else ""
-    scored = "" if kept["last_value"] is None else f" {kept['last_value']:.4f}"
-    return (f"best model: output_dir holds the adapter of step {step}{start}, {metric} {kept['value']:.4f}; the last "
-            f"step, {last}, scored{scored} (load_best_model_at_end)")
+    return f"best model: output_dir holds {kept_adapter(kept)} (load_best_model_at_end)"

@@ -12,6 +12,10 @@ cost ~80 s of every run, with the same numbers each time).  So its metrics are k
 * the records: their content and order, the task's settings (template, label words, scoring,
   ``cutoff_len``) and ``per_device_eval_batch_size``;
 * the versions of zopeft, torch, transformers, peft and bitsandbytes, and the device.
+
+The cache is kept as strict JSON and without a generation task's ``generations`` (each record's
+prompt and output: the training log does not need them).  It is best-effort: a cache that cannot
+be written is said once (a warning) and the run goes on.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,7 @@ import torch
 
 from .checkpoint import write_text_atomic
 from .components import model_spec
+from .jsonl import dumps
 from .model_files import resolve_model_path
 from .recipe import Recipe
 from .resolved import task_settings
@@ -34,7 +41,9 @@ from .splits import Split
 
 __all__ = ["cache_dir", "evaluation_key", "load_evaluation", "store_evaluation"]
 
+logger = logging.getLogger("zopeft")
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "config.json")
+_UNWRITABLE: set[Path] = set()  # cache directories already said to be unwritable (said once each)
 
 
 def cache_dir() -> Path:
@@ -88,15 +97,23 @@ def evaluation_key(recipe: Recipe, model: torch.nn.Module, split: Split) -> str:
 
 
 def load_evaluation(key: str) -> dict[str, Any] | None:
-    """The metrics kept under ``key``, or None."""
+    """The metrics kept under ``key`` (a ``null`` number read as NaN: it was not finite), or None."""
     path = cache_dir() / f"{key}.json"
     try:
-        return json.loads(path.read_text())
+        metrics = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return {k: math.nan if v is None else v for k, v in metrics.items()} if isinstance(metrics, dict) else None
 
 
 def store_evaluation(key: str, metrics: dict[str, Any]) -> None:
-    """Keep ``metrics`` under ``key`` (written atomically)."""
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    write_text_atomic(cache_dir() / f"{key}.json", json.dumps(metrics))
+    """Keep ``metrics`` (without ``generations``) under ``key``, written atomically; a failure is a warning."""
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(directory / f"{key}.json", dumps({k: v for k, v in metrics.items() if k != "generations"}))
+    except OSError as error:
+        if directory not in _UNWRITABLE:
+            _UNWRITABLE.add(directory)
+            logger.warning("zopeft: the evaluation cache %s cannot be written (%s); runs evaluate their start "
+                           "each time (set ZOPEFT_CACHE to a writable directory)", directory, error)

@@ -56,12 +56,11 @@ def _recipe_of(source: Path, recipe: str | Path | None) -> Recipe | None:
 
 
 def _load(source: Path, recipe: Recipe | None) -> tuple[torch.nn.Module, Any]:
-    if source.is_dir() and (source / "adapter_config.json").is_file():
-        return load_adapter_model(model_spec(recipe), source)
-    spec = model_spec(recipe) if source.is_file() else ModelSpec(str(source))
+    adapter = source.is_dir() and (source / "adapter_config.json").is_file()
+    spec = model_spec(recipe) if adapter or source.is_file() else ModelSpec(str(source))  # a merged model: itself
     if spec.task_type != "causal_lm":
         raise ValueError(f"SOURCE: {source} is a {spec.task_type} model; zopeft generate needs a causal LM")
-    return load_base_model(spec), load_tokenizer(spec)
+    return load_adapter_model(spec, source) if adapter else (load_base_model(spec), load_tokenizer(spec))
 
 
 def generate(

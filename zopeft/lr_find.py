@@ -19,7 +19,9 @@ rate that is merely lucky on a few records).
 Everything it does is paid from a budget, ``budget`` (25%) of the run's forward passes (max_steps
 x the method's loss evaluations a step x gradient_accumulation_steps): the steps, the evaluations
 (in forward passes of a training batch: the sequences the model ran over
-``per_device_train_batch_size``) and the ε check (:mod:`zopeft.optim.eps_check`, when the run
+``per_device_train_batch_size``, a generated one counting
+:data:`~zopeft.generation.GENERATION_FORWARD_EQUIVALENTS`, its prefill and its cached decoding
+steps, as the benchmarks count it) and the ε check (:mod:`zopeft.optim.eps_check`, when the run
 would run it).  The grid's points and the first rung's steps are the most that fit, preferring
 :data:`MIN_STEPS` steps a learning rate to more points.
 """
@@ -38,19 +40,24 @@ from .components import (
     adapter_spec, batch_indices, checks_eps, make_optimizer, model_spec, objective, step_batches, torch_threads,
     train_step, training_batch, training_data, zo_closure,
 )
+from .generation import GENERATION_FORWARD_EQUIVALENTS
 from .models import load_model
 from .objectives import Objective
 from .recipe import Recipe
 from .resolved import LR_FIND_BUDGET, resolve_run
 from .splits import DataSplits
 
-__all__ = ["AUTO_GRID", "MIN_STEPS", "SPIKE", "LRFindResult", "grid", "lr_find", "rungs", "search"]
+__all__ = ["AUTO_GRID", "MIN_STEPS", "SPIKE", "BudgetError", "LRFindResult", "grid", "lr_find", "rungs", "search"]
 
 SPIKE = 0.5  # smoothed step loss 50% above its start: diverged
 MIN_STEPS = 2  # the first rung's steps a learning rate, before the grid loses points
 AUTO_GRID = (1e-3, 100.0)  # learning_rate: auto: the grid's centre and span (1e-5 to 1e-1)
 PROBE_BATCHES = 4  # without evaluation records: training batches the short runs do not train on
 _SMOOTHING = 0.8
+
+
+class BudgetError(ValueError):
+    """The budget cannot pay for two learning rates of one step and their evaluations (the message says why)."""
 
 
 @dataclass
@@ -124,8 +131,11 @@ def lr_find(
         torch.manual_seed(recipe.seed)
         model, tokenizer = load_model(model_spec(recipe), adapter_spec(recipe))
         model.eval()
-        return search(recipe, model, tokenizer, task, data, target, budget=budget, points=points, span=span,
-                      echo=echo, progress=progress)
+        try:
+            return search(recipe, model, tokenizer, task, data, target, budget=budget, points=points, span=span,
+                          echo=echo, progress=progress)
+        except BudgetError as error:
+            raise ValueError(f"lr-find: {error}; raise max_steps or the budget (--budget)") from None
 
 
 @dataclass
@@ -146,14 +156,20 @@ def _key(score: dict[str, float], greater: bool) -> tuple[float, float]:
 
 
 class _Rows:
-    """Counts the sequences the model runs (a forward hook on its input embeddings)."""
+    """Counts the sequences the model runs (a forward hook on its input embeddings); the cached decoding steps of a
+    generation (one token a row) count together as the rest of its :data:`GENERATION_FORWARD_EQUIVALENTS`."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.count = 0
+        self.count, self._decoding = 0, False
         self._handle = model.get_input_embeddings().register_forward_pre_hook(self._seen)
 
     def _seen(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        self.count += args[0].shape[0]
+        rows, tokens = args[0].shape[0], args[0].shape[-1]
+        if tokens > 1:  # whole sequences: a loss, or a generation's prefill
+            self.count += rows
+        elif not self._decoding:  # the first decoding step after a prefill
+            self.count += rows * (GENERATION_FORWARD_EQUIVALENTS - 1)
+        self._decoding = tokens == 1
 
     def close(self) -> None:
         self._handle.remove()
@@ -167,7 +183,7 @@ def search(
     """Successive halving on the loaded ``model`` (left as it was); see the module docstring.
 
     ``recipe`` is resolved (:func:`zopeft.resolved.resolve_run`: its metric and max_steps explicit);
-    its ``learning_rate`` is the grid's centre (``auto``: :data:`AUTO_GRID`).  Raises ``ValueError``
+    its ``learning_rate`` is the grid's centre (``auto``: :data:`AUTO_GRID`).  Raises :class:`BudgetError`
     when the budget cannot pay for two learning rates of one step each and their evaluations.
     """
     center, span = AUTO_GRID if recipe.learning_rate == "auto" else (recipe.learning_rate, span)
@@ -193,10 +209,9 @@ def search(
     left = allowed - spent["eps_check"] - spent["evaluation"]
     plan = _plan(left, per_step, eval_cost, points)
     if plan is None:
-        raise ValueError(
-            f"lr-find: {budget:.0%} of the run's {run_passes} forward passes ({allowed:.0f}) cannot pay for two "
-            f"learning rates of one step ({per_step} forward passes each) and their evaluations ({eval_cost} each); "
-            "raise max_steps or the budget (--budget)")
+        raise BudgetError(
+            f"{budget:.0%} of the run's {run_passes} forward passes ({allowed:.0f}) cannot pay for two learning rates "
+            f"of one step ({per_step} forward passes each) and their evaluations ({eval_cost} each)")
     sizes, first_steps = plan
     candidates = [_Candidate(lr) for lr in grid(center, sizes[0], span)]
     echo(f"lr-find: {len(candidates)} learning rates from {candidates[0].lr:.3g} to {candidates[-1].lr:.3g}; "

@@ -4,7 +4,9 @@ Every directory zopeft writes into on its own account (a training ``output_dir``
 ``replay`` output, the folder of an ``eval`` or ``lr-find`` result it created) holds
 ``.zopeft-manifest.json``: the command that made it and the names zopeft wrote there, recorded
 *before* each is written (a killed write leaves a listed name that does not exist, never an
-unlisted file of its own).  Anything else in such a directory is the user's.
+unlisted file of its own).  Anything else in such a directory is the user's.  A result file (of
+``eval``, ``lr-find``) is listed with the command that wrote it: another result may replace it
+(the same command's without ``--overwrite``), never a file of the directory's own output (a run's).
 
 Files are written whole: under a temporary name, ``.NAME.zopeft-tmp-PID`` (``.NAME.zopeft-old-PID``
 for a directory moved aside while its replacement goes in), then renamed.  Those names are
@@ -102,7 +104,8 @@ def remove_stale_temporaries(directory: str | Path) -> list[str]:
 
 # ----- the manifest ----------------------------------------------------------------------------------
 def manifest(directory: str | Path) -> dict | None:
-    """``{"written_by": COMMAND, "names": [...]}`` of a directory zopeft wrote into, else None."""
+    """``{"written_by": COMMAND, "names": [...], "results": {NAME: COMMAND}}`` of a directory zopeft wrote into,
+    else None; ``results``: the listed names that are a command's result file, not the directory's own output."""
     try:
         data = json.loads((Path(directory) / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
@@ -110,18 +113,24 @@ def manifest(directory: str | Path) -> dict | None:
     names = data.get("names") if isinstance(data, dict) else None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         return None
-    return {"written_by": str(data.get("written_by", "zopeft")), "names": names}
+    results = data.get("results")
+    results = {str(k): str(v) for k, v in results.items() if k in names} if isinstance(results, dict) else {}
+    return {"written_by": str(data.get("written_by", "zopeft")), "names": names, "results": results}
 
 
-def claim(directory: str | Path, names: Iterable[str], written_by: str) -> None:
-    """Record ``names`` as zopeft's in ``directory`` (created if needed) before they are written."""
+def claim(directory: str | Path, names: Iterable[str], written_by: str, *, result: bool = False) -> None:
+    """Record ``names`` as zopeft's in ``directory`` (created if needed) before they are written: ``written_by``'s
+    result files if ``result``, else the directory's own output."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    current = manifest(directory)
-    listed = sorted({*(current["names"] if current else ()), *names})
-    if current is None or current["names"] != listed:
-        text = json.dumps({"written_by": current["written_by"] if current else written_by, "names": listed}, indent=1)
-        write_text_atomic(directory / MANIFEST_NAME, text + "\n")
+    names, current = set(names), manifest(directory)
+    previous = current or {"written_by": written_by, "names": [], "results": {}}
+    results = {n: c for n, c in previous["results"].items() if n not in names}
+    results.update(dict.fromkeys(names if result else (), written_by))
+    updated = {"written_by": previous["written_by"], "names": sorted({*previous["names"], *names}),
+               "results": dict(sorted(results.items()))}
+    if updated != current:
+        write_text_atomic(directory / MANIFEST_NAME, json.dumps(updated, indent=1) + "\n")
 
 
 def foreign(directory: str | Path, owned: Iterable[str] = ()) -> list[str]:
@@ -136,25 +145,39 @@ def foreign(directory: str | Path, owned: Iterable[str] = ()) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name not in mine and not _TEMPORARY.fullmatch(p.name))
 
 
-def _listed(path: Path) -> bool:
-    """Whether zopeft's manifest beside ``path`` lists it (zopeft wrote it)."""
-    return path.name in (manifest(path.parent) or {"names": []})["names"]
+def _check_writer(path: Path, *, overwrite: bool, option: str, written_by: str) -> None:
+    """Refuse to replace a file zopeft listed beside ``path``: the directory's own output always, another
+    command's result without ``overwrite``."""
+    listed = manifest(path.parent)
+    if listed is None or path.name not in listed["names"]:
+        if path.exists() and not overwrite:
+            raise RecipeError([f"{option}: {path} exists; pass --overwrite to replace it, or choose another file"])
+        return
+    writer = listed["results"].get(path.name, listed["written_by"])
+    if writer == written_by:
+        return
+    if path.name not in listed["results"]:
+        raise RecipeError([f"{option}: {path} is part of the output of `{writer}` in {path.parent} and is never "
+                           "replaced, --overwrite or not; choose another file"])
+    if path.exists() and not overwrite:
+        raise RecipeError([f"{option}: {path} holds the result of `{writer}`; pass --overwrite to replace it, "
+                           "or choose another file"])
 
 
-def check_output_file(path: Path, *, overwrite: bool, option: str) -> None:
-    """Refuse (:class:`RecipeError`) to write the file ``path`` if it is a directory, or a file zopeft did not
-    write and ``overwrite`` is not given.  Called before the work whose result it receives."""
+def check_output_file(path: Path, *, overwrite: bool, option: str, written_by: str) -> None:
+    """Refuse (:class:`RecipeError`) to write the file ``path`` if it is a directory or part of a directory's own
+    output (a run's), or, without ``overwrite``, a file that is not a previous result of ``written_by``.  Called
+    before the work whose result it receives."""
     if path.is_dir():
         raise RecipeError([f"{option}: {path} is a directory; give a file name, e.g. {path / 'result.json'}"])
-    if path.exists() and not overwrite and not _listed(path):
-        raise RecipeError([f"{option}: {path} exists; pass --overwrite to replace it, or choose another file"])
+    _check_writer(path, overwrite=overwrite, option=option, written_by=written_by)
     if path.parent.exists() and not path.parent.is_dir():
         raise RecipeError([f"{option}: {path.parent} is a file, not a directory; choose another path"])
 
 
 def write_output_file(path: Path, text: str, written_by: str) -> None:
-    """Write a command's result file; a directory that is new, empty or zopeft's records it in its manifest."""
+    """Write a command's result file; a directory that is new, empty or zopeft's lists it as ``written_by``'s result."""
     directory = path.parent
     if not directory.exists() or manifest(directory) is not None or not any(directory.iterdir()):
-        claim(directory, [path.name], written_by)
+        claim(directory, [path.name], written_by, result=True)
     write_text_atomic(path, text)

@@ -1,8 +1,10 @@
 """Training curves against forward-pass equivalents (needs the ``plot`` extra: matplotlib).
 
 Left: the training loss of each logged step (one mini-batch, noisy), its moving average
-(``loss_ema``) and the eval loss.  Right: eval accuracy and macro-F1 (sft: perplexity).  The
-x-axis counts forward passes plus two per backward pass, so ZO and AdamW runs compare per cost.
+(``loss_ema``) and the eval loss.  Right: the task's eval metrics (:data:`zopeft.metrics.TASK_METRICS`
+but the loss): accuracy and macro-F1 (classification), F1 and exact match (generation), perplexity
+(sft).  The x-axis counts forward passes plus two per backward pass, so ZO and AdamW runs compare
+per cost.
 """
 
 from __future__ import annotations
@@ -12,14 +14,23 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: the caller's backend and figure list are left alone
 
+from .metrics import HEADLINE, TASK_METRICS
+
 __all__ = ["curves", "plot_log"]
 
 X_LABEL = "forward-pass equivalents (a backward = 2 forwards)"
-NAMES = {"eval_accuracy": "accuracy", "eval_macro_f1": "macro-F1", "eval_perplexity": "perplexity"}
 
 
 def _x(record: dict) -> int:
     return record.get("forward_equivalents", record["forward_passes"])  # logs written before the count existed
+
+
+def _scores(records: list[dict]) -> list[str]:
+    """The right panel's metrics: those of the task kind (its :data:`TASK_METRICS` less the loss) the log holds as
+    ``eval_`` or ``select_`` (on the records ``zo.guard.select_size`` holds out); sft's if it holds none."""
+    kinds = {kind: [m for m in metrics if m != "loss"] for kind, metrics in TASK_METRICS.items()}
+    logged = {key.split("_", 1)[1] for r in records for key in r if key.startswith(("eval_", "select_"))}
+    return next((shown for shown in kinds.values() if logged.intersection(shown)), kinds["sft"])
 
 
 def curves(records: list[dict]) -> Figure:
@@ -34,13 +45,11 @@ def curves(records: list[dict]) -> Figure:
     points = [r for r in evals if "eval_loss" in r]
     left.plot([_x(r) for r in points], [r["eval_loss"] for r in points], "o-", color="tab:red", label="eval")
     left.set(xlabel=X_LABEL, ylabel="loss", title="loss")
-    metrics = [m for m in ("eval_accuracy", "eval_macro_f1")  # select_: the records zo.guard.select_size holds out
-               if any(m in r or "select_" + m[len("eval_"):] in r for r in records)] or ["eval_perplexity"]
-    for metric, color in zip(metrics, ("tab:green", "tab:purple")):
-        judged = "select_" + metric[len("eval_"):]  # the same metric on zo.guard.select_size's records
-        for key, style, label in ((metric, "o-", NAMES[metric]), (judged, "s--", f"{NAMES[metric]} (guard's records)")):
+    for metric, color in zip(_scores(records), ("tab:green", "tab:purple")):
+        name = HEADLINE[metric]
+        for key, style, label in ((f"eval_{metric}", "o-", name), (f"select_{metric}", "s--", f"{name} (guard's records)")):
             points = [r for r in records if key in r]
-            if points or key == metric:
+            if points or key.startswith("eval_"):
                 right.plot([_x(r) for r in points], [r[key] for r in points], style, color=color, label=label)
     right.set(xlabel=X_LABEL, title="eval")
     for ax in (left, right):

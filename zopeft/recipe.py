@@ -12,7 +12,6 @@ import importlib.util
 import math
 import os
 import re
-import string
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -29,6 +28,7 @@ from .metrics import TASK_METRICS
 from .objectives import DIFFERENTIABLE
 from .optim.settings import GUARD_DEFAULTS
 from .recipe_yaml import MAX_BYTES, load_yaml
+from .records import template_fields
 from .registry import available_optimizers
 from .training_arguments import FOREIGN_KEYS, read_spellings, steps_or_fraction
 
@@ -101,11 +101,6 @@ class _Strict(BaseModel):
         if isinstance(value, bool) and info.field_name and _numeric(cls.model_fields[info.field_name].annotation):
             raise ValueError(f"Input should be a number, got {str(value).lower()}")
         return value
-
-
-def _template_fields(template: str) -> list[str]:
-    """The fields of a ``str.format`` template (``ValueError`` for a malformed one)."""
-    return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
 
 
 def _record_count(value: Any) -> Any:
@@ -481,7 +476,7 @@ class Recipe(_Strict):
             raise ValueError(f"template: {len(value)} characters; at most {TEMPLATE_CHARS} (a prompt with its few-shot "
                              "examples is a few thousand)")
         try:
-            fields = _template_fields(value)
+            fields = template_fields(value)
         except ValueError as err:
             raise ValueError(f"template: {err} in {value!r}; write a field as {{name}} and a brace as {{{{ or }}}}") from None
         if re.fullmatch(r"[\w.-]+", value):
@@ -677,7 +672,7 @@ class Recipe(_Strict):
         if self.warmup_steps and self.lr_scheduler_type == "constant":
             notes.append("warmup_steps: lr_scheduler_type constant has no warmup (the learning rate is constant from "
                          "the first step); use constant_with_warmup, linear or cosine")
-        if self.template is not None and not _template_fields(self.template):
+        if self.template is not None and not template_fields(self.template):
             notes.append(f"template: {self.template!r} names no field of the records: every record gets the same "
                          "prompt")
         if any(re.search(r"\\[nt]", s) for s in self.stop_strings):

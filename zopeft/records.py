@@ -15,7 +15,7 @@ from .hints import did_you_mean
 
 __all__ = [
     "answer_list", "answer_texts", "canon_label", "choice_texts", "fill", "label_index", "label_keys", "prompt_text",
-    "require_text_fields", "text_of",
+    "require_text_fields", "template_fields", "text_of",
 ]
 
 
@@ -75,6 +75,12 @@ def text_of(record: dict, name: str) -> str:
     return str(record[name])
 
 
+def template_fields(template: str) -> list[str]:
+    """The replacement fields of a ``str.format`` template in order, as written (``""`` for a positional ``{}``);
+    ``ValueError`` for a malformed template."""
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+
+
 def fill(template: str, record: dict) -> str:
     """The template with the record's fields filled in (a null field is refused, not written as 'None')."""
     try:
@@ -82,7 +88,7 @@ def fill(template: str, record: dict) -> str:
     except KeyError as err:
         raise KeyError(f"template field {err.args[0]!r} is not in the record ({_fields_hint(str(err.args[0]), record)}); "
                        "use these fields in the template") from None
-    null = next((f for _, f, _, _ in string.Formatter().parse(template) if f is not None and record.get(f, "") is None), None)
+    null = next((f for f in template_fields(template) if record.get(f, "") is None), None)
     if null is not None:
         raise _null(null)
     return text

@@ -192,7 +192,8 @@ class RunDir:
 
     def _claim(self, names: Iterable[str]) -> None:
         """Record ``names`` in the manifest before writing them (a 0.2 run's files are adopted into a new one)."""
-        claim(self.path, [*self.owned(), *names], WRITTEN_BY)
+        adopted = self.owned() if manifest(self.path) is None else ()
+        claim(self.path, [*adopted, *names], WRITTEN_BY)
 
     def foreign(self) -> list[str]:
         """The entries zopeft did not write (never replaced or removed)."""

@@ -17,7 +17,6 @@ prompt + continuation fits in ``cutoff_len`` tokens.
 from __future__ import annotations
 
 import math
-import string
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +32,8 @@ from .hints import did_you_mean
 from .metrics import class_metrics
 from .objectives import CandidateBatch
 from .records import (
-    answer_list, answer_texts, choice_texts, fill, label_index, label_keys, prompt_text, require_text_fields, text_of,
+    answer_list, answer_texts, choice_texts, fill, label_index, label_keys, prompt_text, require_text_fields,
+    template_fields, text_of,
 )
 from .squad_metrics import squad_scores
 
@@ -564,17 +564,18 @@ class SequenceClassificationTask:
 
 
 # ----- generation ----------------------------------------------------------------------------------
-def _template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
-
-
 def _generation_batch(
     tokenizer: Any, prompts: list[list[int]], answers: list[list[str]], records: list[dict], max_new_tokens: int,
     stop_strings: Iterable[str],
 ) -> GenerationBatch:
-    """A :class:`GenerationBatch` of prompt token lists (special prefix included), left-padded."""
+    """A :class:`GenerationBatch` of prompt token lists (special prefix included), left-padded; a prompt without
+    tokens is refused (``ValueError``)."""
     prefix = len(_special_prefix(tokenizer))
     texts = [tokenizer.decode(p[prefix:]) for p in prompts]
+    empty = next((i for i, p in enumerate(prompts) if not p), None)
+    if empty is not None:
+        raise ValueError(f"generation_batch: prompt {empty + 1} ({texts[empty]!r}) has no tokens to generate from; "
+                         "give every prompt some text")
     return GenerationBatch(left_padded(prompts, _pad_id(tokenizer)), answers, records, texts, tokenizer,
                            max_new_tokens, tuple(stop_strings))
 
@@ -657,7 +658,7 @@ class GenerationTask:
         tokens = _encode(tokenizer, self.prompt(record))
         if len(tokens) <= room:
             return prefix + tokens
-        name = max(_template_fields(self.template), key=lambda f: len(str(record[f])))
+        name = max(template_fields(self.template), key=lambda f: len(str(record[f])))
         parts = fill(self.template, {**record, name: "\0"}).split("\0")
         if len(parts) != 2:  # the field appears more than once: cut the prompt from the left
             return prefix + tokens[-room:]
