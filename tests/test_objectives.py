@@ -241,3 +241,36 @@ def test_cli_trains_adamw_on_the_candidate_cross_entropy_and_refuses_a_metric(tm
     result = invoke("train", write_recipe(tmp_path, output_dir=str(tmp_path / "o2")), "zo.optimizer=adamw",
                     "zo.objective=margin")
     assert result.exit_code == 2 and "zo.objective: adamw needs a gradient, which margin has none of" in result.output
+
+
+def test_objective_auto_trains_classification_on_the_candidates_and_a_resumed_run_keeps_its_checkpoints(tmp_path):
+    """auto (the default): the candidates' cross-entropy for label words, the loss for sft; a run resumed without
+    naming an objective keeps its checkpoint's (a 0.2 run's loss), and naming another is refused by its key."""
+    from test_cli import invoke, write_recipe
+
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text('{"prompt": "2+2=", "completion": "4"}\n' * 8)
+    shown = invoke("validate", write_recipe(tmp_path, dataset=str(sft), task="sft"))
+    assert shown.exit_code == 0 and "objective: loss (the language-model loss" in shown.output, shown.output
+    result = invoke("train", write_recipe(tmp_path, max_steps=2))
+    assert result.exit_code == 0 and "objective: candidate_ce (the cross-entropy over the candidates" in result.output
+    steps = [json.loads(x) for x in (tmp_path / "out" / "zo_steps.jsonl").read_text().splitlines()]
+    assert all(0 < x < 2 for r in steps for x in r["losses"])  # about log 2 over two label words, not ~11
+    assert yaml_of(tmp_path / "out" / "recipe.yaml")["zo"]["objective"] == "candidate_ce"  # the run records it
+
+    old = tmp_path / "old"  # a run trained on the loss (every 0.2 run), resumed by a recipe that names no objective
+    old.mkdir()
+    keys = dict(save_steps=2, output_dir=str(old / "out"))
+    assert invoke("train", write_recipe(old, max_steps=2, **keys), "zo.objective=loss").exit_code == 0
+    resumed = invoke("train", write_recipe(old, max_steps=4, resume_from_checkpoint="auto", **keys))
+    assert resumed.exit_code == 0 and "objective: loss (" in resumed.output, resumed.output
+    assert yaml_of(old / "out" / "recipe.yaml")["zo"]["objective"] == "loss"
+    refused = invoke("train", write_recipe(old, max_steps=6, resume_from_checkpoint="auto", **keys),
+                     "zo.objective=candidate_ce")
+    assert refused.exit_code == 2 and "was trained with different zo.objective;" in refused.output, refused.output
+
+
+def yaml_of(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())

@@ -184,9 +184,10 @@ class ZOSettings(_Strict):
     ignored: list[str] = Field(default_factory=list, exclude=True, repr=False)  # other optimizers' settings, dropped
     optimizer: str = Field("fzoo", description="a registered ZO optimizer (fzoo, mezo, adamezo, hizoo, ...) or adamw "
                            "(the first-order baseline)")
-    objective: str = Field("loss", description="what ZO minimises: loss (the language-model loss of the gold "
-                           "continuation), candidate_ce (cross-entropy over the candidates), accuracy, margin, f1, "
-                           "exact_match (task generation) or python:MODULE:FUNCTION (see zopeft.objectives)")
+    objective: str = Field("auto", description="what training minimises: auto (candidate_ce for classification and "
+                           "multiple_choice, else loss; a resumed run keeps its checkpoint's), loss (the language-model "
+                           "loss of the gold continuation), candidate_ce (cross-entropy over the candidates), accuracy, "
+                           "margin, f1, exact_match (task generation) or python:MODULE:FUNCTION (see zopeft.objectives)")
     guard: GuardSettings = Field(default_factory=GuardSettings)
     check_eps: Literal["auto", "always", "never"] = Field(
         "auto", description="before the first step, check that zo.eps is above the forward pass's rounding "
@@ -197,7 +198,7 @@ class ZOSettings(_Strict):
     def _known_objective(cls, value: str) -> str:
         from .objectives import GENERATION_OBJECTIVES, OBJECTIVES
 
-        known = ["loss", *OBJECTIVES, *GENERATION_OBJECTIVES]
+        known = ["auto", "loss", *OBJECTIVES, *GENERATION_OBJECTIVES]
         if value.startswith("python:"):
             module, _, name = value[len("python:"):].rpartition(":")
             if not module or not name:
@@ -205,7 +206,7 @@ class ZOSettings(_Strict):
             if importlib.util.find_spec(module.split(".")[0]) is None:
                 raise ValueError(f"module {module!r} of {value!r} is not importable (is it on PYTHONPATH?)")
         elif value not in known:
-            raise ValueError(f"unknown objective {value!r}{did_you_mean(value, known)}; choose loss, "
+            raise ValueError(f"unknown objective {value!r}{did_you_mean(value, known)}; choose auto, loss, "
                              f"{', '.join(OBJECTIVES)} (label words, choices, classes), "
                              f"{', '.join(GENERATION_OBJECTIVES)} (task generation) or python:MODULE:FUNCTION")
         return value
@@ -367,7 +368,7 @@ class Recipe(_Strict):
         "true when the run has evaluation records")
     metric_for_best_model: str | None = Field(
         None, description="the evaluation metric that picks the best model (and that zo.guard.watch: eval judges); "
-        "default: accuracy (classification, multiple_choice, sequence_classification), else loss")
+        "default: accuracy (classification, multiple_choice, sequence_classification), f1 (generation), else loss")
     greater_is_better: bool | None = Field(None, description="default: false for a loss or perplexity, else true")
     save_steps: int | None = Field(None, ge=1, le=STEPS)
     save_total_limit: int | None = Field(None, ge=1, le=STEPS)
@@ -560,7 +561,7 @@ class Recipe(_Strict):
             )
         if self.task == "sequence_classification" and self.task_type == "causal_lm":
             raise ValueError("task: sequence_classification needs task_type: sequence_classification")
-        if not self.is_zeroth_order and self.zo.objective not in DIFFERENTIABLE:
+        if not self.is_zeroth_order and self.zo.objective not in ("auto", *DIFFERENTIABLE):
             raise ValueError(f"zo.objective: {self.zo.optimizer} needs a gradient, which {self.zo.objective} has none of: "
                              f"use a ZO optimizer for it, or zo.objective: {' or '.join(DIFFERENTIABLE)}")
         if self.task == "sequence_classification" and self.text_fields and len(self.text_fields) > 2:

@@ -26,6 +26,9 @@ from .splits import DataSplits, Split
 __all__ = ["LR_FIND_BUDGET", "effective_lines", "label_word_tokens", "resolve_run", "run_lines", "task_settings"]
 
 LR_FIND_BUDGET = 0.25  # learning_rate: auto: lr-find's share of the run's forward passes
+CANDIDATE_TASKS = ("classification", "multiple_choice")  # zo.objective: auto trains them on candidate_ce
+OBJECTIVE_WORDS = {"loss": "the language-model loss of the gold continuation",
+                   "candidate_ce": "the cross-entropy over the candidates, as the seed papers train classification"}
 
 
 def task_settings(recipe: Recipe) -> dict[str, Any]:
@@ -57,9 +60,11 @@ def resolve_run(recipe: Recipe, data: DataSplits, shards: int = 1, resumed: Reci
     * ``max_steps`` from ``num_train_epochs``: ceil(epochs x training records / examples a step), where a step
       reads ``per_device_train_batch_size x gradient_accumulation_steps x shards`` examples (``shards``: the
       data-parallel ranks);
+    * ``zo.objective: auto``: the objective of the checkpoint it resumes (``resumed``: that checkpoint's recipe),
+      else ``candidate_ce`` for a task that scores candidates (classification, multiple_choice: the seed papers'
+      ``train_as_classification``), else ``loss``;
     * ``zo.guard.watch: auto`` of a guarded ZO run, with that watch's defaults: the watch of the checkpoint it
-      resumes (``resumed``: that checkpoint's recipe), else ``eval`` when the run evaluates every ``eval_steps``,
-      else ``loss``;
+      resumes, else ``eval`` when the run evaluates every ``eval_steps``, else ``loss``;
     * ``load_best_model_at_end``: true when the run has evaluation records; ``metric_for_best_model``: the
       task's first metric (:data:`~zopeft.metrics.TASK_METRICS`); ``greater_is_better``: from the metric.
 
@@ -75,16 +80,30 @@ def resolve_run(recipe: Recipe, data: DataSplits, shards: int = 1, resumed: Reci
     if recipe.load_best_model_at_end and judged is None:
         raise RecipeError(["load_best_model_at_end: true, but the run has no evaluation records to pick the best model "
                            "by (val_size: 0 and no eval_dataset); set val_size or eval_dataset, or drop it"])
-    metric = recipe.metric_for_best_model or TASK_METRICS.get(task_settings(recipe)["kind"], ("loss",))[0]
+    kind = task_settings(recipe)["kind"]
+    metric = recipe.metric_for_best_model or TASK_METRICS.get(kind, ("loss",))[0]
     updates.update(
         load_best_model_at_end=judged is not None if recipe.load_best_model_at_end is None else recipe.load_best_model_at_end,
         metric_for_best_model=metric,
         greater_is_better=greater_is_better(metric) if recipe.greater_is_better is None else recipe.greater_is_better,
     )
+    zo: dict[str, Any] = {}
+    if recipe.zo.objective == "auto":
+        zo["objective"] = _objective(kind, resumed)
     guard = recipe.zo.guard
     if guard.watch == "auto" and recipe.is_zeroth_order and guard.enabled:
-        updates["zo"] = recipe.zo.model_copy(update={"guard": guard.settled(_watch(recipe, judged, resumed))})
+        zo["guard"] = guard.settled(_watch(recipe, judged, resumed))
+    if zo:
+        updates["zo"] = recipe.zo.model_copy(update=zo)
     return recipe.model_copy(update=updates)
+
+
+def _objective(kind: str, resumed: Recipe | None) -> str:
+    """What ``zo.objective: auto`` trains on: the resumed checkpoint's objective (a 0.2 run's is the loss), else
+    the candidates' cross-entropy for a task with candidates, else the loss."""
+    if resumed is not None and resumed.zo.objective != "auto":
+        return resumed.zo.objective
+    return "candidate_ce" if kind in CANDIDATE_TASKS else "loss"
 
 
 def _watch(recipe: Recipe, judged: Split | None, resumed: Recipe | None) -> str:
@@ -102,10 +121,11 @@ def _watch(recipe: Recipe, judged: Split | None, resumed: Recipe | None) -> str:
 
 def run_lines(recipe: Recipe, data: DataSplits) -> list[str]:
     """What a run of ``recipe`` (resolved by :func:`resolve_run`) does beyond its records: how it picks its learning
-    rate, what its guard watches, which adapter it leaves."""
+    rate, what it trains on, what its guard watches, which adapter it leaves."""
     metric = f"{recipe.metric_for_best_model} ({'higher' if recipe.greater_is_better else 'lower'} is better)"
     judged = f"{metric} on the guard's records" if data.select else f"eval {metric}"
-    lines = []
+    objective = recipe.zo.objective
+    lines = [f"objective: {objective}" + (f" ({OBJECTIVE_WORDS[objective]})" if objective in OBJECTIVE_WORDS else "")]
     if recipe.learning_rate == "auto":
         on = (f"eval {metric} on {len(data.tune.records)} evaluation records that are not reported" if data.tune
               else "the loss on training records its short runs do not train on")
