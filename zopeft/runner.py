@@ -243,13 +243,13 @@ class _Run:
         log = step_log = trackers = best = None
         if main:
             log, step_log = run.open_logs(recipe, start, checkpoint, echo)
-            trackers = Trackers(recipe.report_to, run.path, recipe.model_dump(),
-                                forward_equivalents(recipe, forward_passes))
             judged = data.select or data.eval
             if recipe.load_best_model_at_end and judged is not None:
                 best = BestModel(run, recipe, "select" if data.select else "eval", judged.fingerprint(), echo)
                 if checkpoint is not None:
                     best.resume(checkpoint, state)
+            trackers = Trackers(recipe.report_to, run.path, recipe.model_dump(),  # last: close() is then certain
+                                forward_equivalents(recipe, forward_passes))
         session = cls(
             recipe=recipe, run=run, main=main, world_size=world_size, echo=echo, show_bar=show_bar, task=task,
             data=data, target=target, model=model, tokenizer=tokenizer, opt=opt, guard=guard, sched=sched,
