@@ -207,6 +207,22 @@ def test_the_cache_keeps_strict_json_without_the_generations(tmp_path, monkeypat
     assert math.isnan(kept.pop("loss")) and kept == {"f1": 0.5}
 
 
+def test_the_cache_keeps_the_newest_entries_and_removes_nothing_it_did_not_write(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr("zopeft.eval_cache.cache_dir", lambda: tmp_path)
+    monkeypatch.setattr("zopeft.eval_cache.MAX_ENTRIES", 3)
+    keys = [f"{i:024x}" for i in range(5)]
+    for age, key in enumerate(keys):
+        store_evaluation(key, {"accuracy": 0.5})
+        os.utime(tmp_path / f"{key}.json", ns=(age * 10**9, age * 10**9))  # stored in this order
+    (tmp_path / "notes.json").write_text("{}")  # a name the cache does not write
+    store_evaluation("f" * 24, {"accuracy": 0.5})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{k}.json" for k in keys[3:]] +
+                                                                ["f" * 24 + ".json", "notes.json"])
+    assert load_evaluation(keys[4]) == {"accuracy": 0.5} and load_evaluation(keys[0]) is None
+
+
 def test_an_unwritable_cache_is_said_once_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
     (tmp_path / "a-file").write_text("")
     monkeypatch.setattr("zopeft.eval_cache.cache_dir", lambda: tmp_path / "a-file" / "evals")

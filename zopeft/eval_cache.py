@@ -15,17 +15,21 @@ cost ~80 s of every run, with the same numbers each time).  So its metrics are k
 
 The cache is kept as strict JSON and without a generation task's ``generations`` (each record's
 prompt and output: the training log does not need them).  It is best-effort: a cache that cannot
-be written is said once (a warning) and the run goes on.
+be written is said once (a warning) and the run goes on.  It keeps the :data:`MAX_ENTRIES` most
+recently stored evaluations (a few hundred bytes each); storing one more removes the oldest of
+the files it named itself (24 hex digits ``.json``), nothing else in the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,8 @@ __all__ = ["cache_dir", "evaluation_key", "load_evaluation", "store_evaluation"]
 
 logger = logging.getLogger("zopeft")
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "config.json")
+MAX_ENTRIES = 1000  # evaluations kept; the oldest go first
+ENTRY = re.compile(r"[0-9a-f]{24}\.json")  # the names store_evaluation writes
 _UNWRITABLE: set[Path] = set()  # cache directories already said to be unwritable (said once each)
 
 
@@ -112,8 +118,20 @@ def store_evaluation(key: str, metrics: dict[str, Any]) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         write_text_atomic(directory / f"{key}.json", dumps({k: v for k, v in metrics.items() if k != "generations"}))
+        _prune(directory)
     except OSError as error:
         if directory not in _UNWRITABLE:
             _UNWRITABLE.add(directory)
             logger.warning("zopeft: the evaluation cache %s cannot be written (%s); runs evaluate their start "
                            "each time (set ZOPEFT_CACHE to a writable directory)", directory, error)
+
+
+def _prune(directory: Path) -> None:
+    """Remove the oldest entries past :data:`MAX_ENTRIES` (by the time each was stored)."""
+    entries = []
+    for entry in directory.iterdir():
+        if ENTRY.fullmatch(entry.name):
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another run's pruning
+                entries.append((entry.stat().st_mtime_ns, entry))
+    for _, old in sorted(entries)[:-MAX_ENTRIES]:
+        old.unlink(missing_ok=True)
