@@ -237,7 +237,7 @@ def test_num_train_epochs_counts_the_steps_of_that_many_passes(tmp_path):
     recipe = epochs_recipe(tmp_path, num_train_epochs=0.3, eval_steps=2)  # 64 records, 4 a step
     validated = invoke("validate", recipe)
     assert validated.exit_code == 0, validated.output
-    assert "max_steps: 5 (num_train_epochs 0.3 x 64 training records / 4 examples a step, rounded up)" in \
+    assert "max_steps: 5 (num_train_epochs 0.3 x 64 training records / 4 examples a step, rounded up; a ZO data-parallel" in \
         validated.output
     result = invoke("train", recipe)
     assert result.exit_code == 0, result.output

@@ -276,7 +276,8 @@ def effective_lines(recipe: Recipe) -> list[str]:
     if recipe.num_train_epochs is not None:
         per_step = recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps
         lines.append(f"max_steps: {run.max_steps} (num_train_epochs {recipe.num_train_epochs:g} x "
-                     f"{len(data.train.records)} training records / {per_step} examples a step, rounded up)")
+                     f"{len(data.train.records)} training records / {per_step} examples a step, rounded up; a ZO "
+                     "data-parallel torchrun job of K ranks reads K times the examples a step, so fewer steps)")
     if isinstance(recipe.warmup_steps, float):
         lines.append(f"warmup: {run.num_warmup_steps} steps ({recipe.warmup_steps} of max_steps {run.max_steps})")
     lines += run_lines(run, data)
