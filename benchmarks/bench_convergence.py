@@ -46,7 +46,12 @@ optimizer's learning rate is picked from a small grid by the tune-set accuracy a
 full budget, evaluated on the report set every ``--eval-every`` forward-pass equivalents.  The
 target accuracy is the zero-shot report accuracy + the task's target gain; forward passes and
 seconds to the target are read off the first evaluation at or above it (evaluation points are
-discrete: the true crossing is at or before the reported count).
+discrete: the true crossing is at or before the reported count).  ``--defaults`` runs what ``zopeft
+train`` does by default on a recipe with an evaluation set (``zo.objective: auto`` = ``candidate_ce``
+here, the guard watching the evaluations, ``load_best_model_at_end``), judging on the tune slice as
+``zo.guard.select_size`` makes the CLI do: a run's *final* accuracy is then the report accuracy of
+the adapter the run leaves (its best tune-slice evaluation, the start included), *last* its last
+step's, so the reported number is never one the run was selected on.
 
 Quick mode is a smoke test: one seed, one lr per optimizer (no tuning), 36 forward-pass
 equivalents, 64 report examples - it checks the machinery end to end and says nothing reliable
@@ -174,6 +179,7 @@ class RunSpec:
     guard: bool = False  # wrap the ZO optimizer in zopeft.Guard (its defaults)
     guard_watch: str = "loss"  # eval: the guard judges the tune slice's accuracy at each evaluation (and at the end)
     objective: str = "loss"  # zo.objective: loss, candidate_ce or margin (AdamW: loss or candidate_ce)
+    keep_best: bool = False  # load_best_model_at_end judged on the tune slice: the run's final = the kept adapter
 
     @property
     def label(self) -> str:
@@ -281,6 +287,7 @@ class Race:
         vocab = None if model == "smollm2" else len(self.tokenizer)
         self.model_name, self.path = model, common.model_path(model, vocab_size=vocab)
         self.device = device
+        self.start_selects: dict[str, float] = {}
 
     def fresh_model(self, seed: int) -> torch.nn.Module:
         """The base with a new LoRA adapter (A from ``seed``, B = 0: the zero-shot model)."""
@@ -348,7 +355,8 @@ class Race:
         model = self.fresh_model(spec.seed)
         trainer = (_AdamWTrainer(model, spec.lr) if spec.optimizer == "adamw"
                    else _ZOTrainer(spec.optimizer, model, spec.lr, spec.seed, spec.guard, spec.guard_watch, spec.objective))
-        judge_on_tune = spec.guard and spec.guard_watch == "eval"  # select on the tune slice, report on the report set
+        guard_on_tune = spec.guard and spec.guard_watch == "eval"  # select on the tune slice, report on the report set
+        judge_on_tune = guard_on_tune or spec.keep_best
         task, train = self.task(spec.task), self.training_records(spec.task)
         curve = [_point(0, 0, 0.0, start)] if start else []
         steps, seconds, next_eval = 0, 0.0, spec.eval_every
@@ -361,18 +369,31 @@ class Race:
             torch.set_rng_state(state["rng"])
             steps, seconds, next_eval, curve = state["steps"], state["seconds"], state["next_eval"], state["curve"]
             print(f"  continuing {spec.label} lr={spec.lr:g} seed={spec.seed} after {steps} steps", flush=True)
+        elif spec.keep_best:  # the start is a candidate for the kept adapter, as in zopeft train
+            start_select = self.start_select(spec.task)
+            if curve:
+                curve[0]["select_accuracy"] = start_select
+            if guard_on_tune:  # as zopeft train's guard judges the start: a state to roll back to
+                trainer.observe_eval(start_select)
         while trainer.forward_equivalents < spec.budget:
             batch = self.batch(task, train, spec.seed, steps, spec.batch_size, spec.objective)
             seconds += common.timed(lambda: trainer.step(batch), self.device)
             steps += 1
             done = trainer.forward_equivalents >= spec.budget or getattr(trainer, "stopped", None) is not None
             if trainer.forward_equivalents >= next_eval or done:
+                judged = None
                 if judge_on_tune:
-                    trainer.observe_eval(self.evaluate(model, spec.task, TASKS[spec.task].tune, "tune")["accuracy"])
+                    judged = self.evaluate(model, spec.task, TASKS[spec.task].tune, "tune")["accuracy"]
+                if guard_on_tune:
+                    rollbacks = len(trainer.guard.events)
+                    trainer.observe_eval(judged)
                     done = done or trainer.stopped is not None
+                    if len(trainer.guard.events) > rollbacks:
+                        judged = None  # the weights reported below are the guard's earlier ones, not those judged
                 if spec.eval_set == "report" or done:
                     metrics = self.evaluate(model, spec.task, spec.eval_slice, spec.eval_set)
-                    curve.append(_point(steps, trainer.forward_equivalents, seconds, metrics))
+                    point = _point(steps, trainer.forward_equivalents, seconds, metrics)
+                    curve.append({**point, "select_accuracy": judged} if spec.keep_best else point)
                 while next_eval <= trainer.forward_equivalents:
                     next_eval += spec.eval_every
                 if partial is not None and not done:
@@ -380,21 +401,36 @@ class Race:
                     save_state({"weights": [t.detach() for t in common.trainable(model)],
                                 "trainer": trainer.state_dict(), "rng": torch.get_rng_state(), "steps": steps,
                                 "seconds": seconds, "next_eval": next_eval, "curve": curve}, partial, "run")
+        kept = _kept(curve) if spec.keep_best else curve[-1]
         return {
             **asdict(spec),
             "steps": steps,
             "forward_equivalents": trainer.forward_equivalents,
             "train_seconds": seconds,
             "seconds_per_step": seconds / max(steps, 1),
-            "final_accuracy": curve[-1]["accuracy"],
-            "final_loss": curve[-1]["loss"],
+            "final_accuracy": kept["accuracy"],
+            "final_loss": kept["loss"],
             "best_accuracy": max(p["accuracy"] for p in curve),
-            **({"final_exact_match": curve[-1]["exact_match"]} if "exact_match" in curve[-1] else {}),
+            **({"final_exact_match": kept["exact_match"]} if "exact_match" in kept else {}),
+            **({"last_accuracy": curve[-1]["accuracy"], "kept_step": kept["steps"]} if spec.keep_best else {}),
             "curve": curve,
             "load_average": common.load_average(),
             **({"guard_events": trainer.guard.events, "guard_stop": trainer.stopped} if getattr(trainer, "guard", None)
                else {}),
         }
+
+    def start_select(self, task: str) -> float:
+        """The zero-shot model's tune-slice accuracy (every seed's start: B = 0)."""
+        if task not in self.start_selects:
+            self.start_selects[task] = self.evaluate(self.fresh_model(0), task, TASKS[task].tune, "tune")["accuracy"]
+        return self.start_selects[task]
+
+
+def _kept(curve: list[dict[str, Any]]) -> dict[str, Any]:
+    """The point whose adapter load_best_model_at_end leaves: the first best tune-slice accuracy (the start
+    included: a run that never beats it leaves the zero-shot adapter)."""
+    judged = [p for p in curve if p.get("select_accuracy") is not None]
+    return max(judged, key=lambda p: p["select_accuracy"]) if judged else curve[-1]
 
 
 @functools.lru_cache(maxsize=8)
@@ -434,6 +470,8 @@ class RunLog:
             del fields["guard_watch"]
         if fields["objective"] == "loss":  # runs recorded before the objectives keep their keys
             del fields["objective"]
+        if not fields["keep_best"]:
+            del fields["keep_best"]
         return json.dumps(fields, sort_keys=True)
 
     def get(self, spec: RunSpec) -> dict[str, Any] | None:
@@ -478,6 +516,7 @@ def summarise(task: str, optimizer: str, lr: float, runs: list[dict[str, Any]], 
         "fwd_to_target": common.mean_std(fwd) if len(reached) == len(runs) else None,
         "seconds_to_target": common.mean_std(secs) if len(reached) == len(runs) else None,
         "final_acc": _pm([r["final_accuracy"] for r in runs], ".3f"),
+        "last_acc": _pm([r["last_accuracy"] for r in runs if "last_accuracy" in r], ".3f"),
         "best_acc": _pm([r["best_accuracy"] for r in runs], ".3f"),
         "final_em": _pm([r["final_exact_match"] for r in runs if "final_exact_match" in r], ".3f"),
         "fwd_target": _pm(fwd, ".0f"),
@@ -555,7 +594,7 @@ def plot(curves: dict[str, dict[str, list[dict[str, Any]]]], targets: dict[str, 
 COLUMNS: list[common.Column] = [
     ("task", "task", ""), ("optimizer", "optimizer", ""), ("lr", "lr", "g"), ("seeds", "seeds", "d"),
     ("fwd/step", "fwd_per_step", ".0f"), ("s/step", "s_per_step", ".2f"), ("metric", "metric", ""),
-    ("final acc", "final_acc", ""), ("best acc", "best_acc", ""), ("final EM", "final_em", ""), ("reached", "reached", ""),
+    ("final acc", "final_acc", ""), ("last acc", "last_acc", ""), ("best acc", "best_acc", ""), ("final EM", "final_em", ""), ("reached", "reached", ""),
     ("fwd to target", "fwd_target", ""), ("s to target", "s_target", ""),
 ]
 COMPARE_COLUMNS: list[common.Column] = [
@@ -600,6 +639,7 @@ class Plan:
     guard: bool = False
     guard_watch: str = "loss"
     objectives: tuple[str, ...] = ("loss",)
+    keep_best: bool = False
 
     def cells(self, task: str) -> list[tuple[str, str]]:
         """(optimizer, objective) pairs to race on ``task``: each objective the task has, for each optimizer that
@@ -669,7 +709,8 @@ class Experiment:
         for seed in plan.seeds:
             for (name, objective), lr in lrs.items():
                 spec = RunSpec(task, name, lr, seed, plan.budget, plan.eval_every, "report", report, plan.model,
-                               plan.batch_for(task), plan.guard and name != "adamw", plan.guard_watch, objective)
+                               plan.batch_for(task), plan.guard and name != "adamw", plan.guard_watch, objective,
+                               plan.keep_best)
                 runs.setdefault(spec.label, []).append(self.run(spec, start))
         return runs
 
@@ -700,7 +741,17 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
                         help="wrap the ZO optimizers in zopeft.Guard in the report runs (not the lr tuning): loss "
                              "(its defaults, judging the step losses) or eval (judging the tune slice's accuracy at "
                              "each evaluation, rolling back to the best evaluated weights; the report set is disjoint)")
+    parser.add_argument("--keep-best", action="store_true",
+                        help="load_best_model_at_end as zopeft train does it, judged on the tune slice: a run's final "
+                             "accuracy is the report accuracy of the adapter of its best tune-slice evaluation (the "
+                             "start included); 'last acc' is its last step's")
+    parser.add_argument("--defaults", action="store_true",
+                        help="what zopeft train does by default with an evaluation set: zo.objective auto "
+                             "(candidate_ce on these tasks), the guard watching the evaluations and the best model "
+                             "kept (= --objectives candidate_ce --guard eval --keep-best)")
     args = parser.parse_args(argv)
+    if args.defaults:
+        args.objectives, args.guard, args.keep_best = "candidate_ce", "eval", True
     q = args.quick
     names = args.optimizers.split(",")
     budget, eval_every = args.budget or (36 if q else 720), args.eval_every or (18 if q else 90)
@@ -711,6 +762,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
         tune_budget=args.tune_budget or max(eval_every, budget // 3), report_size=args.report_size or (64 if q else None),
         tune_size=args.tune_size, target_gain=args.target_gain, model=args.model, batch_size=args.batch,
         guard=args.guard is not None, guard_watch=args.guard or "loss", objectives=tuple(args.objectives.split(",")),
+        keep_best=args.keep_best,
     )
     known = ("loss", *CANDIDATE_OBJECTIVES, *GENERATION_OBJECTIVES)
     unknown = [o for o in plan.objectives if o not in known]

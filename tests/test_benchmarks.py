@@ -243,6 +243,30 @@ def test_convergence_on_squad_scores_f1_and_charges_generations(tmp_path: Path) 
     assert len(bench_convergence.Race.training_records("squad")) == 900  # train[900:1000] is the tune slice
 
 
+def test_convergence_defaults_leave_the_adapter_of_the_best_tune_evaluation(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """--defaults: candidate_ce, the guard on the tune slice and the best model kept; the run's final accuracy is the
+    report accuracy of its best tune-slice evaluation, not its last step's."""
+    evaluate, tune_scores = bench_convergence.Race.evaluate, iter([0.5, 0.6, 0.8, 0.7, 0.3])
+
+    def scripted_tune(self, model, task_name, bounds, eval_set="report"):
+        metrics = evaluate(self, model, task_name, bounds, eval_set)
+        return {**metrics, "accuracy": next(tune_scores)} if eval_set == "tune" else metrics
+
+    monkeypatch.setattr(bench_convergence.Race, "evaluate", scripted_tune)
+    argv = _args(tmp_path, "--quick", "--model", "tiny", "--optimizers", "fzoo", "--defaults", "--budget", "36",
+                 "--eval-every", "9", "--report-size", "8")
+    result = bench_convergence.main(argv)
+    (run,) = _load(result)["runs"]
+    assert (run["objective"], run["guard"], run["guard_watch"], run["keep_best"]) == ("candidate_ce", True, "eval", True)
+    selects = [p["select_accuracy"] for p in run["curve"]]
+    assert selects[:3] == [0.5, 0.6, 0.8] and len(selects) == 5
+    assert run["kept_step"] == run["curve"][2]["steps"] == 2
+    assert run["final_accuracy"] == run["curve"][2]["accuracy"] and run["last_accuracy"] == run["curve"][-1]["accuracy"]
+    key = json.loads(Path(result["json"]).with_suffix(".runs.jsonl").read_text().splitlines()[0])["key"]
+    assert '"keep_best": true' in key
+
+
 def test_convergence_tasks_and_defaults() -> None:
     """sst2-2shot scores the bundled SST-2 records with the demo recipe's prompt; tasks carry their batch/target."""
     from zopeft.recipe import load_recipe

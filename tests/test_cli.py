@@ -88,6 +88,25 @@ def test_every_bundled_recipe_validates(recipe):
     assert "model_name_or_path:" in result.output
 
 
+def test_the_own_csv_example_validates_from_the_repository_root(monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = invoke("validate", "examples/reviews/reviews.yaml")
+    assert result.exit_code == 0, result.output
+    assert "train: reviews.csv (1638 records; 183 more held out for evaluation)" in result.output
+    assert "negative -> ' negative': 1 token ' negative'" in result.output  # the model's tokenizer is on the machine
+
+
+@pytest.mark.parametrize("overrides,lr", [((), "0.01"), (("zo.optimizer=mezo",), "0.001"),
+                                          (("zo.optimizer=adamezo",), "3.0e-05"),
+                                          (("zo.optimizer=mezo", "learning_rate=5e-3"), "0.005")])
+def test_a_recipe_without_learning_rate_trains_at_its_optimizers_default(overrides, lr, monkeypatch):
+    """FZOO's step is normalised by the spread of its losses: MeZO's 1e-3 leaves it where it started."""
+    monkeypatch.chdir(REPO)
+    result = invoke("validate", "examples/reviews/reviews.yaml", *overrides)
+    assert result.exit_code == 0, result.output
+    assert f"\nlearning_rate: {lr}\n" in result.output
+
+
 @pytest.mark.parametrize(
     "override,expected",
     [

@@ -101,3 +101,26 @@ def test_learning_rate_auto_pays_for_a_generation_evaluation_as_prefill_and_deco
     short = invoke("train", generation_recipe(tmp_path / "short", max_steps=2, **keys))
     line = one_error_line(short, "learning_rate: auto:", "raise max_steps, or give learning_rate a number")
     assert "--budget" not in line
+
+
+def test_learning_rate_auto_warns_when_no_learning_rate_beat_the_start(tmp_path, monkeypatch):
+    """RTE's lr-find (README): every learning rate level with the start on its records; the pick barely trains."""
+    import zopeft.auto_lr
+    from zopeft.lr_find import LRFindResult
+
+    found = LRFindResult(rows=[{"lr": 1e-5, "status": "ok"}, {"lr": 1e-1, "status": "ok"}], recommended=1e-5,
+                         ranked_by="eval accuracy on 32 records", start={"value": 0.5625}, rungs=[2],
+                         first_rung_steps=3, spent={"training": 54, "evaluation": 4, "eps_check": 0, "total": 58},
+                         run_forward_passes=720, budget=0.25, eps_check=None, improved=False)
+    monkeypatch.setattr(zopeft.auto_lr, "search", lambda *args, **kwargs: found)
+    lines: list[str] = []
+    recipe = load_recipe(write_recipe(tmp_path, learning_rate="auto"))
+    picked = zopeft.auto_lr.find_learning_rate(recipe, None, None, None, None, None, lines.append, False)
+    assert picked.recipe.lr_find_pick == 1e-5
+    assert lines[0].endswith("; no learning rate beat the start)")
+    assert lines[1].startswith("warning: learning_rate: auto: no learning rate lr-find tried beat the start (eval "
+                               "accuracy on 32 records)") and "set learning_rate" in lines[1]
+    found.improved = True
+    lines.clear()
+    zopeft.auto_lr.find_learning_rate(recipe, None, None, None, None, None, lines.append, False)
+    assert len(lines) == 1 and "beat the start" not in lines[0]

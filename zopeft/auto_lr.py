@@ -83,4 +83,8 @@ def find_learning_rate(
     lr = float(f"{found.recommended:.3g}")
     note = "" if found.improved else "; no learning rate beat the start"
     echo(f"learning_rate: auto: {lr:g} ({found.summary()}{note})")
+    if not found.improved:
+        echo(f"warning: learning_rate: auto: no learning rate lr-find tried beat the start ({found.ranked_by}), so it "
+             f"took the smallest of those level with the best; at {lr:g} the run will stay close to its start, and the "
+             "best model kept may be the start itself; to train anyway, set learning_rate")
     return LearningRate(recipe.model_copy(update={"lr_find_pick": lr}), found, time.perf_counter() - began)
