@@ -350,7 +350,8 @@ class Recipe(_Strict):
     learning_rate: float | Literal["auto"] = Field(
         DEFAULT_LEARNING_RATE, description="a number in [0, 1], or auto: lr-find picks it before the first step (at "
         "most 25% of the run's forward passes; the run's recipe.yaml records the pick as lr_find_pick); default: "
-        "the optimizer's (fzoo 1e-2, adamezo 3e-5, else 1e-3)")
+        f"the optimizer's ({', '.join(f'{k} {v:g}' for k, v in OPTIMIZER_LEARNING_RATES.items())}, else "
+        f"{DEFAULT_LEARNING_RATE:g})")
     lr_find_pick: float | None = Field(
         None, ge=0, le=1, description="learning_rate: auto: the learning rate lr-find picked (a run records it); a "
         "recipe with it trains at it without searching again")
@@ -408,7 +409,8 @@ class Recipe(_Strict):
             return data
         zo = data.get("zo")
         name = zo.get("optimizer") if isinstance(zo, dict) else getattr(zo, "optimizer", None)
-        default = OPTIMIZER_LEARNING_RATES.get(str(name or "fzoo").lower(), DEFAULT_LEARNING_RATE)
+        name = name or ZOSettings.model_fields["optimizer"].default
+        default = OPTIMIZER_LEARNING_RATES.get(str(name).lower(), DEFAULT_LEARNING_RATE)
         return {**data, "learning_rate": default}
 
     @model_validator(mode="before")
