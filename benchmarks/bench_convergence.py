@@ -32,7 +32,7 @@ loss evaluation is one (MeZO and AdaMeZO: 2 per step, FZOO: N+1 = 9 per step); a
 AdamW step is counted as 3 (one forward pass + a backward pass, which costs about two forward
 passes) - the usual estimate, stated rather than measured.  HiZOO spends 3 per step.  A greedy generation
 of up to 16 new tokens (a point's evaluation under ``f1`` / ``exact_match``) counts as
-:data:`zopeft.generation.GENERATION_FORWARD_EQUIVALENTS` = 2, as in lr-find: the prefill is one forward
+:data:`zopeft.costs.GENERATION_FORWARD_EQUIVALENTS` = 2, as in lr-find: the prefill is one forward
 pass over the prompt, and the cached decoding steps (one token per row each) cost about one more on this CPU (measured 1.4-2.0x a
 loss forward on the same 4 SQuAD prompts, SmolLM2-135M, one thread; in FLOPs they are ~5% of the
 prefill, so this charges the F1 objective its wall time, not its arithmetic).  The ZO optimizers evaluate their
@@ -83,7 +83,7 @@ from typing import Any
 
 import torch
 
-from zopeft.generation import GENERATION_FORWARD_EQUIVALENTS
+from zopeft.costs import GENERATION_FORWARD_EQUIVALENTS
 from zopeft.jsonl import dumps
 
 from . import common

@@ -142,8 +142,8 @@ def test_the_last_evaluations_best_is_kept_on_resume_and_a_damaged_best_json_is_
 
 
 def test_the_guard_watches_the_evaluations_by_default(tmp_path, scripted_accuracy):
-    """With evaluation records and eval_steps a fall of accuracy is rolled back (zo.guard.watch: auto -> eval); without
-    eval_steps the guard watches the loss, and validate says which."""
+    """With evaluation records and eval_steps a fall of accuracy is rolled back (zo.guard.watch: auto -> eval); with
+    eval_steps null the guard watches the loss, and validate says which."""
     scripted_accuracy += [0.80, 0.50, 0.78, 0.79]  # the start, steps 2 (a collapse), 4, and the end
     recipe = write_recipe(tmp_path, max_steps=6, eval_steps=2, zo={"optimizer": "mezo"})
     validated = invoke("validate", recipe)
@@ -154,8 +154,7 @@ def test_the_guard_watches_the_evaluations_by_default(tmp_path, scripted_accurac
     saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())["zo"]["guard"]
     assert (saved["watch"], saved["margin"], saved["patience"]) == ("eval", 0.05, 1)  # the run records what it watched
     without = invoke("validate", recipe, "eval_steps=")
-    assert "guard: watches the training loss (no eval_steps: the run evaluates at its start and end only)" in \
-        without.output
+    assert "guard: watches the training loss (no evaluations before the end to watch)" in without.output
 
 
 def test_a_resumed_run_keeps_the_guard_watch_of_its_checkpoint_unless_the_recipe_names_another(tmp_path):
@@ -266,3 +265,46 @@ def test_num_train_epochs_and_best_model_errors_are_one_line(tmp_path, keys, err
     result = invoke("validate", recipe)
     assert result.exit_code == 2, result.output
     assert f"error: {error}" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("keys,evaluations", [
+    # write_recipe: 16 eval records, 4 examples a step; FZOO N=3 spends 4 forwards an example, MeZO 2, AdamW 3
+    (dict(max_steps=40), "every 4 steps (9 before the end)"),  # 25% of 640 pays 10 evaluations: 10 in all
+    (dict(max_steps=20), "every 4 steps (4 before the end)"),  # 25% of 320 pays 5 before the end
+    (dict(max_steps=20, zo={"optimizer": "mezo"}), "every 7 steps (2 before the end)"),  # 25% of 160: 2
+    (dict(max_steps=20, zo={"optimizer": "adamw"}), "every 5 steps (3 before the end)"),  # 25% of 240: 3
+    (dict(max_steps=40, eval_steps=None), "at the start and end only"),
+    (dict(max_steps=40, eval_strategy="no"), "at the start and end only"),  # TrainingArguments' spelling
+    (dict(max_steps=40, eval_strategy="steps"), "every 4 steps (9 before the end)"),
+    (dict(max_steps=40, eval_steps=8), "every 8 steps (4 before the end)"),
+])
+def test_eval_steps_auto_evaluates_ten_times_within_a_quarter_of_the_training(tmp_path, keys, evaluations):
+    validated = invoke("validate", write_recipe(tmp_path, **keys))
+    assert validated.exit_code == 0, validated.output
+    assert f"evaluations: at the start{', ' if 'every' in evaluations else ' and end only'}" in validated.output
+    assert evaluations in validated.output
+
+
+def test_eval_steps_auto_is_what_the_run_evaluates_at_and_records(tmp_path):
+    recipe = write_recipe(tmp_path, max_steps=6)  # 25% of 96 forwards pays one evaluation of 16 before the end
+    result = invoke("train", recipe)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    assert [r["step"] for r in log_of(out) if "eval_loss" in r] == [0, 3, 6]
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["eval_steps"] == 3
+
+
+@pytest.mark.parametrize("keys,error", [
+    (dict(eval_strategy="epoch"), "eval_strategy: steps or no, got 'epoch'; zopeft evaluates every eval_steps steps "
+                                  "(epoch: set eval_steps to the steps of an epoch, which zopeft validate prints)"),
+    (dict(eval_strategy="no", eval_steps=5), "eval_strategy: no, and eval_steps is 5; drop one of them"),
+    (dict(eval_steps="often"), "eval_steps: a count of steps (e.g. 20), a fraction of max_steps below 1, auto (about "
+                               "10 evaluations within 25% of the training's cost) or null (the start and end only), "
+                               "got 'often'"),
+    (dict(max_steps=2, zo={"optimizer": "mezo", "guard": {"watch": "eval"}}),
+     "eval_steps: auto makes no evaluation before the end of this run (one evaluation would cost over 25% of the "
+     "training's forward passes), and zo.guard judges the evaluations (watch: eval or select_size); set eval_steps"),
+])
+def test_eval_steps_errors_are_one_line(tmp_path, keys, error):
+    result = invoke("validate", write_recipe(tmp_path, **keys))
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [f"error: {error}"], result.output

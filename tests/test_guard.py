@@ -158,7 +158,8 @@ def test_cli_guard_rolls_back_a_diverging_run_stops_it_and_replay_repeats_it(tmp
     from test_cli import invoke, write_recipe
 
     recipe = write_recipe(tmp_path, finetuning_type="full", learning_rate=0.5, max_steps=30, logging_steps=1,
-                          zo={"optimizer": "mezo", "eps": 1e-2, "guard": {"patience": 2, "max_rollbacks": 2}})
+                          zo={"optimizer": "mezo", "eps": 1e-2, "guard": {"watch": "loss", "patience": 2,
+                                                                          "max_rollbacks": 2}})
     result = invoke("train", str(recipe))
     assert result.exit_code == 0, result.output
     assert "guard: rolled back to the weights after" in result.output and "stopping with the best" in result.output
@@ -200,8 +201,8 @@ def test_a_recipe_whose_guard_cannot_watch_its_evaluations_is_refused_or_noted()
 
     base = ["model_name_or_path=m", "dataset=sst2", "zo.guard.watch=eval", "max_steps=80"]
     with pytest.raises(RecipeError, match="zo.guard.watch: eval judges the evaluations every eval_steps, but eval_steps "
-                                          "is not set"):
-        load_recipe(None, base, check_files=False)
+                                          "is null"):
+        load_recipe(None, [*base, "eval_steps="], check_files=False)
     few = load_recipe(None, [*base, "eval_steps=40", "zo.guard.patience=2"], check_files=False)  # the start, step 40
     assert any("rolls back after 2 in a row above its best, and this run makes 2" in n for n in few.notes())
     assert load_recipe(None, [*base, "eval_steps=10", "zo.guard.patience=2"], check_files=False).notes() == []

@@ -423,3 +423,13 @@ def test_library_misuse_is_one_clear_error_before_anything_changes(misuse, error
         misuse(model, batch)
     assert str(raised.value).startswith(message), str(raised.value)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # no weight left perturbed
+
+
+@pytest.mark.parametrize("name,settings", [("mezo", {}), ("adamezo", {}), ("hizoo", {}), ("fzoo", {}),
+                                           ("fzoo", {"n_perturbations": 3})])
+def test_the_declared_step_cost_is_the_optimizers_loss_evaluations(name, settings):
+    """eval_steps: auto prices a step without torch (zopeft.costs); the count must be the optimizer's own."""
+    from zopeft.costs import step_points
+
+    opt = zopeft.get_optimizer(name, [torch.nn.Parameter(torch.zeros(3))], lr=1e-3, **settings)
+    assert step_points(name, settings) == len(opt.evaluations())

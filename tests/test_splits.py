@@ -121,10 +121,16 @@ def test_select_size_under_the_default_watch(tmp_path):
     assert trained.exit_code == 0, trained.output
     assert "best model judges sst2 train split, held out by zo.guard.select_size 12" in trained.output
     zo = write_recipe(tmp_path, zo={"optimizer": "mezo", "guard": {"select_size": 12}})
-    refused = invoke("validate", zo)
+    refused = invoke("validate", zo, "eval_steps=null")
     assert refused.exit_code == 2 and refused.output.strip().splitlines() == [
         "error: zo.guard.select_size: the guard judges these records at its evaluations every eval_steps, but "
-        "eval_steps is not set (the run evaluates at its start and end only); set eval_steps, or drop select_size"]
+        "eval_steps is null (the run evaluates at its start and end only); set eval_steps (or auto), or drop "
+        "select_size"]
+    unaffordable = invoke("validate", zo)  # eval_steps: auto: 28 records an evaluation, 48 forwards of training
+    assert unaffordable.exit_code == 2 and unaffordable.output.strip().splitlines() == [
+        "error: eval_steps: auto makes no evaluation before the end of this run (one evaluation would cost over 25% "
+        "of the training's forward passes), and zo.guard judges the evaluations (watch: eval or select_size); set "
+        "eval_steps"]
     watched = invoke("validate", zo, "eval_steps=2")
     assert watched.exit_code == 0, watched.output
     assert "guard: watches the accuracy (higher is better) on the guard's records every 2 steps" in watched.output

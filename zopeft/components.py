@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .batched import candidate_loss, generation_closure, loss_closure, metric_closure
+from .costs import BACKWARD_COST
 from .generation import GenerationBatch
 from .models import AdapterSpec, ModelSpec
 from .objectives import CandidateBatch, GenerationObjective, Objective, resolve_generation_objective, resolve_objective
@@ -32,9 +33,6 @@ __all__ = [
     "make_optimizer", "model_spec", "objective", "step_batches", "torch_threads", "train_step", "training_batch",
     "training_data", "zo_closure",
 ]
-
-BACKWARD_COST = 2  # a backward pass costs about two forward passes
-
 
 def model_spec(recipe: Recipe) -> ModelSpec:
     """The :class:`ModelSpec` a recipe describes."""

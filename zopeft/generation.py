@@ -25,15 +25,12 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 __all__ = [
-    "DEFAULT_STOP_STRINGS", "GENERATION_FORWARD_EQUIVALENTS", "MAX_NEW_TOKENS", "GenerationBatch", "answer_text", "check_generates",
+    "DEFAULT_STOP_STRINGS", "MAX_NEW_TOKENS", "GenerationBatch", "answer_text", "check_generates",
     "check_max_new_tokens", "greedy_generate", "left_padded",
 ]
 
 DEFAULT_STOP_STRINGS = ("\n",)
 MAX_NEW_TOKENS = 1024
-# what a greedy generation of a sequence costs in forward passes: its prefill, and its cached decoding steps (one
-# token a row each) about one more (benchmarks/bench_convergence.py's docstring: measured 1.4-2.0x a loss forward)
-GENERATION_FORWARD_EQUIVALENTS = 2
 
 
 def check_max_new_tokens(value: int) -> int:

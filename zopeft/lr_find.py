@@ -20,7 +20,7 @@ Everything it does is paid from a budget, ``budget`` (25%) of the run's forward 
 x the method's loss evaluations a step x gradient_accumulation_steps): the steps, the evaluations
 (in forward passes of a training batch: the sequences the model ran over
 ``per_device_train_batch_size``, a generated one counting
-:data:`~zopeft.generation.GENERATION_FORWARD_EQUIVALENTS`, its prefill and its cached decoding
+:data:`~zopeft.costs.GENERATION_FORWARD_EQUIVALENTS`, its prefill and its cached decoding
 steps, as the benchmarks count it) and the ε check (:mod:`zopeft.optim.eps_check`, when the run
 would run it).  The grid's points and the first rung's steps are the most that fit, preferring
 :data:`MIN_STEPS` steps a learning rate to more points.
@@ -40,7 +40,7 @@ from .components import (
     adapter_spec, batch_indices, checks_eps, make_optimizer, model_spec, objective, step_batches, torch_threads,
     train_step, training_batch, training_data, zo_closure,
 )
-from .generation import GENERATION_FORWARD_EQUIVALENTS
+from .costs import GENERATION_FORWARD_EQUIVALENTS
 from .models import load_model
 from .objectives import Objective
 from .recipe import Recipe

@@ -107,6 +107,17 @@ class _Strict(BaseModel):
         return value
 
 
+def _steps(value: Any, info: ValidationInfo) -> Any:
+    """A float below 1 is a fraction of max_steps, rounded up (TrainingArguments in transformers 5)."""
+    if isinstance(value, float) and 0 < value < 1 and info.data.get("num_train_epochs") is not None:
+        raise ValueError(f"{info.field_name}: {value} is a fraction of max_steps, and the recipe gives "
+                         "num_train_epochs instead; give a count of steps (zopeft validate prints the steps "
+                         "num_train_epochs amounts to)")
+    if isinstance(value, float) and 0 < value < 1 and "max_steps" in info.data:
+        return math.ceil(value * info.data["max_steps"])
+    return value
+
+
 def _record_count(value: Any) -> Any:
     """A fraction in [0, 1) or a count of records (LLaMA-Factory's val_size); one error line for anything else."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -366,7 +377,10 @@ class Recipe(_Strict):
     warmup_steps: int | float = Field(0, ge=0, le=STEPS, description="steps of warmup, or a fraction of max_steps "
                                       "below 1 (as in transformers 5; LLaMA-Factory's warmup_ratio is read as it)")
     weight_decay: float = Field(0.0, ge=0, le=1)
-    eval_steps: int | None = Field(None, ge=1, le=STEPS, description="evaluate every N steps (None: only at the start and end)")
+    eval_steps: Annotated[int, Field(ge=1, le=STEPS)] | Literal["auto"] | None = Field(
+        "auto", description="evaluate every N steps; auto: about 10 evaluations a run, fewer where they would cost over "
+        "25% of the training's forward passes (none without evaluation records); null (eval_strategy: no): only at "
+        "the start and end")
     eval_on_start: bool = Field(True, description="evaluate before the first step (reused from the cache when the base "
                                 "model, the adapter's initial values and the evaluation records are those of a run before)")
     load_best_model_at_end: bool | None = Field(
@@ -439,17 +453,22 @@ class Recipe(_Strict):
     def _val_size(cls, value: Any) -> Any:
         return _record_count(value)
 
-    @field_validator("eval_steps", "save_steps", "logging_steps", mode="before")
+    @field_validator("save_steps", "logging_steps", mode="before")
     @classmethod
     def _fraction_of_max_steps(cls, value: Any, info: ValidationInfo) -> Any:
-        """A float below 1 is a fraction of max_steps, rounded up (TrainingArguments in transformers 5)."""
-        if isinstance(value, float) and 0 < value < 1 and info.data.get("num_train_epochs") is not None:
-            raise ValueError(f"{info.field_name}: {value} is a fraction of max_steps, and the recipe gives "
-                             "num_train_epochs instead; give a count of steps (zopeft validate prints the steps "
-                             "num_train_epochs amounts to)")
-        if isinstance(value, float) and 0 < value < 1 and "max_steps" in info.data:
-            return math.ceil(value * info.data["max_steps"])
-        return value
+        return _steps(value, info)
+
+    @field_validator("eval_steps", mode="before")
+    @classmethod
+    def _eval_steps(cls, value: Any, info: ValidationInfo) -> Any:
+        """``auto``, null, or steps as :func:`_steps` reads them: one error line for anything else."""
+        if value in ("auto", None):
+            return value
+        steps = _steps(value, info)
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= STEPS:
+            raise ValueError(f"a count of steps (e.g. 20), a fraction of max_steps below 1, auto (about 10 evaluations "
+                             f"within 25% of the training's cost) or null (the start and end only), got {value!r}")
+        return steps
 
     @field_validator("learning_rate", mode="before")
     @classmethod
@@ -592,12 +611,13 @@ class Recipe(_Strict):
             raise ValueError("val_size: holds records out of dataset for evaluation, but eval_dataset is given; "
                              "drop one of them")
         if self.guards_evaluations and not self.eval_steps:
-            raise ValueError("zo.guard.watch: eval judges the evaluations every eval_steps, but eval_steps is not set "
-                             "(the run evaluates at its start and end only); set eval_steps, or zo.guard.watch: loss")
+            raise ValueError("zo.guard.watch: eval judges the evaluations every eval_steps, but eval_steps is null "
+                             "(the run evaluates at its start and end only); set eval_steps (or auto), or "
+                             "zo.guard.watch: loss")
         if self.is_zeroth_order and self.zo.guard.enabled and self.zo.guard.select_size and not self.eval_steps:
             raise ValueError("zo.guard.select_size: the guard judges these records at its evaluations every eval_steps, "
-                             "but eval_steps is not set (the run evaluates at its start and end only); set eval_steps, "
-                             "or drop select_size")
+                             "but eval_steps is null (the run evaluates at its start and end only); set eval_steps "
+                             "(or auto), or drop select_size")
         self._generation_consistent()
         if self.num_train_epochs is not None and "max_steps" in self.model_fields_set:
             raise ValueError("num_train_epochs: give max_steps or num_train_epochs, not both (zopeft validate prints the "
@@ -668,7 +688,7 @@ class Recipe(_Strict):
         if self.zo.guard.select_size is not None and not self.is_zeroth_order:
             notes.append(f"zo.guard.select_size: {self.zo.optimizer} trains without the guard: the records it holds "
                          "out are not trained on and pick the best model, as in a ZO run of the recipe")
-        if self.guards_evaluations and self.eval_steps and self.num_train_epochs is None:
+        if self.guards_evaluations and isinstance(self.eval_steps, int) and self.num_train_epochs is None:
             judged = 1 + (self.max_steps - 1) // self.eval_steps  # the start and every eval_steps before the end
             if judged <= self.zo.guard.patience:
                 notes.append(f"zo.guard: watching the evaluations, it rolls back after {self.zo.guard.patience} in a "

@@ -16,6 +16,7 @@ import math
 from collections import Counter
 from typing import Any
 
+from .costs import GENERATION_FORWARD_EQUIVALENTS, step_points
 from .data import BUILTIN_DATASETS
 from .metrics import TASK_METRICS, greater_is_better
 from .model_files import local_tokenizer_file
@@ -23,9 +24,11 @@ from .recipe import Recipe, RecipeError
 from .records import answer_texts, canon_label, choice_texts, label_index, label_keys, prompt_text
 from .splits import DataSplits, Split
 
-__all__ = ["LR_FIND_BUDGET", "effective_lines", "label_word_tokens", "resolve_run", "run_lines", "task_settings"]
+__all__ = ["EVALUATIONS", "EVAL_SHARE", "LR_FIND_BUDGET", "auto_eval_steps", "effective_lines", "label_word_tokens", "resolve_run", "run_lines", "task_settings"]
 
 LR_FIND_BUDGET = 0.25  # learning_rate: auto: lr-find's share of the run's forward passes
+EVAL_SHARE = 0.25  # eval_steps: auto: the evaluations during training cost at most this share of its forward passes
+EVALUATIONS = 10  # eval_steps: auto: the evaluations a run makes after its start (the end's included), at most
 CANDIDATE_TASKS = ("classification", "multiple_choice")  # zo.objective: auto trains them on candidate_ce
 OBJECTIVE_WORDS = {"loss": "the language-model loss of the gold continuation",
                    "candidate_ce": "the cross-entropy over the candidates, as the seed papers train classification"}
@@ -60,6 +63,7 @@ def resolve_run(recipe: Recipe, data: DataSplits, shards: int = 1, resumed: Reci
     * ``max_steps`` from ``num_train_epochs``: ceil(epochs x training records / examples a step), where a step
       reads ``per_device_train_batch_size x gradient_accumulation_steps x shards`` examples (``shards``: the
       data-parallel ranks);
+    * ``eval_steps: auto``: a count of steps, or None (:func:`auto_eval_steps`);
     * ``zo.objective: auto``: the objective of the checkpoint it resumes (``resumed``: that checkpoint's recipe),
       else ``candidate_ce`` for a task that scores candidates (classification, multiple_choice: the seed papers'
       ``train_as_classification``), else ``loss``;
@@ -68,8 +72,8 @@ def resolve_run(recipe: Recipe, data: DataSplits, shards: int = 1, resumed: Reci
     * ``load_best_model_at_end``: true when the run has evaluation records; ``metric_for_best_model``: the
       task's first metric (:data:`~zopeft.metrics.TASK_METRICS`); ``greater_is_better``: from the metric.
 
-    Raises :class:`RecipeError` for ``load_best_model_at_end: true`` without evaluation records, and for a resumed
-    watch on the evaluations without ``eval_steps``.
+    Raises :class:`RecipeError` for ``load_best_model_at_end: true`` without evaluation records, and for a watch on
+    the evaluations (resumed, or set with ``eval_steps: auto``) of a run that makes none before its end.
     """
     judged = data.select or data.eval
     updates: dict[str, Any] = {}
@@ -81,6 +85,13 @@ def resolve_run(recipe: Recipe, data: DataSplits, shards: int = 1, resumed: Reci
         raise RecipeError(["load_best_model_at_end: true, but the run has no evaluation records to pick the best model "
                            "by (val_size: 0 and no eval_dataset); set val_size or eval_dataset, or drop it"])
     kind = task_settings(recipe)["kind"]
+    if recipe.eval_steps == "auto":
+        updates["eval_steps"] = auto_eval_steps(recipe.model_copy(update=updates), data, kind)
+        guarded = recipe.is_zeroth_order and recipe.zo.guard.enabled
+        if updates["eval_steps"] is None and guarded and (recipe.zo.guard.watch == "eval" or recipe.zo.guard.select_size):
+            raise RecipeError([f"eval_steps: auto makes no evaluation before the end of this run ({_no_evaluation(data)}"
+                               "), and zo.guard judges the evaluations (watch: eval or select_size); set eval_steps"])
+        recipe = recipe.model_copy(update={"eval_steps": updates["eval_steps"]})
     metric = recipe.metric_for_best_model or TASK_METRICS.get(kind, ("loss",))[0]
     updates.update(
         load_best_model_at_end=judged is not None if recipe.load_best_model_at_end is None else recipe.load_best_model_at_end,
@@ -96,6 +107,33 @@ def resolve_run(recipe: Recipe, data: DataSplits, shards: int = 1, resumed: Reci
     if zo:
         updates["zo"] = recipe.zo.model_copy(update=zo)
     return recipe.model_copy(update=updates)
+
+
+def auto_eval_steps(recipe: Recipe, data: DataSplits, kind: str) -> int | None:
+    """``eval_steps: auto``: every ceil(max_steps / n) steps for the largest n <= :data:`EVALUATIONS` whose evaluations
+    before the end cost at most :data:`EVAL_SHARE` of the training's forward passes; None (the start and end only)
+    without evaluation records, or where not one fits.
+
+    Costs are counted as the benchmarks count them (:mod:`zopeft.costs`): a step, its optimizer's loss evaluations
+    over its examples; an evaluation, one forward pass a record (a generated answer
+    :data:`~zopeft.costs.GENERATION_FORWARD_EQUIVALENTS`), over the eval records and the guard's.
+    """
+    records = sum(len(split.records) for split in (data.eval, data.select) if split is not None)
+    if not records:
+        return None
+    per_record = GENERATION_FORWARD_EQUIVALENTS if kind == "generation" else 1
+    per_step = recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps * step_points(
+        recipe.zo.optimizer, recipe.zo.optimizer_kwargs(), recipe.is_zeroth_order)
+    affordable = int(EVAL_SHARE * recipe.max_steps * per_step // (records * per_record))  # before the end
+    steps = math.ceil(recipe.max_steps / min(EVALUATIONS, affordable + 1))
+    return steps if steps < recipe.max_steps else None
+
+
+def _no_evaluation(data: DataSplits) -> str:
+    """Why ``eval_steps: auto`` makes no evaluation before the end, in words."""
+    if data.eval is None and data.select is None:
+        return "it has no evaluation records"
+    return f"one evaluation would cost over {EVAL_SHARE:.0%} of the training's forward passes"
 
 
 def _objective(kind: str, resumed: Recipe | None) -> str:
@@ -133,6 +171,9 @@ def run_lines(recipe: Recipe, data: DataSplits) -> list[str]:
                  else f"lr-find picks it before the first step with at most {LR_FIND_BUDGET:.0%} of the run's forward "
                       "passes")
         lines.append(f"learning rate: auto: {picks}, ranking by {on}")
+    if data.eval is not None or data.select is not None:
+        lines.append(f"evaluations: at the start, every {recipe.eval_steps} steps ({(recipe.max_steps - 1) // recipe.eval_steps}"
+                     " before the end) and at the end" if recipe.eval_steps else "evaluations: at the start and end only")
     guard = recipe.zo.guard
     if not recipe.is_zeroth_order or not guard.enabled:
         lines.append("guard: off")
@@ -140,8 +181,8 @@ def run_lines(recipe: Recipe, data: DataSplits) -> list[str]:
         lines.append(f"guard: watches the {judged} every {recipe.eval_steps} steps")
     else:
         unwatched = data.eval is not None and not recipe.eval_steps
-        lines.append("guard: watches the training loss" + (" (no eval_steps: the run evaluates at its start and end "
-                                                            "only)" if unwatched else ""))
+        lines.append("guard: watches the training loss" + (" (no evaluations before the end to watch)" if unwatched
+                                                            else ""))
     if recipe.load_best_model_at_end:
         lines.append(f"best model: checkpoint-best/ keeps the adapter of the best {judged}; output_dir gets it at "
                      "the end")

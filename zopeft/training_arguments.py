@@ -16,7 +16,6 @@ FOREIGN_KEYS = {
     "stage": "zopeft trains the task the recipe names (task: classification, multiple_choice, sft, ...)",
     "do_train": "`zopeft train` trains and `zopeft eval` evaluates",
     "max_samples": "max_train_samples (and max_eval_samples) keep a fixed random subset of the records",
-    "eval_strategy": "a run evaluates at its start and end, and every eval_steps when that is set",
     "plot_loss": "train writes training_curves.png whenever matplotlib is installed (pip install 'zopeft[plot]')",
     "overwrite_cache": "zopeft tokenizes each batch as it trains: there is no tokenized cache",
     "preprocessing_num_workers": "zopeft tokenizes each batch as it trains: there is no preprocessing step",
@@ -39,10 +38,13 @@ def steps_or_fraction(value: Any, key: str) -> int | float:
 
 
 def read_spellings(data: dict[str, Any]) -> dict[str, Any]:
-    """``warmup_ratio`` as a fractional ``warmup_steps``; ``bf16`` / ``fp16`` as ``compute_dtype``."""
-    if not {"warmup_ratio", *DTYPE_FLAGS} & data.keys():
+    """``warmup_ratio`` as a fractional ``warmup_steps``; ``bf16`` / ``fp16`` as ``compute_dtype``; ``eval_strategy``
+    as ``eval_steps``."""
+    if not {"warmup_ratio", "eval_strategy", *DTYPE_FLAGS} & data.keys():
         return data
     data = dict(data)
+    if "eval_strategy" in data:
+        _read_eval_strategy(data)
     if "warmup_ratio" in data:
         ratio = data.pop("warmup_ratio")
         if data.get("warmup_steps"):
@@ -68,3 +70,16 @@ def read_spellings(data: dict[str, Any]) -> dict[str, Any]:
                              f"{data['compute_dtype']}; drop one of them")
         data["compute_dtype"] = dtype
     return data
+
+
+def _read_eval_strategy(data: dict[str, Any]) -> None:
+    """``eval_strategy: no`` is ``eval_steps: null`` (YAML reads a bare no as false); ``steps`` keeps eval_steps."""
+    strategy = data.pop("eval_strategy")
+    strategy = "no" if strategy is False else strategy
+    if strategy == "no":
+        if data.get("eval_steps") not in (None, "auto"):
+            raise ValueError(f"eval_strategy: no, and eval_steps is {data['eval_steps']!r}; drop one of them")
+        data["eval_steps"] = None
+    elif strategy != "steps":
+        raise ValueError(f"eval_strategy: steps or no, got {strategy!r}; zopeft evaluates every eval_steps steps "
+                         "(epoch: set eval_steps to the steps of an epoch, which zopeft validate prints)")
