@@ -285,22 +285,31 @@ def test_eval_steps_auto_evaluates_ten_times_within_a_quarter_of_the_training(tm
     assert evaluations in validated.output
 
 
-def test_eval_steps_auto_is_what_the_run_evaluates_at_and_records(tmp_path):
-    recipe = write_recipe(tmp_path, max_steps=6)  # 25% of 96 forwards pays one evaluation of 16 before the end
+def test_eval_steps_auto_is_what_the_run_evaluates_at_records_and_resumes_with(tmp_path):
+    recipe = write_recipe(tmp_path, max_steps=4, save_steps=2)  # 25% of 64 forwards pays one evaluation of 16
     result = invoke("train", recipe)
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
-    assert [r["step"] for r in log_of(out) if "eval_loss" in r] == [0, 3, 6]
-    assert yaml.safe_load((out / "recipe.yaml").read_text())["eval_steps"] == 3
+    assert [r["step"] for r in log_of(out) if "eval_loss" in r] == [0, 2, 4]
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["eval_steps"] == 2
+    # resumed for 8 steps, the run keeps its checkpoint's cadence (a fresh 8-step run's auto is every 3 steps)
+    assert "every 3 steps" in invoke("validate", recipe, "max_steps=8").output
+    resumed = invoke("train", recipe, "max_steps=8", "resume_from_checkpoint=auto")
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["step"] for r in log_of(out) if "eval_loss" in r][-3:] == [4, 6, 8]
 
 
 @pytest.mark.parametrize("keys,error", [
     (dict(eval_strategy="epoch"), "eval_strategy: steps or no, got 'epoch'; zopeft evaluates every eval_steps steps "
-                                  "(epoch: set eval_steps to the steps of an epoch, which zopeft validate prints)"),
+                                  "(epoch: set eval_steps to the training records / the examples a step, which zopeft "
+                                  "validate prints)"),
     (dict(eval_strategy="no", eval_steps=5), "eval_strategy: no, and eval_steps is 5; drop one of them"),
-    (dict(eval_steps="often"), "eval_steps: a count of steps (e.g. 20), a fraction of max_steps below 1, auto (about "
-                               "10 evaluations within 25% of the training's cost) or null (the start and end only), "
-                               "got 'often'"),
+    (dict(eval_steps="often"), "eval_steps: a count of steps (e.g. 20), a fraction of max_steps below 1, auto (at "
+                               "most 10 evaluations, within 25% of the training's cost) or null (the start and end "
+                               "only), got 'often'"),
+    (dict(max_steps=1, zo={"optimizer": "mezo", "guard": {"watch": "eval"}}),
+     "eval_steps: auto makes no evaluation before the end of this run (one step has no step before its end), and "
+     "zo.guard judges the evaluations (watch: eval or select_size); raise max_steps"),
     (dict(max_steps=2, zo={"optimizer": "mezo", "guard": {"watch": "eval"}}),
      "eval_steps: auto makes no evaluation before the end of this run (one evaluation would cost over 25% of the "
      "training's forward passes), and zo.guard judges the evaluations (watch: eval or select_size); set eval_steps"),

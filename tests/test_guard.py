@@ -198,17 +198,26 @@ def test_cli_rollbacks_judged_on_evaluations_reach_the_step_log(tmp_path, monkey
 
 def test_a_recipe_whose_guard_cannot_watch_its_evaluations_is_refused_or_noted():
     from zopeft.recipe import RecipeError, load_recipe
+    from zopeft.resolved import resolve_run, run_lines
+    from zopeft.splits import DataSplits
 
     base = ["model_name_or_path=m", "dataset=sst2", "zo.guard.watch=eval", "max_steps=80"]
     with pytest.raises(RecipeError, match="zo.guard.watch: eval judges the evaluations every eval_steps, but eval_steps "
                                           "is null"):
         load_recipe(None, [*base, "eval_steps="], check_files=False)
-    few = load_recipe(None, [*base, "eval_steps=40", "zo.guard.patience=2"], check_files=False)  # the start, step 40
-    assert any("rolls back after 2 in a row above its best, and this run makes 2" in n for n in few.notes())
-    assert load_recipe(None, [*base, "eval_steps=10", "zo.guard.patience=2"], check_files=False).notes() == []
+    def run_notes(*overrides: str) -> list[str]:  # what validate and train print of the run, settled
+        recipe = load_recipe(None, [*base, *overrides], check_files=False)
+        data = DataSplits(recipe)
+        return [line for line in run_lines(resolve_run(recipe, data), data) if line.startswith("note: zo.guard")]
+
+    few = run_notes("eval_steps=40", "zo.guard.patience=2")  # the start, step 40
+    assert len(few) == 1 and "rolls back after 2 in a row above its best, and this run makes 2 before its end" in few[0]
+    assert run_notes("eval_steps=10", "zo.guard.patience=2") == []
+    assert len(run_notes("zo.guard.patience=5")) == 1  # eval_steps: auto: every 20 of 80 steps (872 records): 4 judged
+    assert len(run_notes("eval_steps=100")) == 1  # only the start is judged
     watching = load_recipe(None, [*base, "eval_steps=40"], check_files=False)  # the evaluations' own defaults
     assert (watching.zo.guard.smoothing, watching.zo.guard.margin, watching.zo.guard.patience) == (0.0, 0.05, 1)
-    assert watching.notes() == []
+    assert watching.notes() == [] and run_notes("eval_steps=40") == []
     kept = load_recipe(None, [*base, "eval_steps=40", "zo.guard.smoothing=0.5"], check_files=False).zo.guard
     assert (kept.smoothing, kept.patience) == (0.5, 1)  # what the recipe sets wins
     assert load_recipe(None, base[:2], check_files=False).zo.guard.patience == 5  # watching the loss

@@ -22,6 +22,7 @@ from pydantic import (
     create_model, field_validator, model_validator,
 )
 
+from .costs import EVAL_SHARE, EVALUATIONS
 from .data import BUILTIN_DATASETS, TABLE_FORMATS
 from .hints import did_you_mean
 from .metrics import TASK_METRICS
@@ -144,7 +145,7 @@ class GuardSettings(_Strict):
     max_rollbacks: int = Field(3, ge=1, le=1000, description="rollbacks without a new best before the run stops")
     watch: Literal["auto", "loss", "eval"] = Field(
         "auto", description="judge the evaluations every eval_steps (eval) or the step losses (loss); auto: eval when "
-        "the run has evaluation records and eval_steps, else loss")
+        "the run evaluates before its end (eval_steps, auto by default, with evaluation records), else loss")
     max_copy_bytes: int = Field(1 << 30, ge=0, description="largest in-memory copy of the trainable tensors; "
                                 "beyond it the best state is rebuilt by replaying the seed log")
     select_size: int | float | None = Field(
@@ -378,9 +379,9 @@ class Recipe(_Strict):
                                       "below 1 (as in transformers 5; LLaMA-Factory's warmup_ratio is read as it)")
     weight_decay: float = Field(0.0, ge=0, le=1)
     eval_steps: Annotated[int, Field(ge=1, le=STEPS)] | Literal["auto"] | None = Field(
-        "auto", description="evaluate every N steps; auto: about 10 evaluations a run, fewer where they would cost over "
-        "25% of the training's forward passes (none without evaluation records); null (eval_strategy: no): only at "
-        "the start and end")
+        "auto", description=f"evaluate every N steps; auto: {EVALUATIONS} evaluations a run at most, fewer where those "
+        f"between the start and the end would cost over {EVAL_SHARE:.0%} of the training's forward passes (none without "
+        "evaluation records); null (eval_strategy: no): only at the start and end")
     eval_on_start: bool = Field(True, description="evaluate before the first step (reused from the cache when the base "
                                 "model, the adapter's initial values and the evaluation records are those of a run before)")
     load_best_model_at_end: bool | None = Field(
@@ -465,9 +466,12 @@ class Recipe(_Strict):
         if value in ("auto", None):
             return value
         steps = _steps(value, info)
+        if isinstance(steps, float) and steps.is_integer():
+            steps = int(steps)  # TrainingArguments types eval_steps as a float
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= STEPS:
-            raise ValueError(f"a count of steps (e.g. 20), a fraction of max_steps below 1, auto (about 10 evaluations "
-                             f"within 25% of the training's cost) or null (the start and end only), got {value!r}")
+            raise ValueError(f"a count of steps (e.g. 20), a fraction of max_steps below 1, auto (at most {EVALUATIONS} "
+                             f"evaluations, within {EVAL_SHARE:.0%} of the training's cost) or null (the start and end "
+                             f"only), got {value!r}")
         return steps
 
     @field_validator("learning_rate", mode="before")
@@ -688,13 +692,6 @@ class Recipe(_Strict):
         if self.zo.guard.select_size is not None and not self.is_zeroth_order:
             notes.append(f"zo.guard.select_size: {self.zo.optimizer} trains without the guard: the records it holds "
                          "out are not trained on and pick the best model, as in a ZO run of the recipe")
-        if self.guards_evaluations and isinstance(self.eval_steps, int) and self.num_train_epochs is None:
-            judged = 1 + (self.max_steps - 1) // self.eval_steps  # the start and every eval_steps before the end
-            if judged <= self.zo.guard.patience:
-                notes.append(f"zo.guard: watching the evaluations, it rolls back after {self.zo.guard.patience} in a "
-                             f"row above its best, and this run makes {judged} before its end (eval_steps {self.eval_steps}, "
-                             f"max_steps {self.max_steps}): it can act only on a non-finite step; lower "
-                             "zo.guard.patience or eval_steps")
         for key, (other, acting) in INERT_UNLESS.items():
             if getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True) and \
                     getattr(self, other) not in acting:

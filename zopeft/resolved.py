@@ -16,7 +16,7 @@ import math
 from collections import Counter
 from typing import Any
 
-from .costs import GENERATION_FORWARD_EQUIVALENTS, step_points
+from .costs import EVAL_SHARE, EVALUATIONS, GENERATION_FORWARD_EQUIVALENTS, step_points
 from .data import BUILTIN_DATASETS
 from .metrics import TASK_METRICS, greater_is_better
 from .model_files import local_tokenizer_file
@@ -24,11 +24,12 @@ from .recipe import Recipe, RecipeError
 from .records import answer_texts, canon_label, choice_texts, label_index, label_keys, prompt_text
 from .splits import DataSplits, Split
 
-__all__ = ["EVALUATIONS", "EVAL_SHARE", "LR_FIND_BUDGET", "auto_eval_steps", "effective_lines", "label_word_tokens", "resolve_run", "run_lines", "task_settings"]
+__all__ = [
+    "LR_FIND_BUDGET", "auto_eval_steps", "effective_lines", "label_word_tokens", "resolve_run", "run_lines",
+    "task_settings",
+]
 
 LR_FIND_BUDGET = 0.25  # learning_rate: auto: lr-find's share of the run's forward passes
-EVAL_SHARE = 0.25  # eval_steps: auto: the evaluations during training cost at most this share of its forward passes
-EVALUATIONS = 10  # eval_steps: auto: the evaluations a run makes after its start (the end's included), at most
 CANDIDATE_TASKS = ("classification", "multiple_choice")  # zo.objective: auto trains them on candidate_ce
 OBJECTIVE_WORDS = {"loss": "the language-model loss of the gold continuation",
                    "candidate_ce": "the cross-entropy over the candidates, as the seed papers train classification"}
@@ -86,12 +87,8 @@ def resolve_run(recipe: Recipe, data: DataSplits, shards: int = 1, resumed: Reci
                            "by (val_size: 0 and no eval_dataset); set val_size or eval_dataset, or drop it"])
     kind = task_settings(recipe)["kind"]
     if recipe.eval_steps == "auto":
-        updates["eval_steps"] = auto_eval_steps(recipe.model_copy(update=updates), data, kind)
-        guarded = recipe.is_zeroth_order and recipe.zo.guard.enabled
-        if updates["eval_steps"] is None and guarded and (recipe.zo.guard.watch == "eval" or recipe.zo.guard.select_size):
-            raise RecipeError([f"eval_steps: auto makes no evaluation before the end of this run ({_no_evaluation(data)}"
-                               "), and zo.guard judges the evaluations (watch: eval or select_size); set eval_steps"])
-        recipe = recipe.model_copy(update={"eval_steps": updates["eval_steps"]})
+        updates["eval_steps"] = _eval_steps(recipe.model_copy(update=updates), data, kind, resumed)
+        recipe = recipe.model_copy(update=updates)
     metric = recipe.metric_for_best_model or TASK_METRICS.get(kind, ("loss",))[0]
     updates.update(
         load_best_model_at_end=judged is not None if recipe.load_best_model_at_end is None else recipe.load_best_model_at_end,
@@ -110,13 +107,14 @@ def resolve_run(recipe: Recipe, data: DataSplits, shards: int = 1, resumed: Reci
 
 
 def auto_eval_steps(recipe: Recipe, data: DataSplits, kind: str) -> int | None:
-    """``eval_steps: auto``: every ceil(max_steps / n) steps for the largest n <= :data:`EVALUATIONS` whose evaluations
-    before the end cost at most :data:`EVAL_SHARE` of the training's forward passes; None (the start and end only)
-    without evaluation records, or where not one fits.
+    """``eval_steps: auto``: every ceil(max_steps / n) steps for the largest n <= :data:`~zopeft.costs.EVALUATIONS`
+    whose evaluations between the start and the end cost at most :data:`~zopeft.costs.EVAL_SHARE` of the training's
+    forward passes; None (the start and end only) without evaluation records, or where not one fits.
 
-    Costs are counted as the benchmarks count them (:mod:`zopeft.costs`): a step, its optimizer's loss evaluations
-    over its examples; an evaluation, one forward pass a record (a generated answer
-    :data:`~zopeft.costs.GENERATION_FORWARD_EQUIVALENTS`), over the eval records and the guard's.
+    Costs are the benchmarks' estimates (:mod:`zopeft.costs`): a step, its optimizer's loss evaluations over its
+    examples; an evaluation, one forward pass a record (a generated answer
+    :data:`~zopeft.costs.GENERATION_FORWARD_EQUIVALENTS`; a record whose candidates are scored one sequence each
+    costs more), over the eval records and the guard's.
     """
     records = sum(len(split.records) for split in (data.eval, data.select) if split is not None)
     if not records:
@@ -124,16 +122,29 @@ def auto_eval_steps(recipe: Recipe, data: DataSplits, kind: str) -> int | None:
     per_record = GENERATION_FORWARD_EQUIVALENTS if kind == "generation" else 1
     per_step = recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps * step_points(
         recipe.zo.optimizer, recipe.zo.optimizer_kwargs(), recipe.is_zeroth_order)
-    affordable = int(EVAL_SHARE * recipe.max_steps * per_step // (records * per_record))  # before the end
+    affordable = int(EVAL_SHARE * recipe.max_steps * per_step // (records * per_record))  # between start and end
     steps = math.ceil(recipe.max_steps / min(EVALUATIONS, affordable + 1))
     return steps if steps < recipe.max_steps else None
 
 
-def _no_evaluation(data: DataSplits) -> str:
-    """Why ``eval_steps: auto`` makes no evaluation before the end, in words."""
-    if data.eval is None and data.select is None:
-        return "it has no evaluation records"
-    return f"one evaluation would cost over {EVAL_SHARE:.0%} of the training's forward passes"
+def _eval_steps(recipe: Recipe, data: DataSplits, kind: str, resumed: Recipe | None) -> int | None:
+    """``eval_steps: auto`` settled: the resumed checkpoint's, else :func:`auto_eval_steps`; a guard that judges the
+    evaluations in a run that makes none before its end is refused with the reason and the fix."""
+    if resumed is not None and resumed.eval_steps != "auto":
+        return resumed.eval_steps
+    steps = auto_eval_steps(recipe, data, kind)
+    guard = recipe.zo.guard
+    if steps is None and recipe.is_zeroth_order and guard.enabled and (guard.watch == "eval" or guard.select_size):
+        if data.eval is None and data.select is None:
+            why, fix = "it has no evaluation records", "set val_size or eval_dataset, or zo.guard.watch: loss"
+        elif recipe.max_steps == 1:
+            why, fix = "one step has no step before its end", "raise max_steps"
+        else:
+            why, fix = (f"one evaluation would cost over {EVAL_SHARE:.0%} of the training's forward passes",
+                        "set eval_steps")
+        raise RecipeError([f"eval_steps: auto makes no evaluation before the end of this run ({why}), and zo.guard "
+                           f"judges the evaluations (watch: eval or select_size); {fix}"])
+    return steps
 
 
 def _objective(kind: str, resumed: Recipe | None) -> str:
@@ -150,8 +161,8 @@ def _watch(recipe: Recipe, judged: Split | None, resumed: Recipe | None) -> str:
     watch = resumed.zo.guard.watch if resumed is not None else "auto"
     if watch == "eval" and not recipe.eval_steps:
         raise RecipeError(["eval_steps: the checkpoint resumed has its guard watch the evaluations every eval_steps "
-                           "(zo.guard.watch: eval), and eval_steps is not set; set eval_steps, or start a new "
-                           "output_dir"])
+                           "(zo.guard.watch: eval), and this run makes none before its end (eval_steps null, or auto "
+                           "finding none affordable); set eval_steps, or start a new output_dir"])
     if watch != "auto":
         return watch
     return "eval" if recipe.eval_steps and judged is not None else "loss"
@@ -179,6 +190,12 @@ def run_lines(recipe: Recipe, data: DataSplits) -> list[str]:
         lines.append("guard: off")
     elif guard.watch == "eval":
         lines.append(f"guard: watches the {judged} every {recipe.eval_steps} steps")
+        count = 1 + (recipe.max_steps - 1) // recipe.eval_steps  # the start and every eval_steps before the end
+        if count <= guard.patience:
+            lines.append(f"note: zo.guard: watching the evaluations, it rolls back after {guard.patience} in a row "
+                         f"above its best, and this run makes {count} before its end (eval_steps {recipe.eval_steps}, "
+                         f"max_steps {recipe.max_steps}): it can act only on a non-finite step; lower "
+                         "zo.guard.patience or eval_steps")
     else:
         unwatched = data.eval is not None and not recipe.eval_steps
         lines.append("guard: watches the training loss" + (" (no evaluations before the end to watch)" if unwatched

@@ -82,4 +82,4 @@ def _read_eval_strategy(data: dict[str, Any]) -> None:
         data["eval_steps"] = None
     elif strategy != "steps":
         raise ValueError(f"eval_strategy: steps or no, got {strategy!r}; zopeft evaluates every eval_steps steps "
-                         "(epoch: set eval_steps to the steps of an epoch, which zopeft validate prints)")
+                         "(epoch: set eval_steps to the training records / the examples a step, which zopeft validate prints)")
