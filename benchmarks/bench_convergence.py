@@ -60,11 +60,11 @@ Quick mode is a smoke test: one seed, one lr per optimizer (no tuning), 36 forwa
 equivalents, 64 report examples - it checks the machinery end to end and says nothing reliable
 about which optimizer converges faster.  Full mode: sst2-2shot and RTE, a 4-point lr grid per
 optimizer, 3 seeds, 720 forward-pass equivalents; hours on 2 CPU cores (``--resume`` reuses the
-runs already recorded in ``convergence_<device>.runs.jsonl`` and continues an interrupted one from
-its last evaluation, kept in ``convergence_<device>.runs.jsonl.partial/``).  To use both cores, run disjoint
-``--optimizers`` subsets with ``--threads 1`` and separate ``--out-dir``s, concatenate their
-``.runs.jsonl`` files into ``benchmarks/results/``, and rerun with every optimizer and ``--resume``
-to get the table and plot.
+runs already recorded in ``convergence_<device>.runs.jsonl`` and their step-0 evaluation as the
+zero-shot, and continues an interrupted run from its last evaluation, kept in
+``convergence_<device>.runs.jsonl.partial/``).  To use both cores, run disjoint ``--optimizers``
+subsets with ``--threads 1`` and ``--resume`` into the same ``--out-dir`` (each finished run appends
+its own line), then rerun with every optimizer and ``--resume`` to get the table and plot.
 
 Writes ``convergence_<device>[_quick].json`` and a ``.png`` (accuracy against forward-pass
 equivalents and against wall time, mean ± std over seeds).
@@ -484,6 +484,16 @@ class RunLog:
         """Where the run of ``spec`` keeps its state while it is in progress."""
         return self.partials / hashlib.sha256(self.key(spec).encode()).hexdigest()[:16]
 
+    def zero_shot(self, task: str, report: tuple[int, int], model: str) -> dict[str, Any] | None:
+        """The step-0 report evaluation of a recorded run on the same task, report slice and model (the untrained
+        model's, whichever run recorded it), or None: with ``--resume`` it is not evaluated again."""
+        for run in self.done.values():
+            start = run["curve"][0] if run.get("curve") else {}
+            if ((run["task"], tuple(run["eval_slice"]), run["model"], run["eval_set"]) == (task, report, model, "report")
+                    and start.get("steps") == 0):
+                return {k: start[k] for k in ("accuracy", "loss", "f1", "exact_match") if k in start}
+        return None
+
     def add(self, spec: RunSpec, run: dict[str, Any]) -> None:
         self.done[self.key(spec)] = run
         with self.path.open("a") as fh:
@@ -790,7 +800,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows, curves, tasks = [], {}, {}
     for task in plan.tasks:
         report = _first(TASKS[task].report, plan.report_size)
-        zero_shot = race.evaluate(race.fresh_model(0), task, report)
+        zero_shot = experiment.log.zero_shot(task, report, plan.model) or race.evaluate(race.fresh_model(0), task, report)
         tasks[task] = {**asdict(TASKS[task]), "batch_size": plan.batch_for(task), "report_examples": report[1] - report[0],
                        "zero_shot": zero_shot, "target_gain": plan.gain_for(task),
                        "target_accuracy": zero_shot["accuracy"] + plan.gain_for(task)}

@@ -141,7 +141,7 @@ def test_mezo_package_noise_check() -> None:
     assert bench_peers.mezo_noise_check((50, 101))["update_noise_equals_perturbation_noise"]  # drawn in one piece
 
 
-def test_convergence(tmp_path: Path) -> None:
+def test_convergence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     argv = _args(tmp_path, "--quick", "--model", "tiny", "--optimizers", "mezo,fzoo,hizoo,adamw", "--budget", "4",
                  "--eval-every", "2", "--report-size", "8", "--grid", "mezo=1e-4,1e-3", "--tune-budget", "2",
                  "--tune-size", "8")
@@ -164,12 +164,15 @@ def test_convergence(tmp_path: Path) -> None:
     assert target == pytest.approx(data["tasks"]["sst2"]["zero_shot"]["accuracy"] + 0.03)
     assert {c["optimizer"] for c in data["comparison"]} == {"fzoo", "hizoo", "adamw"}
 
-    # --resume reuses every recorded run: the same results without training again
+    # --resume reuses every recorded run, and their step-0 evaluation as the zero-shot: nothing is evaluated again
     log = Path(result["json"]).with_suffix(".runs.jsonl")
     lines = log.read_text()
+    monkeypatch.setattr(bench_convergence.Race, "evaluate", lambda *a, **k: pytest.fail("evaluated again"))
     again = bench_convergence.main([*argv, "--resume"])
     assert log.read_text() == lines
     assert [r["curve"] for r in again["runs"]] == [r["curve"] for r in data["runs"]]
+    zero_shot = _load(again)["tasks"]["sst2"]["zero_shot"]
+    assert zero_shot == {k: data["tasks"]["sst2"]["zero_shot"][k] for k in zero_shot} and "accuracy" in zero_shot
 
 
 def test_convergence_races_objectives(tmp_path: Path) -> None:

@@ -202,7 +202,7 @@ def test_a_recipe_whose_guard_cannot_watch_its_evaluations_is_refused_or_noted()
     from zopeft.splits import DataSplits
 
     base = ["model_name_or_path=m", "dataset=sst2", "zo.guard.watch=eval", "max_steps=80"]
-    with pytest.raises(RecipeError, match="zo.guard.watch: eval judges the evaluations every eval_steps, but eval_steps "
+    with pytest.raises(RecipeError, match="zo.guard.watch: eval: the guard judges the evaluations every eval_steps, but eval_steps "
                                           "is null"):
         load_recipe(None, [*base, "eval_steps="], check_files=False)
     def run_notes(*overrides: str) -> list[str]:  # what validate and train print of the run, settled

@@ -123,7 +123,7 @@ def test_select_size_under_the_default_watch(tmp_path):
     zo = write_recipe(tmp_path, zo={"optimizer": "mezo", "guard": {"select_size": 12}})
     refused = invoke("validate", zo, "eval_steps=null")
     assert refused.exit_code == 2 and refused.output.strip().splitlines() == [
-        "error: zo.guard.select_size: the guard judges these records at its evaluations every eval_steps, but "
+        "error: zo.guard.select_size: the guard judges the evaluations every eval_steps, but "
         "eval_steps is null (the run evaluates at its start and end only); set eval_steps (or auto), or drop "
         "select_size"]
     unaffordable = invoke("validate", zo)  # eval_steps: auto: 28 records an evaluation, 48 forwards of training

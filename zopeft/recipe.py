@@ -614,14 +614,11 @@ class Recipe(_Strict):
         if self.val_size is not None and self.eval_dataset is not None:
             raise ValueError("val_size: holds records out of dataset for evaluation, but eval_dataset is given; "
                              "drop one of them")
-        if self.guards_evaluations and not self.eval_steps:
-            raise ValueError("zo.guard.watch: eval judges the evaluations every eval_steps, but eval_steps is null "
-                             "(the run evaluates at its start and end only); set eval_steps (or auto), or "
-                             "zo.guard.watch: loss")
-        if self.is_zeroth_order and self.zo.guard.enabled and self.zo.guard.select_size and not self.eval_steps:
-            raise ValueError("zo.guard.select_size: the guard judges these records at its evaluations every eval_steps, "
-                             "but eval_steps is null (the run evaluates at its start and end only); set eval_steps "
-                             "(or auto), or drop select_size")
+        if self.guard_judges_evaluations and not self.eval_steps:
+            key, drop = (("zo.guard.watch: eval", "zo.guard.watch: loss") if self.guards_evaluations
+                         else ("zo.guard.select_size", "drop select_size"))
+            raise ValueError(f"{key}: the guard judges the evaluations every eval_steps, but eval_steps is null (the "
+                             f"run evaluates at its start and end only); set eval_steps (or auto), or {drop}")
         self._generation_consistent()
         if self.num_train_epochs is not None and "max_steps" in self.model_fields_set:
             raise ValueError("num_train_epochs: give max_steps or num_train_epochs, not both (zopeft validate prints the "
@@ -685,6 +682,12 @@ class Recipe(_Strict):
     def guards_evaluations(self) -> bool:
         """Whether the guard judges the evaluations (``zo.guard.watch: eval`` on a ZO run)."""
         return self.is_zeroth_order and self.zo.guard.enabled and self.zo.guard.watch == "eval"
+
+    @property
+    def guard_judges_evaluations(self) -> bool:
+        """Whether the guard needs evaluations before the end: it watches them, or judges ``select_size``'s records."""
+        guard = self.zo.guard
+        return self.is_zeroth_order and guard.enabled and (guard.watch == "eval" or bool(guard.select_size))
 
     def notes(self) -> list[str]:
         """One line per setting that is valid but probably not what was meant."""

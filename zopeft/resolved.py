@@ -133,8 +133,7 @@ def _eval_steps(recipe: Recipe, data: DataSplits, kind: str, resumed: Recipe | N
     if resumed is not None and resumed.eval_steps != "auto":
         return resumed.eval_steps
     steps = auto_eval_steps(recipe, data, kind)
-    guard = recipe.zo.guard
-    if steps is None and recipe.is_zeroth_order and guard.enabled and (guard.watch == "eval" or guard.select_size):
+    if steps is None and recipe.guard_judges_evaluations:
         if data.eval is None and data.select is None:
             why, fix = "it has no evaluation records", "set val_size or eval_dataset, or zo.guard.watch: loss"
         elif recipe.max_steps == 1:
