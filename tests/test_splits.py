@@ -294,6 +294,9 @@ def test_one_reading_of_a_templates_fields_serves_the_recipe_and_the_tasks():
     (["choices_field=options"], "choices_field: acts only with task: multiple_choice, and task is not set; it is ignored"),
     (["save_total_limit=2"], "save_total_limit: limits the checkpoints saved every save_steps, and save_steps is not set"),
     (["warmup_steps=10"], "warmup_steps: lr_scheduler_type constant has no warmup"),
+    (["zo.objective=accuracy"], "zo.eps: 0.001 rarely changes a prediction or a generated token, so most steps on "
+     "zo.objective accuracy would be skipped"),
+    (["task=generation", "zo.objective=exact_match", "zo.eps=5e-3"], "zo.eps: 0.005 rarely changes a prediction"),
 ])
 def test_a_setting_that_cannot_act_in_the_recipe_is_noted(keys, note):
     recipe = load_recipe(None, ["model_name_or_path=m", "dataset=sst2", *keys], check_files=False)
@@ -302,5 +305,5 @@ def test_a_setting_that_cannot_act_in_the_recipe_is_noted(keys, note):
     acting = {"double_quantization": "quantization_bit=4", "quantization_type": "quantization_bit=4",
               "lora_rank": "finetuning_type=lora", "num_virtual_tokens": "finetuning_type=prompt",
               "choices_field": "task=multiple_choice", "save_total_limit": "save_steps=10",
-              "warmup_steps": "lr_scheduler_type=linear"}[note.split(":")[0]]
+              "warmup_steps": "lr_scheduler_type=linear", "zo.eps": "zo.eps=1e-2"}[note.split(":")[0]]
     assert load_recipe(None, ["model_name_or_path=m", "dataset=sst2", *keys, acting], check_files=False).notes() == []

@@ -61,9 +61,10 @@ if TYPE_CHECKING:
     from .generation import GenerationBatch
 
 __all__ = [
-    "DIFFERENTIABLE", "GENERATION_OBJECTIVES", "OBJECTIVES", "CandidateBatch", "GenerationObjective", "Objective",
+    "DIFFERENTIABLE", "DISCRETE", "GENERATION_OBJECTIVES", "OBJECTIVES", "CandidateBatch", "GenerationObjective", "Objective",
     "accuracy_error", "candidate_cross_entropy", "clipped_margin", "exact_match_error", "f1_error",
     "flat_objective_warning", "objective_failures", "resolve_generation_objective", "resolve_objective",
+    "small_eps_note",
 ]
 
 logger = logging.getLogger("zopeft")
@@ -268,6 +269,19 @@ class CandidateBatch:
         return CandidateBatch(move, self.gold.to(device), self.num_candidates,
                               **{k: v.to(device) if v is not None else None for k, v in opt.items()},
                               length_normalised=self.length_normalised)
+
+
+DISCRETE = ("accuracy", "f1", "exact_match")
+"""Objectives whose value changes only where a perturbation changes a prediction or a generated token."""
+
+
+def small_eps_note(objective: str, eps: float) -> str | None:
+    """Before a run: a discrete objective at a perturbation too small to change predictions (most steps skipped)."""
+    if objective not in DISCRETE or eps >= 1e-2:
+        return None
+    return (f"zo.eps: {eps:g} rarely changes a prediction or a generated token, so most steps on zo.objective "
+            f"{objective} would be skipped (the README's demo on accuracy skipped 36 of 40 steps at 1e-3, 5 at 1e-2); "
+            "set zo.eps: 1e-2 or more")
 
 
 def flat_objective_warning(skipped: int, steps: int, objective: str, eps: float) -> str | None:

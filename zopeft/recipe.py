@@ -232,9 +232,15 @@ class ZOSettings(_Strict):
         return self.model_dump(exclude=set(ZOSettings.model_fields))
 
     def notes(self) -> list[str]:
-        """One line per setting of another optimizer that the chosen one does not take (e.g. after zo.optimizer=...)."""
-        return [f"zo.{key}: a setting of {owners}, which {self.optimizer} does not use; ignored"
-                for key, owners in (item.split("=", 1) for item in self.ignored)]
+        """One line per setting of another optimizer that the chosen one does not take (e.g. after zo.optimizer=...),
+        and for an eps too small for a discrete objective."""
+        from .objectives import small_eps_note
+
+        notes = [f"zo.{key}: a setting of {owners}, which {self.optimizer} does not use; ignored"
+                 for key, owners in (item.split("=", 1) for item in self.ignored)]
+        eps = self.optimizer_kwargs().get("eps")
+        small = small_eps_note(self.objective, eps) if isinstance(eps, float) else None
+        return notes + ([small] if small else [])
 
 
 @functools.cache
