@@ -94,6 +94,8 @@ def test_the_own_csv_example_validates_from_the_repository_root(monkeypatch):
     assert result.exit_code == 0, result.output
     assert "train: reviews.csv (1638 records; 183 more held out for evaluation)" in result.output
     assert "negative -> ' negative': 1 token ' negative'" in result.output  # the model's tokenizer is on the machine
+    other = invoke("validate", "examples/reviews/reviews.yaml", "eval_dataset=examples/reviews/sst2dev300.csv")
+    assert other.exit_code == 0 and "eval: sst2dev300.csv (300 records)" in other.output, other.output
 
 
 @pytest.mark.parametrize("overrides,lr", [((), "0.01"), (("zo.optimizer=mezo",), "0.001"),
