@@ -169,6 +169,7 @@ def train(
     from zopeft.stopping import Stopped
 
     with _user_errors(debug):
+        from zopeft.best_model import selection_note
         from zopeft.metrics import compare_line
         from zopeft.runner import train as run
 
@@ -183,6 +184,9 @@ def train(
     if result.eval_after:
         typer.echo(f"eval on {result.evaluated_on}: {compare_line(result.eval_before, result.eval_after)}"
                    f"{_kept(result.best_model)}")
+        selected = selection_note(result.best_model)
+        if selected:
+            typer.echo(f"note: {selected}")
     found = (f" + {result.lr_find_forward_passes} of lr-find (learning_rate: auto: {result.learning_rate:g})"
              if result.lr_find_forward_passes else "")
     typer.echo(f"done: {result.steps} steps, {_cost(result)}{found} -> {result.output_dir}")

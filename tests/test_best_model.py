@@ -56,6 +56,8 @@ def test_a_run_whose_last_step_is_worse_leaves_the_earlier_adapter_and_says_so(t
             "0.3000 (load_best_model_at_end)") in result.output
     assert "accuracy 0.5000 -> 0.9000" in result.output  # the final line compares the start with the kept adapter
     assert "(the adapter of step 2, eval_accuracy 0.9000; the last step, 8, scored 0.3000)" in result.output
+    # chosen by the records it is reported on: the run says the score is optimistic, and how to get one that is not
+    assert "note: that score is of the adapter the same records chose" in result.output
     kept, best, last = adapter_tensors(out), adapter_tensors(out / "checkpoint-best"), adapter_tensors(out / "checkpoint-8")
     assert same(kept, adapter_tensors(out / "checkpoint-2")) and same(kept, best) and not same(kept, last)
     assert json.loads((out / "checkpoint-best" / "best.json").read_text())["step"] == 2
@@ -64,6 +66,16 @@ def test_a_run_whose_last_step_is_worse_leaves_the_earlier_adapter_and_says_so(t
                       "rollbacks": 0}
     replayed = invoke("replay", out, "--out", tmp_path / "replayed")  # replay rebuilds the adapter the run left
     assert replayed.exit_code == 0 and "replayed 2 steps" in replayed.output and "bit-identical" in replayed.output
+
+
+def test_a_score_chosen_on_the_records_it_reports_is_said_to_be_optimistic():
+    from zopeft.best_model import selection_note
+
+    kept = {"step": 2, "metric": "eval_accuracy", "value": 0.9, "last_step": 8, "last_value": 0.3}
+    assert "overstates what other records would give" in selection_note(kept)
+    assert selection_note({**kept, "metric": "select_accuracy"}) is None  # chosen on zo.guard.select_size's records
+    assert selection_note({**kept, "step": 8}) is None and selection_note({**kept, "step": 0}) is None
+    assert selection_note(None) is None
 
 
 def test_load_best_model_at_end_false_leaves_the_last_steps_adapter(tmp_path, scripted_accuracy):

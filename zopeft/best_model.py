@@ -31,7 +31,7 @@ from .jsonl import dumps
 from .recipe import Recipe
 from .rundir import BEST_NAME, LOG_NAME, RECIPE_NAME, RunDir, load_weights, read_jsonl
 
-__all__ = ["BEST_FILE", "BestModel", "best_line", "kept_adapter", "kept_steps"]
+__all__ = ["BEST_FILE", "BestModel", "best_line", "kept_adapter", "kept_steps", "selection_note"]
 
 BEST_FILE = "best.json"
 
@@ -168,3 +168,14 @@ def best_line(kept: dict[str, Any]) -> str:
     if step == kept["last_step"]:
         return f"best model: the last step's adapter ({metric} {kept['value']:.4f} at step {step}) is the best"
     return f"best model: output_dir holds {kept_adapter(kept)} (load_best_model_at_end)"
+
+
+def selection_note(kept: dict[str, Any] | None) -> str | None:
+    """Said after the final evaluation when the adapter kept is a later step than the start and not the last, chosen
+    by the very records that evaluation reports (no ``zo.guard.select_size``): the best of several scores of the
+    same records overstates what other records would give."""
+    if kept is None or kept["step"] in (0, kept["last_step"]) or not kept["metric"].startswith("eval_"):
+        return None
+    return ("that score is of the adapter the same records chose (the best of the run's evaluations of them), so it "
+            "overstates what other records would give; zo.guard.select_size (e.g. 0.1) chooses on records held out of "
+            "dataset instead, and the evaluation then reports records nothing chose")
