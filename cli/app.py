@@ -132,10 +132,15 @@ def _untrained(result) -> str | None:
 
 
 def _resume_command(recipe: Path, overrides: list[str] | None, threads: int | None) -> str:
-    """The command line that resumes a stopped ``zopeft train`` from its latest checkpoint."""
+    """The command line that resumes a stopped ``zopeft train`` from its latest checkpoint (under torchrun, with as
+    many processes as wrote it)."""
+    from zopeft.distributed import launch_rank
+
     kept = [o for o in overrides or [] if not o.startswith(("resume_from_checkpoint=", "overwrite_output_dir="))]
     flags = [] if threads is None else ["--threads", str(threads)]
-    return shlex.join(["zopeft", "train", str(recipe), *kept, "resume_from_checkpoint=auto", *flags])
+    command = shlex.join(["zopeft", "train", str(recipe), *kept, "resume_from_checkpoint=auto", *flags])
+    world = launch_rank()[1]
+    return command if world == 1 else f"torchrun --nproc_per_node {world} ... --no-python {command}"
 
 
 def _stopped_line(stopped, output_dir: str, resume: str) -> str:
@@ -169,18 +174,33 @@ def train(
     from zopeft.stopping import Stopped
 
     with _user_errors(debug):
-        from zopeft.best_model import selection_note
-        from zopeft.metrics import compare_line
+        from zopeft.distributed import launch_rank
         from zopeft.runner import train as run
 
         flags = [*(["overwrite_output_dir=true"] if overwrite else []), *_threads(threads)]
         resolved = _resolve(recipe, [*(overrides or []), *flags])
+        reports = launch_rank()[0] == 0  # under torchrun rank 0 alone speaks for the run, as it logs and saves
         try:
             result = run(resolved, echo=typer.echo)
         except Stopped as stopped:
-            typer.secho(_stopped_line(stopped, resolved.output_dir, _resume_command(recipe, overrides, threads)),
-                        fg="yellow", err=True)
+            if reports:
+                typer.secho(_stopped_line(stopped, resolved.output_dir, _resume_command(recipe, overrides, threads)),
+                            fg="yellow", err=True)
             raise typer.Exit(stopped.exit_code) from None
+    if reports:
+        _report(result)
+    untrained = _untrained(result)
+    if untrained:
+        if reports:
+            typer.secho(f"error: {untrained}", fg="red", err=True)
+        raise typer.Exit(1)
+
+
+def _report(result) -> None:
+    """The run's last lines: the evaluation of the adapter left against the start, the cost, the time."""
+    from zopeft.best_model import selection_note
+    from zopeft.metrics import compare_line
+
     if result.eval_after:
         typer.echo(f"eval on {result.evaluated_on}: {compare_line(result.eval_before, result.eval_after)}"
                    f"{_kept(result.best_model)}")
@@ -194,10 +214,6 @@ def train(
     searched = f"{_seconds(result.lr_find_seconds)}s lr-find + " if result.lr_find_forward_passes else ""
     typer.echo(f"time: {_seconds(result.wall_seconds)}s wall = {searched}{_seconds(result.train_seconds)}s training + "
                f"{_seconds(result.eval_seconds)}s evaluation + {_seconds(rest)}s loading, checks and saving")
-    untrained = _untrained(result)
-    if untrained:
-        typer.secho(f"error: {untrained}", fg="red", err=True)
-        raise typer.Exit(1)
 
 
 def _kept(kept: dict | None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,6 +120,49 @@ def test_a_guard_watching_evaluations_rolls_back_every_rank(tmp_path):
         ends[run] = adapter_tensors(tmp_path / run / "out")
     assert rollbacks["single"] and rollbacks["pair"] == rollbacks["single"]  # lr 0.1 overshoots: rolled back alike
     assert all(torch.equal(ends["single"][k], ends["pair"][k]) for k in ends["single"])
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_checkpoint_and_the_resume_is_exact(tmp_path):
+    """A scheduler preempting ``torchrun zopeft train``: torchrun passes SIGTERM on to its workers, every rank stops
+    after the step rank 0 saw it at, one checkpoint is saved, and two ranks resuming end where an unstopped run does."""
+    keys = dict(zo__batched=False, lr_scheduler_type="constant", logging_steps=1)
+    for run in ("stopped", "whole"):
+        (tmp_path / run).mkdir()
+    recipe = write_recipe(tmp_path / "stopped", output_dir=str(tmp_path / "stopped" / "out"), max_steps=500, **keys)
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+            str(BIN / "zopeft"), "train", str(recipe)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          stdin=subprocess.DEVNULL, start_new_session=True) as proc:
+        seen = []
+        for text in proc.stdout:
+            seen.append(text)
+            if text.startswith("step 3/"):
+                proc.send_signal(signal.SIGTERM)  # to torchrun alone, as a scheduler signals the job's launcher
+                break
+        try:
+            rest, _ = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    output = "".join(seen) + rest
+    assert proc.returncode != 0, output
+    step = int(re.search(r"stopped by SIGTERM after step (\d+): saved", output)[1])
+    assert output.count("stopped by SIGTERM") == 1, output  # rank 0 speaks for the run, with the launcher to resume
+    assert f"resume with: torchrun --nproc_per_node 2 ... --no-python zopeft train {recipe} resume_from_checkpoint=auto" \
+        in output, output
+    out = tmp_path / "stopped" / "out"
+    assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["world_size"] == 2
+    assert not (out / ".zopeft.lock").exists(), output
+    assert not re.search(r'File ".*/(zopeft|cli)/', output), output  # torchrun's own SignalException only
+
+    done = torchrun(2, "--no-python", BIN / "zopeft", "train", recipe, "resume_from_checkpoint=auto",
+                    f"max_steps={step + 2}")
+    assert done.stdout.count("\ndone: ") == 1 and done.stdout.count("\ntime: ") == 1, done.stdout
+    whole = write_recipe(tmp_path / "whole", output_dir=str(tmp_path / "whole" / "out"), max_steps=step + 2, **keys)
+    torchrun(2, "--no-python", BIN / "zopeft", "train", whole)
+    resumed, unstopped = adapter_tensors(out), adapter_tensors(tmp_path / "whole" / "out")
+    assert all(torch.equal(resumed[k], unstopped[k]) for k in unstopped)
 
 
 def test_data_parallel_ranks_read_disjoint_slices_of_one_stream(tmp_path):

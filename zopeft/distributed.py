@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 __all__ = [
     "PARALLEL_MODES", "ReplicaDivergence", "ZOComm", "barrier", "distributed_session", "exit_worker", "from_rank0",
-    "init_distributed",
+    "init_distributed", "launch_rank",
 ]
 
 PARALLEL_MODES = ("perturbation", "data")
@@ -45,9 +45,15 @@ class ReplicaDivergence(RuntimeError):
     """The trainable tensors differ between ranks."""
 
 
+def launch_rank() -> tuple[int, int]:
+    """This process's (rank, world size) as torchrun launched it (``RANK``, ``WORLD_SIZE``), also once the run's
+    process group is gone; (0, 1) outside torchrun.  Rank 0 alone reports a run."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _launched_with_peers() -> bool:
     """Whether torchrun started this process as one of several (``WORLD_SIZE`` > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launch_rank()[1] > 1
 
 
 def init_distributed() -> tuple[int, int]:
