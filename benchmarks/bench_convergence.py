@@ -249,9 +249,16 @@ class _ZOTrainer:
         per_point = GENERATION_FORWARD_EQUIVALENTS if self.objective in GENERATION_OBJECTIVES else 1
         return self.opt.forward_passes * per_point
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps that made no update (a non-finite loss, or every point equal on a discrete objective)."""
+        return self.opt.skipped_steps
+
 
 class _AdamWTrainer:
     """First-order AdamW on the LoRA tensors; a step counts as :data:`ADAMW_FORWARD_EQUIVALENTS`."""
+
+    skipped_steps = 0  # every step updates
 
     def __init__(self, model: torch.nn.Module, lr: float) -> None:
         self.model = model
@@ -408,6 +415,7 @@ class Race:
         return {
             **asdict(spec),
             "steps": steps,
+            "skipped_steps": trainer.skipped_steps,
             "forward_equivalents": trainer.forward_equivalents,
             "train_seconds": seconds,
             "seconds_per_step": seconds / max(steps, 1),

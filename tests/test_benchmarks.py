@@ -156,6 +156,7 @@ def test_convergence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert runs["hizoo"]["forward_equivalents"] == 6 and runs["hizoo"]["steps"] == 2
     assert runs["fzoo"]["forward_equivalents"] == 9 and runs["fzoo"]["steps"] == 1
     assert runs["adamw"]["forward_equivalents"] == 6 and runs["adamw"]["steps"] == 2
+    assert runs["adamw"]["skipped_steps"] == 0 and all(0 <= r["skipped_steps"] <= r["steps"] for r in runs.values())
     for run in runs.values():
         xs = [p["forward_equivalents"] for p in run["curve"]]
         assert xs[0] == 0 and xs == sorted(xs) and xs[-1] == run["forward_equivalents"]
