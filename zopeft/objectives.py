@@ -61,8 +61,8 @@ if TYPE_CHECKING:
     from .generation import GenerationBatch
 
 __all__ = [
-    "DIFFERENTIABLE", "DISCRETE", "GENERATION_OBJECTIVES", "OBJECTIVES", "CandidateBatch", "GenerationObjective", "Objective",
-    "accuracy_error", "candidate_cross_entropy", "clipped_margin", "exact_match_error", "f1_error",
+    "DIFFERENTIABLE", "DISCRETE", "GENERATION_OBJECTIVES", "OBJECTIVES", "CandidateBatch", "GenerationObjective",
+    "Objective", "accuracy_error", "candidate_cross_entropy", "clipped_margin", "exact_match_error", "f1_error",
     "flat_objective_warning", "objective_failures", "resolve_generation_objective", "resolve_objective",
     "small_eps_note",
 ]
