@@ -297,6 +297,26 @@ def test_eval_steps_auto_evaluates_ten_times_within_a_quarter_of_the_training(tm
     assert evaluations in validated.output
 
 
+@pytest.mark.parametrize("keys,evaluations", [
+    # 25% of 640 forwards of training; an eval record costs one forward where its candidates are one token each,
+    # else one a candidate (each its own sequence): 8 held-out records x 4 choices, 16 x 2 label words -> every 7
+    (dict(choices=["the red one", "the blue one", "a green one", "none"]), "every 7 steps (5 before the end)"),
+    (dict(choices=["A", "B", "C", "D"]), "every 4 steps (9 before the end)"),
+    (dict(label_words=[" terrible film", " great film"]), "every 7 steps (5 before the end)"),
+    (dict(label_words=[" terrible film", " great film"], label_word_scoring="first"), "every 4 steps (9 before the end)"),
+])
+def test_eval_steps_auto_prices_a_record_by_the_sequences_its_candidates_take(tmp_path, keys, evaluations):
+    if "choices" in keys:
+        data = tmp_path / "mc.jsonl"
+        choices = keys.pop("choices")
+        data.write_text("".join(json.dumps({"q": f"Pick {i}", "options": choices, "gold": i % 4}) + "\n" for i in range(80)))
+        keys.update(dataset=str(data), task="multiple_choice", text_fields=["q"], choices_field="options",
+                    label_field="gold")
+    validated = invoke("validate", write_recipe(tmp_path, max_steps=40, **keys))
+    assert validated.exit_code == 0, validated.output
+    assert f"evaluations: at the start, {evaluations} and at the end" in validated.output
+
+
 def test_eval_steps_auto_is_what_the_run_evaluates_at_records_and_resumes_with(tmp_path):
     recipe = write_recipe(tmp_path, max_steps=4, save_steps=2)  # 25% of 64 forwards pays one evaluation of 16
     result = invoke("train", recipe)

@@ -3,8 +3,8 @@
 The estimates are the benchmarks' (``benchmarks/bench_convergence.py``): a ZO step runs its
 optimizer's loss evaluations over the step's examples; a first-order step is a forward pass and
 a backward pass at :data:`BACKWARD_COST` forwards; a greedy generation costs
-:data:`GENERATION_FORWARD_EQUIVALENTS`; an evaluated record of a scored task about one forward pass
-(estimates: a record whose candidates are scored one sequence each costs one a candidate).
+:data:`GENERATION_FORWARD_EQUIVALENTS`; an evaluated record of a scored task one forward pass, or one
+a candidate where its candidates are scored one sequence each (:func:`zopeft.resolved.eval_forwards_per_record`).
 """
 
 from __future__ import annotations

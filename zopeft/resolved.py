@@ -25,8 +25,8 @@ from .records import answer_texts, canon_label, choice_texts, label_index, label
 from .splits import DataSplits, Split
 
 __all__ = [
-    "LR_FIND_BUDGET", "auto_eval_steps", "effective_lines", "label_word_tokens", "resolve_run", "run_lines",
-    "task_settings",
+    "LR_FIND_BUDGET", "auto_eval_steps", "effective_lines", "eval_forwards_per_record", "label_word_tokens",
+    "resolve_run", "run_lines", "task_settings",
 ]
 
 LR_FIND_BUDGET = 0.25  # learning_rate: auto: lr-find's share of the run's forward passes
@@ -112,19 +112,56 @@ def auto_eval_steps(recipe: Recipe, data: DataSplits, kind: str) -> int | None:
     forward passes; None (the start and end only) without evaluation records, or where not one fits.
 
     Costs are the benchmarks' estimates (:mod:`zopeft.costs`): a step, its optimizer's loss evaluations over its
-    examples; an evaluation, one forward pass a record (a generated answer
-    :data:`~zopeft.costs.GENERATION_FORWARD_EQUIVALENTS`; a record whose candidates are scored one sequence each
-    costs more), over the eval records and the guard's.
+    examples; an evaluation, :func:`eval_forwards_per_record` over the eval records and the guard's.
     """
-    records = sum(len(split.records) for split in (data.eval, data.select) if split is not None)
-    if not records:
+    judged = [record for split in (data.eval, data.select) if split is not None for record in split.records]
+    if not judged:
         return None
-    per_record = GENERATION_FORWARD_EQUIVALENTS if kind == "generation" else 1
+    records, per_record = len(judged), eval_forwards_per_record(recipe, kind, judged)
     per_step = recipe.per_device_train_batch_size * recipe.gradient_accumulation_steps * step_points(
         recipe.zo.optimizer, recipe.zo.optimizer_kwargs(), recipe.is_zeroth_order)
     affordable = int(EVAL_SHARE * recipe.max_steps * per_step // (records * per_record))  # between start and end
     steps = math.ceil(recipe.max_steps / min(EVALUATIONS, affordable + 1))
     return steps if steps < recipe.max_steps else None
+
+
+def eval_forwards_per_record(recipe: Recipe, kind: str, records: list[dict]) -> float:
+    """The forward passes an evaluated record costs, as :mod:`zopeft.tasks` runs them: a generated answer
+    :data:`~zopeft.costs.GENERATION_FORWARD_EQUIVALENTS`; a record of a candidate task one (its context, read at its
+    last position) where every candidate is one token, else one a candidate (each scored as its own sequence:
+    multi-token label words, or a multiple_choice record's choices, counted per record); else one.
+
+    Without the model's ``tokenizer.json`` on this machine a label word counts as one token and a choice as more.
+    """
+    if kind == "generation":
+        return GENERATION_FORWARD_EQUIVALENTS
+    if kind == "classification":
+        words = task_settings(recipe)["label_words"]
+        words = list(words.values() if isinstance(words, dict) else words)
+        counts = [1] * len(words) if recipe.label_word_scoring == "first" else _token_counts(recipe, words)
+        return 1 if counts is None or max(counts) == 1 else len(words)
+    if kind == "multiple_choice":
+        choices = [choice_texts(record, recipe.choices_field) for record in records]
+        counts = _token_counts(recipe, [c if c[:1].isspace() else " " + c for cs in choices for c in cs])
+        return 1 if counts is not None and max(counts) == 1 else sum(map(len, choices)) / len(choices)
+    return 1
+
+
+def _token_counts(recipe: Recipe, texts: list[str]) -> list[int] | None:
+    """Each text's token count by the model's local ``tokenizer.json`` (None where it has none here)."""
+    tokenizer = _tokenizer(recipe.model_name_or_path)
+    return None if tokenizer is None else [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def _tokenizer(model_name_or_path: str) -> Any:
+    """The model's ``tokenizer.json`` as a ``tokenizers.Tokenizer`` (the Rust tokenizer of transformers' fast
+    tokenizers, without importing torch or transformers), or None where it is not on this machine."""
+    path = local_tokenizer_file(model_name_or_path)
+    if path is None:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
 
 
 def _eval_steps(recipe: Recipe, data: DataSplits, kind: str, resumed: Recipe | None) -> int | None:
@@ -249,17 +286,11 @@ def _label_counts(records: list[dict], settings: dict[str, Any]) -> str | None:
 
 
 def label_word_tokens(model_name_or_path: str, words: list[str]) -> list[list[str]] | None:
-    """Each word's tokens as text, encoded without special tokens by the model's ``tokenizer.json`` (None if not local).
-
-    The ``tokenizers`` library runs the same Rust tokenizer as transformers' fast tokenizers,
-    without importing torch or transformers.
-    """
-    path = local_tokenizer_file(model_name_or_path)
-    if path is None:
+    """Each word's tokens as text, encoded without special tokens by the model's ``tokenizer.json`` (None if not
+    local)."""
+    tokenizer = _tokenizer(model_name_or_path)
+    if tokenizer is None:
         return None
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(path))
     return [[tokenizer.decode([i]) for i in tokenizer.encode(w, add_special_tokens=False).ids] for w in words]
 
 
