@@ -64,7 +64,8 @@ runs already recorded in ``convergence_<device>.runs.jsonl`` and their step-0 ev
 zero-shot, and continues an interrupted run from its last evaluation, kept in
 ``convergence_<device>.runs.jsonl.partial/``).  To use both cores, run disjoint ``--optimizers``
 subsets with ``--threads 1`` and ``--resume`` into the same ``--out-dir`` (each finished run appends
-its own line), then rerun with every optimizer and ``--resume`` to get the table and plot.
+its own line), then ``--summary-only`` (with the race's ``--budget``, ``--batch`` and ``--report-size``) for the
+table and plot of every recorded report run, which trains and evaluates nothing.
 
 Writes ``convergence_<device>[_quick].json`` and a ``.png`` (accuracy against forward-pass
 equivalents and against wall time, mean ± std over seeds).
@@ -80,7 +81,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -502,6 +503,28 @@ class RunLog:
                 return {k: start[k] for k in ("accuracy", "loss", "f1", "exact_match") if k in start}
         return None
 
+    def report_runs(self, task: str, report: tuple[int, int], plan: Plan) -> dict[str, list[dict[str, Any]]]:
+        """The finished runs on ``task``'s ``report`` slice at ``plan``'s budget, model and batch, by cell: its label,
+        with the guard and the best model where it had them, and the lr where a label ran at several."""
+        runs = [run for run in self.done.values() if run["task"] == task and run["eval_set"] == "report"
+                and (tuple(run["eval_slice"]), run["budget"], run["model"], run["batch_size"])
+                == (report, plan.budget, plan.model, plan.batch_for(task))]
+        def name(run: dict[str, Any]) -> str:
+            kept = [f"guard {run.get('guard_watch', 'loss')}"] * bool(run.get("guard")) + ["best kept"] * bool(run.get("keep_best"))
+            return cell_label(run["optimizer"], run.get("objective", "loss")) + (f" ({', '.join(kept)})" if kept else "")
+
+        lrs: dict[str, set[float]] = {}
+        for run in runs:
+            lrs.setdefault(name(run), set()).add(run["lr"])
+        cells: dict[str, list[dict[str, Any]]] = {}
+        for run in runs:
+            cells.setdefault(name(run) + (f" lr={run['lr']:g}" if len(lrs[name(run)]) > 1 else ""), []).append(run)
+        return cells
+
+    def tasks(self) -> list[str]:
+        """The tasks of the recorded runs, in the order they were recorded."""
+        return list(dict.fromkeys(run["task"] for run in self.done.values()))
+
     def add(self, spec: RunSpec, run: dict[str, Any]) -> None:
         self.done[self.key(spec)] = run
         with self.path.open("a") as fh:
@@ -770,6 +793,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
                         help="what zopeft train does by default with an evaluation set: zo.objective auto "
                              "(candidate_ce on these tasks), the guard watching the evaluations and the best model "
                              "kept (= --objectives candidate_ce --guard eval --keep-best)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="train and evaluate nothing: the table, plot and JSON of every report run recorded in "
+                             "--out-dir at this --budget, --batch and --report-size, each cell with its recorded seeds "
+                             "(default --tasks: those recorded), e.g. after processes ran disjoint cells into it")
     args = parser.parse_args(argv)
     if args.defaults:
         args.objectives, args.guard, args.keep_best = "candidate_ce", "eval", True
@@ -802,19 +829,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tuned = "lr tuned on a grid" if any(len(g) > 1 for g in plan.grids.values()) else "1 lr per optimizer (no tuning)"
         print(f"QUICK MODE - a smoke test: {len(plan.seeds)} seed(s), {tuned}, {plan.budget} forward-pass equivalents, "
               f"{plan.report_size} report examples. The numbers below do not rank the optimizers.", flush=True)
-    race = Race(plan.model, device)
-    experiment = Experiment(plan, race, RunLog(common.result_path(args.out_dir, "convergence", device, q, ".runs.jsonl"),
-                                               args.resume))
+    log = RunLog(common.result_path(args.out_dir, "convergence", device, q, ".runs.jsonl"),
+                 args.resume or args.summary_only)
+    if args.summary_only and args.tasks is None:
+        plan = replace(plan, tasks=log.tasks())
+        if not plan.tasks:
+            raise SystemExit(f"--summary-only: {log.path} records no runs")
+    experiment = None if args.summary_only else Experiment(plan, Race(plan.model, device), log)
     rows, curves, tasks = [], {}, {}
     for task in plan.tasks:
         report = _first(TASKS[task].report, plan.report_size)
-        zero_shot = experiment.log.zero_shot(task, report, plan.model) or race.evaluate(race.fresh_model(0), task, report)
+        zero_shot = log.zero_shot(task, report, plan.model)
+        if experiment is None:
+            curves[task] = log.report_runs(task, report, plan)
+            if zero_shot is None or not curves[task]:
+                raise SystemExit(f"--summary-only: {log.path} records no run of {task} on report examples {report} "
+                                 f"at budget {plan.budget}, batch {plan.batch_for(task)}; pass the race's --budget, "
+                                 "--batch and --report-size")
+        else:
+            zero_shot = zero_shot or experiment.race.evaluate(experiment.race.fresh_model(0), task, report)
         tasks[task] = {**asdict(TASKS[task]), "batch_size": plan.batch_for(task), "report_examples": report[1] - report[0],
                        "zero_shot": zero_shot, "target_gain": plan.gain_for(task),
                        "target_accuracy": zero_shot["accuracy"] + plan.gain_for(task)}
         print(f"{task}: zero-shot report {TASKS[task].metric} {zero_shot['accuracy']:.3f} on {report[1] - report[0]} examples; "
               f"target {tasks[task]['target_accuracy']:.3f}", flush=True)
-        curves[task] = experiment.run_race(task, report, zero_shot)
+        if experiment is not None:
+            curves[task] = experiment.run_race(task, report, zero_shot)
         rows += [summarise(task, name, runs[0]["lr"], runs, tasks[task]["target_accuracy"])
                  for name, runs in curves[task].items()]
     print(f"\nconvergence ({'QUICK, smoke-level' if q else 'full'}): {plan.budget} forward-pass equivalents per run "
@@ -849,7 +889,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "loss forward on this CPU). ZO evaluations use the batched path (zopeft.batched)."),
         "optimizers": {n: {"fixed": OPTIMIZERS[n.partition(":")[0]].kwargs, "grid": list(g)} for n, g in plan.grids.items()},
         "objectives": list(plan.objectives),
-        "tuning": experiment.tuning or "none (one lr per optimizer)",
+        "tuning": ("not summarised (--summary-only: the recorded report runs)" if experiment is None
+                   else experiment.tuning or "none (one lr per optimizer)"),
         "table": table,
         "comparison_table": compare_table,
         "results": rows,

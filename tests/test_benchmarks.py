@@ -176,11 +176,16 @@ def test_convergence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert zero_shot == {k: data["tasks"]["sst2"]["zero_shot"][k] for k in zero_shot} and "accuracy" in zero_shot
 
 
-def test_convergence_races_objectives(tmp_path: Path) -> None:
-    """--objectives: every optimizer on every objective it can train on, each run labelled and keyed by it."""
-    argv = _args(tmp_path, "--quick", "--model", "tiny", "--optimizers", "fzoo,adamw", "--objectives",
-                 "loss,candidate_ce,margin", "--budget", "9", "--eval-every", "9", "--report-size", "8")
-    result = bench_convergence.main(argv)
+def test_convergence_races_objectives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--objectives: every optimizer on every objective it can train on, each run labelled and keyed by it; two
+    processes' cells in one --out-dir, summarised together by --summary-only."""
+    argv = _args(tmp_path, "--quick", "--model", "tiny", "--objectives", "loss,candidate_ce,margin", "--budget", "9",
+                 "--eval-every", "9", "--report-size", "8")
+    assert {r["optimizer"] for r in bench_convergence.main([*argv, "--optimizers", "adamw"])["runs"]} == {"adamw"}
+    result = bench_convergence.main([*argv, "--optimizers", "fzoo", "--resume"])
+    assert {r["optimizer"] for r in result["runs"]} == {"fzoo"}  # the last process's JSON: its own cells only
+    monkeypatch.setattr(bench_convergence, "Race", lambda *a, **k: pytest.fail("--summary-only loaded a model"))
+    result = bench_convergence.main([*argv, "--summary-only"])
     data = _load(result)
     runs = {r["optimizer"] if r.get("objective", "loss") == "loss" else f"{r['optimizer']}:{r['objective']}": r
             for r in data["runs"]}
