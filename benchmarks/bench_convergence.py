@@ -54,7 +54,7 @@ the adapter the run leaves (its best tune-slice evaluation, the start included),
 step's, so the reported number is never one the run was selected on.  It evaluates every
 ``--eval-every`` forward-pass equivalents, outside the budget; ``zopeft train``'s ``eval_steps: auto``
 evaluates about as often where the evaluations fit in 25% of the training's forward passes, less
-often where they do not (sst2-2shot's 256 + 100 records: every 27 of FZOO's 80 steps).
+often where they do not (sst2-2shot's 256 + 200 records: every 40 of FZOO's 80 steps).
 
 Quick mode is a smoke test: one seed, one lr per optimizer (no tuning), 36 forward-pass
 equivalents, 64 report examples - it checks the machinery end to end and says nothing reliable
