@@ -86,7 +86,9 @@ def test_train_and_eval_on_a_users_csv_hold_out_and_report_per_class(user_csv, t
     monkeypatch.setattr(zopeft.runner, "time", SimpleNamespace(perf_counter=clock))
     monkeypatch.setattr(ClassificationTask, "evaluate", slow)
     threads = torch.get_num_threads()
-    result = invoke("train", user_csv, "zo.optimizer=adamw", "learning_rate=1e-3",
+    # eval_steps: 1: an evaluation between the start and the end (auto makes none: 6 records of 6 multi-token label
+    # words, 36 forward passes, cost more than a quarter of the 2 steps' 24)
+    result = invoke("train", user_csv, "zo.optimizer=adamw", "learning_rate=1e-3", "eval_steps=1",
                     "--threads", "1")
     monkeypatch.undo()
     assert result.exit_code == 0, result.output
@@ -97,7 +99,7 @@ def test_train_and_eval_on_a_users_csv_hold_out_and_report_per_class(user_csv, t
     assert "done: 2 steps, 2 forward + 2 backward passes = 6 forward-pass equivalents (a backward ≈ 2 forwards)" in out
     wall, training, evaluation, rest = map(float, re.search(
         r"time: ([\d.]+)s wall = ([\d.]+)s training \+ ([\d.]+)s evaluation \+ ([\d.]+)s loading", out).groups())
-    assert evaluation >= 3.0 and 0 < training < 1.0 and rest > 0  # start, step 1 (eval_steps: auto), end; apart
+    assert evaluation >= 3.0 and 0 < training < 1.0 and rest > 0  # start, step 1, end; apart
     assert wall == pytest.approx(training + evaluation + rest, abs=0.3)  # each printed to a tenth of a second
 
     log = [json.loads(line) for line in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]
