@@ -506,19 +506,16 @@ class RunLog:
     def report_runs(self, task: str, report: tuple[int, int], plan: Plan) -> dict[str, list[dict[str, Any]]]:
         """The finished runs on ``task``'s ``report`` slice at ``plan``'s budget, model and batch, by cell: its label,
         with the guard and the best model where it had them, and the lr where a label ran at several."""
-        runs = [run for run in self.done.values() if run["task"] == task and run["eval_set"] == "report"
-                and (tuple(run["eval_slice"]), run["budget"], run["model"], run["batch_size"])
-                == (report, plan.budget, plan.model, plan.batch_for(task))]
-        def name(run: dict[str, Any]) -> str:
-            kept = [f"guard {run.get('guard_watch', 'loss')}"] * bool(run.get("guard")) + ["best kept"] * bool(run.get("keep_best"))
-            return cell_label(run["optimizer"], run.get("objective", "loss")) + (f" ({', '.join(kept)})" if kept else "")
-
+        wanted = (task, "report", report, plan.budget, plan.model, plan.batch_for(task))
+        named = [(_cell_name(run), run) for run in self.done.values()
+                 if (run["task"], run["eval_set"], tuple(run["eval_slice"]), run["budget"], run["model"],
+                     run["batch_size"]) == wanted]
         lrs: dict[str, set[float]] = {}
-        for run in runs:
-            lrs.setdefault(name(run), set()).add(run["lr"])
+        for name, run in named:
+            lrs.setdefault(name, set()).add(run["lr"])
         cells: dict[str, list[dict[str, Any]]] = {}
-        for run in runs:
-            cells.setdefault(name(run) + (f" lr={run['lr']:g}" if len(lrs[name(run)]) > 1 else ""), []).append(run)
+        for name, run in named:
+            cells.setdefault(name + (f" lr={run['lr']:g}" if len(lrs[name]) > 1 else ""), []).append(run)
         return cells
 
     def tasks(self) -> list[str]:
@@ -530,6 +527,13 @@ class RunLog:
         with self.path.open("a") as fh:
             fh.write(dumps({"key": self.key(spec), "run": run}) + "\n")
         shutil.rmtree(self.partial(spec), ignore_errors=True)
+
+
+def _cell_name(run: dict[str, Any]) -> str:
+    """A recorded run's cell: its label, with its guard and best model where it had them."""
+    kept = [f"guard {run.get('guard_watch', 'loss')}"] * bool(run.get("guard"))
+    kept += ["best kept"] * bool(run.get("keep_best"))
+    return cell_label(run["optimizer"], run.get("objective", "loss")) + (f" ({', '.join(kept)})" if kept else "")
 
 
 # ----- summaries ---------------------------------------------------------------------------------
