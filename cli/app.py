@@ -39,20 +39,48 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace a previous
 Threads = Annotated[Optional[int], typer.Option(
     "--threads", help="torch CPU threads (the recipe's threads key; default: what torch chooses)")]
 ReplaceFile = Annotated[bool, typer.Option("--overwrite", help="replace an existing output file")]
+_NO_BARS = "HF_HUB_DISABLE_PROGRESS_BARS"
 MAX_POINTS, MAX_SPAN = 50, 1e6  # lr-find: each point is a short training run; the grid spans lr/span .. lr*span
 
 
-def _quiet_libraries() -> None:
-    """Hide what users cannot act on: bitsandbytes' optional-kernel and the kernels hub's offline warnings,
-    FutureWarnings, load progress bars."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("bitsandbytes", "kernels"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
-    if "transformers" in sys.modules:  # imported already (e.g. the CLI called from Python)
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Hide what users cannot act on, for this command only: bitsandbytes' optional-kernel and the kernels hub's
+    offline warnings, FutureWarnings, load progress bars. The CLI called from Python (a notebook, CliRunner) leaves
+    the caller's warning filters, loggers, environment and progress bars as they were."""
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+    levels = [logger.level for logger in loggers]
+    env_bars = os.environ.get(_NO_BARS)
+    bars_on = _progress_bars_on()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            for logger in loggers:
+                logger.setLevel(logging.ERROR)
+            os.environ.setdefault(_NO_BARS, "1")  # read when transformers is imported
+            if "transformers" in sys.modules:  # imported already (e.g. the CLI called from Python)
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if env_bars is None:
+            os.environ.pop(_NO_BARS, None)
+        if bars_on and "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()
+
+
+def _progress_bars_on() -> bool:
+    """Whether the libraries show download/load progress bars now (transformers' switch, else the environment's)."""
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+        return hf_logging.is_progress_bar_enabled()
+    return os.environ.get(_NO_BARS, "").upper() not in {"1", "ON", "YES", "TRUE"}
 
 
 @contextlib.contextmanager
@@ -60,21 +88,20 @@ def _user_errors(debug: bool) -> Iterator[None]:
     """Turn expected problems into `error:` lines and exit code 2 (tracebacks and library noise with --debug)."""
     from zopeft.recipe import RecipeError
 
-    if not debug:
-        _quiet_libraries()
-    try:
-        yield
-    except RecipeError as err:
-        if debug:
-            raise
-        for line in err.errors:
-            typer.secho(f"error: {line}", fg="red", err=True)
-        raise typer.Exit(2) from None
-    except (ValueError, OSError, ImportError) as err:  # OSError: FileNotFoundError; ImportError: an optional package
-        if debug:
-            raise
-        typer.secho(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", fg="red", err=True)
-        raise typer.Exit(2) from None
+    with contextlib.nullcontext() if debug else _quiet_libraries():
+        try:
+            yield
+        except RecipeError as err:
+            if debug:
+                raise
+            for line in err.errors:
+                typer.secho(f"error: {line}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        except (ValueError, OSError, ImportError) as err:  # OSError: FileNotFoundError; ImportError: optional package
+            if debug:
+                raise
+            typer.secho(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", fg="red", err=True)
+            raise typer.Exit(2) from None
 
 
 def _recipe_file(recipe: Path) -> Path:
@@ -462,23 +489,23 @@ def copy_recipe(name: str, dest: Path, overwrite: Annotated[bool, typer.Option(
 @app.command()
 def env(debug: Debug = False) -> None:
     """Versions of the stack and the device zopeft would use."""
-    if not debug:
-        _quiet_libraries()
-    import bitsandbytes
-    import peft
-    import torch
-    import transformers
+    with contextlib.nullcontext() if debug else _quiet_libraries():
+        import bitsandbytes
+        import peft
+        import torch
+        import transformers
 
-    import zopeft
+        import zopeft
 
-    cuda = torch.cuda.is_available()
-    rows = {
-        "zopeft": zopeft.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
-        "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
-        "cuda": torch.version.cuda if cuda else "not available",
-        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
-        "optimizers": ", ".join(zopeft.available_optimizers()),
-    }
+        cuda = torch.cuda.is_available()
+        rows = {
+            "zopeft": zopeft.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__,
+            "cuda": torch.version.cuda if cuda else "not available",
+            "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores, "
+                                                                  f"{torch.get_num_threads()} threads)",
+            "optimizers": ", ".join(zopeft.available_optimizers()),
+        }
     for k, v in rows.items():
         typer.echo(f"{k:14s} {v}")
 

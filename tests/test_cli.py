@@ -392,3 +392,26 @@ def test_a_bundled_recipe_is_named_as_recipes_cp_names_it(command, tmp_path, mon
 def test_env_lists_versions():
     result = invoke("env")
     assert result.exit_code == 0 and "transformers" in result.output and "fzoo" in result.output
+
+
+def test_the_cli_called_from_python_leaves_the_callers_libraries_as_they_were(monkeypatch, tmp_path):
+    """The quieting (FutureWarnings, bitsandbytes/kernels logs, progress bars) lasts for the command only."""
+    import logging
+    import os
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    hf_logging.enable_progress_bar()
+    logger = logging.getLogger("bitsandbytes")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    filters = list(warnings.filters)
+    path = write_recipe(tmp_path)
+    for args in (["env"], ["eval", path, "--output", tmp_path / "m.json", "max_eval_samples=2"],
+                 ["eval", path, "max_eval_samples=-1"]):  # a success, and an `error:` line
+        result = invoke(*args)
+        assert result.exit_code == (2 if "max_eval_samples=-1" in args else 0), result.output
+        assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+        assert hf_logging.is_progress_bar_enabled() and logger.level == logging.INFO
+        assert warnings.filters == filters

@@ -84,8 +84,6 @@ def test_library_noise_is_hidden_unless_debug(tmp_path):
     for noise in ("kernels-community", "FutureWarning", "Loading weights"):
         assert noise not in done.stderr, done.stderr
     assert "\naccuracy " in done.stdout
-    # "0": an in-process CLI call of an earlier test sets HF_HUB_DISABLE_PROGRESS_BARS=1 in this process's environment
-    loud = run_python(CLI, "eval", str(path), "--output", str(tmp_path / "m.json"), "--overwrite", "--debug",
-                      env={"HF_HUB_DISABLE_PROGRESS_BARS": "0"})
+    loud = run_python(CLI, "eval", str(path), "--output", str(tmp_path / "m.json"), "--overwrite", "--debug")
     assert loud.returncode == 0  # what the quieting hides is really there (which of it depends on the caches)
     assert any(noise in loud.stderr for noise in ("kernels-community", "FutureWarning", "Loading weights")), loud.stderr
