@@ -302,6 +302,8 @@ def test_eval_steps_auto_evaluates_ten_times_within_a_quarter_of_the_training(tm
     # else one a candidate (each its own sequence): 8 held-out records x 4 choices, 16 x 2 label words -> every 7
     (dict(choices=["the red one", "the blue one", "a green one", "none"]), "every 7 steps (5 before the end)"),
     (dict(choices=["A", "B", "C", "D"]), "every 4 steps (9 before the end)"),
+    # a prompt that ends in whitespace is followed by the choices as they are: one token each without the space
+    (dict(choices=["Buffer", "Backend", "Dialog", "Bytes"], template="Pick {q}:\n"), "every 4 steps (9 before the end)"),
     (dict(label_words=[" terrible film", " great film"]), "every 7 steps (5 before the end)"),
     (dict(label_words=[" terrible film", " great film"], label_word_scoring="first"), "every 4 steps (9 before the end)"),
 ])
@@ -310,8 +312,8 @@ def test_eval_steps_auto_prices_a_record_by_the_sequences_its_candidates_take(tm
         data = tmp_path / "mc.jsonl"
         choices = keys.pop("choices")
         data.write_text("".join(json.dumps({"q": f"Pick {i}", "options": choices, "gold": i % 4}) + "\n" for i in range(80)))
-        keys.update(dataset=str(data), task="multiple_choice", text_fields=["q"], choices_field="options",
-                    label_field="gold")
+        keys.update(dataset=str(data), task="multiple_choice", choices_field="options", label_field="gold")
+        keys.setdefault("text_fields", None if "template" in keys else ["q"])
     validated = invoke("validate", write_recipe(tmp_path, max_steps=40, **keys))
     assert validated.exit_code == 0, validated.output
     assert f"evaluations: at the start, {evaluations} and at the end" in validated.output

@@ -14,8 +14,8 @@ from typing import Any
 from .hints import did_you_mean
 
 __all__ = [
-    "answer_list", "answer_texts", "canon_label", "choice_texts", "fill", "label_index", "label_keys", "prompt_text",
-    "require_text_fields", "template_fields", "text_of",
+    "answer_list", "answer_texts", "canon_label", "choice_prompt", "choice_texts", "continuation", "fill", "label_index",
+    "label_keys", "prompt_text", "require_text_fields", "template_fields", "text_of",
 ]
 
 
@@ -113,6 +113,20 @@ def prompt_text(record: dict, template: str | None, text_fields: list[str] | Non
         require_text_fields(record, text_fields)
         return "\n".join(text_of(record, f) for f in text_fields)
     raise ValueError(f"{kind}: give a template (e.g. 'Review: {{sentence}}\\nSentiment:') or text_fields")
+
+
+def choice_prompt(record: dict, template: str | None, text_fields: list[str] | None) -> str:
+    """A multiple-choice record's prompt: the filled template or text fields, else its ``prompt`` or ``premise``."""
+    if template is None and not text_fields:
+        for name in ("prompt", "premise"):
+            if name in record:
+                return text_of(record, name)
+    return prompt_text(record, template, text_fields, "multiple_choice")
+
+
+def continuation(prompt: str, text: str) -> str:
+    """``text`` as it follows ``prompt``: after a space, unless one of them already has the whitespace."""
+    return text if not prompt or prompt[-1].isspace() or text[:1].isspace() else " " + text
 
 
 def choice_texts(record: dict, choices_field: str) -> list[str]:

@@ -21,7 +21,9 @@ from .data import BUILTIN_DATASETS
 from .metrics import TASK_METRICS, greater_is_better
 from .model_files import local_tokenizer_file
 from .recipe import Recipe, RecipeError
-from .records import answer_texts, canon_label, choice_texts, label_index, label_keys, prompt_text
+from .records import (
+    answer_texts, canon_label, choice_prompt, choice_texts, continuation, label_index, label_keys, prompt_text,
+)
 from .splits import DataSplits, Split
 
 __all__ = [
@@ -141,8 +143,10 @@ def eval_forwards_per_record(recipe: Recipe, kind: str, records: list[dict]) -> 
         counts = [1] * len(words) if recipe.label_word_scoring == "first" else _token_counts(recipe, words)
         return 1 if counts is None or max(counts) == 1 else len(words)
     if kind == "multiple_choice":
+        settings = task_settings(recipe)
+        prompts = [choice_prompt(record, settings.get("template"), settings.get("text_fields")) for record in records]
         choices = [choice_texts(record, recipe.choices_field) for record in records]
-        counts = _token_counts(recipe, [c if c[:1].isspace() else " " + c for cs in choices for c in cs])
+        counts = _token_counts(recipe, [continuation(p, c) for p, cs in zip(prompts, choices) for c in cs])
         return 1 if counts is not None and max(counts) == 1 else sum(map(len, choices)) / len(choices)
     return 1
 

@@ -32,8 +32,8 @@ from .hints import did_you_mean
 from .metrics import class_metrics
 from .objectives import CandidateBatch
 from .records import (
-    answer_list, answer_texts, choice_texts, fill, label_index, label_keys, prompt_text, require_text_fields,
-    template_fields, text_of,
+    answer_list, answer_texts, choice_prompt, choice_texts, continuation, fill, label_index, label_keys, prompt_text,
+    require_text_fields, template_fields, text_of,
 )
 from .squad_metrics import squad_scores
 
@@ -393,11 +393,7 @@ class MultipleChoiceTask(_CandidateTask):
         return choice_texts(record, self.choices_field)
 
     def prompt(self, record: dict) -> str:
-        if self.template is None and not self.text_fields:
-            for name in ("prompt", "premise"):
-                if name in record:
-                    return text_of(record, name)
-        return prompt_text(record, self.template, self.text_fields, self.kind)
+        return choice_prompt(record, self.template, self.text_fields)
 
     def read(self, record: dict) -> tuple[str, list[str], int]:
         """``(prompt, choices, gold index)`` of a record."""
@@ -414,8 +410,8 @@ class MultipleChoiceTask(_CandidateTask):
         prefix, out = _special_prefix(tokenizer), []
         for r in records:
             prompt, choices, gold = self.read(r)
-            joined = [c if not prompt or prompt[-1].isspace() or c[:1].isspace() else " " + c for c in choices]
-            out.append(_example(prefix, _encode(tokenizer, prompt), [_encode(tokenizer, c) for c in joined], gold, self.cutoff_len))
+            out.append(_example(prefix, _encode(tokenizer, prompt), [_encode(tokenizer, continuation(prompt, c))
+                                                                      for c in choices], gold, self.cutoff_len))
         return out
 
 
@@ -674,9 +670,8 @@ class GenerationTask:
     def completion(self, record: dict, tokenizer: Any) -> list[int]:
         """The training target: the first gold answer's tokens and EOS, at most ``max_new_tokens``."""
         answer, prompt = self.answers(record)[0], self.prompt(record)
-        joined = answer if not prompt or prompt[-1].isspace() or answer[:1].isspace() else " " + answer
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        return (_encode(tokenizer, joined) + eos)[: self.max_new_tokens]
+        return (_encode(tokenizer, continuation(prompt, answer)) + eos)[: self.max_new_tokens]
 
     def collate(self, records: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         _check_records(records)
