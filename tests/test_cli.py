@@ -275,7 +275,7 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("optimizer", ["fzoo", "adamezo", "hizoo"])
+@pytest.mark.parametrize("optimizer", ["mezo", "fzoo", "adamezo", "hizoo"])
 def test_killed_run_resumes_to_a_bit_identical_adapter(tmp_path, optimizer):
     from zopeft.recipe import load_recipe
     from zopeft.runner import train

@@ -187,14 +187,11 @@ def search(
     when the budget cannot pay for two learning rates of one step each and their evaluations.
     """
     center, span = AUTO_GRID if recipe.learning_rate == "auto" else (recipe.learning_rate, span)
-    probe = _Probe(recipe, model, tokenizer, task, data, target)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    start = {n: p.detach().clone() for n, p in trainable.items()}
+    probe, runs = _Probe(recipe, model, tokenizer, task, data, target), _Runs(recipe, model, tokenizer, task, data, target)
     spent = {"training": 0, "evaluation": 0, "eps_check": 0}
     checker = make_optimizer(recipe.model_copy(update={"learning_rate": 0.0}), model)
     per_step = len(checker.evaluations()) * recipe.gradient_accumulation_steps
     run_passes = recipe.max_steps * per_step
-    allowed = budget * run_passes
     eps_check = None
     if checks_eps(recipe):
         check = checker.check_eps(zo_closure(model, probe.first_batch(), target))
@@ -205,43 +202,19 @@ def search(
     if probe.split is not None and recipe.learning_rate != "auto":
         echo(f"note: lr-find ranks on {len(probe.split.records)} of the evaluation records, which a run at a given "
              "learning rate also reports on; learning_rate: auto leaves them out of the run's evaluations")
-    eval_cost = max(spent["evaluation"], 1)
-    left = allowed - spent["eps_check"] - spent["evaluation"]
-    plan = _plan(left, per_step, eval_cost, points)
-    if plan is None:
-        raise BudgetError(
-            f"{budget:.0%} of the run's {run_passes} forward passes ({allowed:.0f}) cannot pay for two learning rates "
-            f"of one step ({per_step} forward passes each) and their evaluations ({eval_cost} each)")
-    sizes, first_steps = plan
+    sizes, first_steps = _schedule(budget, run_passes, per_step, spent, points)
     candidates = [_Candidate(lr) for lr in grid(center, sizes[0], span)]
     echo(f"lr-find: {len(candidates)} learning rates from {candidates[0].lr:.3g} to {candidates[-1].lr:.3g}; "
          f"rungs of {', '.join(map(str, sizes))} learning rates trained to "
-         f"{', '.join(str(first_steps * 2 ** r) for r in range(len(sizes)))} steps; budget {allowed:.0f} forward "
-         f"passes ({budget:.0%} of the run's {run_passes})")
-    bar = tqdm(total=first_steps * _step_units(sizes), disable=not progress, unit="step", dynamic_ncols=True)
-    alive = candidates
+         f"{', '.join(str(first_steps * 2 ** r) for r in range(len(sizes)))} steps; budget {budget * run_passes:.0f} "
+         f"forward passes ({budget:.0%} of the run's {run_passes})")
     try:
-        for rung, size in enumerate(sizes):
-            for cand in alive[:size]:
-                spent["training"] += _advance(cand, first_steps * 2 ** rung, recipe, model, task, tokenizer, data,
-                                              target, start, trainable, bar)
-                if cand.status == "ok":
-                    score, cost = probe.score()
-                    spent["evaluation"] += cost
-                    cand.scores.append({"rung": rung + 1, "steps": cand.steps, **score})
-                    cand.status = _status(cand, score)
-                echo(f"lr-find: lr {cand.lr:.3g} after {cand.steps} steps: "
-                     + (probe.format(cand.scores[-1]) if cand.scores and cand.status == "ok" else cand.status))
-            ranked = sorted((c for c in alive[:size] if c.status == "ok"),
-                            key=lambda c: _key(c.scores[-1], probe.greater), reverse=True)
-            alive = ranked[: math.ceil(size / 2)] if rung + 1 < len(sizes) else ranked
-            if rung + 1 < len(sizes) and alive:
-                echo(f"lr-find: rung {rung + 1}/{len(sizes)}: keeping {', '.join(f'{c.lr:.3g}' for c in alive)}")
+        with tqdm(total=first_steps * _step_units(sizes), disable=not progress, unit="step", dynamic_ncols=True) as bar:
+            last = _halve(candidates, sizes, first_steps, runs, probe, spent, echo, bar.update)
     finally:
-        bar.close()
         probe.close()
-        _load(trainable, start)  # leave the model as it was loaded
-    best = _pick(alive, echo)
+        runs.restore()  # leave the model as it was loaded
+    best = _pick(last, echo)
     improved = best is not None and _key(best.scores[-1], probe.greater) > _key(baseline, probe.greater)
     rows = [{"lr": c.lr, "status": c.status, "steps": c.steps, "skipped_steps": c.skipped, "evaluations": c.scores}
             for c in candidates]
@@ -250,6 +223,43 @@ def search(
         first_rung_steps=first_steps, spent={**spent, "total": sum(spent.values())}, run_forward_passes=run_passes,
         budget=budget, eps_check=eps_check, improved=improved,
     )
+
+
+def _schedule(budget: float, run_passes: int, per_step: int, spent: dict[str, int], points: int) -> tuple[list[int], int]:
+    """The rungs and the first rung's steps (:func:`_plan`) that what ``budget`` leaves after ``spent`` pays for, an
+    evaluation costing what the first one did; :class:`BudgetError` if not even two learning rates fit."""
+    allowed, eval_cost = budget * run_passes, max(spent["evaluation"], 1)
+    plan = _plan(allowed - spent["eps_check"] - spent["evaluation"], per_step, eval_cost, points)
+    if plan is None:
+        raise BudgetError(
+            f"{budget:.0%} of the run's {run_passes} forward passes ({allowed:.0f}) cannot pay for two learning rates "
+            f"of one step ({per_step} forward passes each) and their evaluations ({eval_cost} each)")
+    return plan
+
+
+def _halve(
+    candidates: list[_Candidate], sizes: list[int], first_steps: int, runs: _Runs, probe: _Probe,
+    spent: dict[str, int], echo: Callable[[str], None], advanced: Callable[[int], Any],
+) -> list[_Candidate]:
+    """Train and rank the rungs (rung r: the first ``sizes[r]`` survivors to ``first_steps * 2**r`` steps, keeping the
+    better half); returns the last rung's learning rates that neither diverged nor stalled, best first."""
+    alive = candidates
+    for rung, size in enumerate(sizes):
+        for cand in alive[:size]:
+            spent["training"] += runs.advance(cand, first_steps * 2 ** rung, advanced)
+            if cand.status == "ok":
+                score, cost = probe.score()
+                spent["evaluation"] += cost
+                cand.scores.append({"rung": rung + 1, "steps": cand.steps, **score})
+                cand.status = _status(cand, score)
+            echo(f"lr-find: lr {cand.lr:.3g} after {cand.steps} steps: "
+                 + (probe.format(cand.scores[-1]) if cand.scores and cand.status == "ok" else cand.status))
+        ranked = sorted((c for c in alive[:size] if c.status == "ok"),
+                        key=lambda c: _key(c.scores[-1], probe.greater), reverse=True)
+        alive = ranked[: math.ceil(size / 2)] if rung + 1 < len(sizes) else ranked
+        if rung + 1 < len(sizes) and alive:
+            echo(f"lr-find: rung {rung + 1}/{len(sizes)}: keeping {', '.join(f'{c.lr:.3g}' for c in alive)}")
+    return alive
 
 
 def _pick(ranked: list[_Candidate], echo: Callable[[str], None]) -> _Candidate | None:
@@ -279,39 +289,53 @@ def _plan(left: float, per_step: int, eval_cost: int, points: int) -> tuple[list
     return (preferred or fits or [None])[0]
 
 
-def _load(trainable: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(values[name])
+class _Runs:
+    """The short runs on the loaded model: each candidate continues from its own trainable tensors and optimizer state,
+    the first from the model's as loaded (:meth:`restore` puts those back)."""
 
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, tokenizer: Any, task: Any, data: DataSplits,
+                 target: Objective | None) -> None:
+        self.recipe, self.model, self.tokenizer, self.task, self.data, self.target = (
+            recipe, model, tokenizer, task, data, target)
+        self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.start = {n: p.detach().clone() for n, p in self.trainable.items()}
 
-def _advance(
-    cand: _Candidate, until: int, recipe: Recipe, model: torch.nn.Module, task: Any, tokenizer: Any, data: DataSplits,
-    target: Objective | None, start: dict[str, torch.Tensor], trainable: dict[str, torch.nn.Parameter], bar: Any,
-) -> int:
-    """Train ``cand`` from where it stopped to ``until`` steps on the run's batches; returns the forward passes."""
-    _load(trainable, cand.state[0] if cand.state else start)
-    opt = make_optimizer(recipe.model_copy(update={"learning_rate": cand.lr}), model)
-    if cand.state:
-        opt.load_state_dict(cand.state[1])
-    passes = opt.forward_passes
-    for step in range(cand.steps, until):
-        batches = step_batches(recipe, task, data.train.records, step, tokenizer, model, target is not None)
-        stats = train_step(opt, model, batches, target)
-        cand.steps = step + 1
-        bar.update(1)
-        loss = float(stats["loss"])
-        if str(stats.get("skipped", "")).startswith("non-finite") or not math.isfinite(loss):
-            cand.status = "diverged"
-            break
-        cand.first = loss if cand.first is None else cand.first
-        cand.smoothed = loss if cand.smoothed is None else _SMOOTHING * cand.smoothed + (1 - _SMOOTHING) * loss
-        if cand.smoothed > cand.first + SPIKE * abs(cand.first):
-            cand.status = "diverged"
-            break
-    cand.skipped = opt.skipped_steps
-    cand.state = ({n: p.detach().clone() for n, p in trainable.items()}, opt.state_dict())
-    return opt.forward_passes - passes
+    def _load(self, values: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, p in self.trainable.items():
+                p.copy_(values[name])
+
+    def restore(self) -> None:
+        """Put the trainable tensors back as they were loaded."""
+        self._load(self.start)
+
+    def advance(self, cand: _Candidate, until: int, advanced: Callable[[int], Any]) -> int:
+        """Train ``cand`` from where it stopped to ``until`` steps on the run's batches (``advanced(1)`` after each
+        step); returns the forward passes."""
+        recipe = self.recipe
+        self._load(cand.state[0] if cand.state else self.start)
+        opt = make_optimizer(recipe.model_copy(update={"learning_rate": cand.lr}), self.model)
+        if cand.state:
+            opt.load_state_dict(cand.state[1])
+        passes = opt.forward_passes
+        for step in range(cand.steps, until):
+            batches = step_batches(recipe, self.task, self.data.train.records, step, self.tokenizer, self.model,
+                                   self.target is not None)
+            stats = train_step(opt, self.model, batches, self.target)
+            cand.steps = step + 1
+            advanced(1)
+            loss = float(stats["loss"])
+            if str(stats.get("skipped", "")).startswith("non-finite") or not math.isfinite(loss):
+                cand.status = "diverged"
+                break
+            cand.first = loss if cand.first is None else cand.first
+            cand.smoothed = loss if cand.smoothed is None else _SMOOTHING * cand.smoothed + (1 - _SMOOTHING) * loss
+            if cand.smoothed > cand.first + SPIKE * abs(cand.first):
+                cand.status = "diverged"
+                break
+        cand.skipped = opt.skipped_steps
+        cand.state = ({n: p.detach().clone() for n, p in self.trainable.items()}, opt.state_dict())
+        return opt.forward_passes - passes
 
 
 def _status(cand: _Candidate, score: dict[str, float]) -> str:
