@@ -43,7 +43,8 @@ the same losses to fp32 rounding, fewer and larger forwards).  Wall time is trai
 Protocol.  The dev split is cut into a *report* set (the curves) and a disjoint *tune* set.  Each
 optimizer's learning rate is picked from a small grid by the tune-set accuracy after a short run
 (``--tune-budget``, seed 0; ties: lower tune loss); the chosen lr then runs with every seed on the
-full budget, evaluated on the report set every ``--eval-every`` forward-pass equivalents.  The
+full budget, evaluated on the report set every ``--eval-every`` forward-pass equivalents (each point of
+a classification curve also counts the predictions per label, ``predicted``).  The
 target accuracy is the zero-shot report accuracy + the task's target gain; forward passes and
 seconds to the target are read off the first evaluation at or above it (evaluation points are
 discrete: the true crossing is at or before the reported count).  ``--defaults`` runs what ``zopeft
@@ -89,10 +90,14 @@ import torch
 
 from zopeft.costs import GENERATION_FORWARD_EQUIVALENTS
 from zopeft.jsonl import dumps
+from zopeft.metrics import predicted_counts
 
 from . import common
 
 ADAMW_FORWARD_EQUIVALENTS = 3  # forward + backward ≈ 1 + 2 forward passes
+# what a curve's point keeps of an evaluation; ``predicted`` (a classification task's predictions per label) tells a
+# gain in accuracy from a shift of the label prior, e.g. towards the majority answer
+POINT_METRICS = ("accuracy", "loss", "f1", "exact_match", "predicted")
 PAPERS = {
     "fzoo": "FZOO paper: about 3x fewer forward passes than MeZO to the same accuracy",
     "adamezo": "AdaMeZO paper: up to 70% fewer forward passes than MeZO",
@@ -335,12 +340,14 @@ class Race:
     def evaluate(self, model: torch.nn.Module, task_name: str, bounds: tuple[int, int], eval_set: str = "report",
                  ) -> dict[str, Any]:
         """The task's metrics on ``bounds`` of the report (dev) or tune split (without a generation task's answers);
-        ``accuracy``: its ranked score."""
+        ``accuracy``: its ranked score; ``predicted``: a classification task's predictions per label."""
         setting = TASKS[task_name]
         split = setting.tune_split if eval_set == "tune" else "dev"
         metrics = self.task(task_name).evaluate(model, self.tokenizer, self.records(task_name, split, bounds),
                                                 batch_size=32)
-        return {**{k: v for k, v in metrics.items() if k != "generations"}, "accuracy": metrics[setting.metric]}
+        predicted = predicted_counts(metrics)
+        return {**{k: v for k, v in metrics.items() if k != "generations"}, "accuracy": metrics[setting.metric],
+                **({"predicted": predicted} if predicted else {})}
 
     def batch(self, task: Any, train: list[dict], seed: int, step: int, bs: int, objective: str = "loss") -> Any:
         """Batch ``step`` (of ``bs`` examples) of the example order of ``seed`` (a new permutation each epoch),
@@ -452,8 +459,7 @@ def _order(seed: int, epoch: int, n: int) -> list[int]:
 
 def _point(steps: int, forward_equivalents: int, seconds: float, metrics: dict[str, Any]) -> dict[str, Any]:
     return {"steps": steps, "forward_equivalents": forward_equivalents, "train_seconds": seconds,
-            "accuracy": metrics["accuracy"], "loss": metrics["loss"],
-            **{k: metrics[k] for k in ("f1", "exact_match") if k in metrics}}
+            **{k: metrics[k] for k in POINT_METRICS if k in metrics}}
 
 
 # ----- recorded runs (for --resume) --------------------------------------------------------------
@@ -500,7 +506,7 @@ class RunLog:
             start = run["curve"][0] if run.get("curve") else {}
             if ((run["task"], tuple(run["eval_slice"]), run["model"], run["eval_set"]) == (task, report, model, "report")
                     and start.get("steps") == 0):
-                return {k: start[k] for k in ("accuracy", "loss", "f1", "exact_match") if k in start}
+                return {k: start[k] for k in POINT_METRICS if k in start}
         return None
 
     def report_runs(self, task: str, report: tuple[int, int], plan: Plan) -> dict[str, list[dict[str, Any]]]:

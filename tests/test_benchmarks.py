@@ -161,6 +161,9 @@ def test_convergence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         xs = [p["forward_equivalents"] for p in run["curve"]]
         assert xs[0] == 0 and xs == sorted(xs) and xs[-1] == run["forward_equivalents"]
         assert all(0 <= p["accuracy"] <= 1 and math.isfinite(p["loss"]) for p in run["curve"])
+        # each evaluation's predictions per label, one for each of the report set's 8 reviews
+        assert all(set(p["predicted"]) == {"0", "1"} and sum(p["predicted"].values()) == 8
+                   for p in run["curve"])
     target = data["tasks"]["sst2"]["target_accuracy"]
     assert target == pytest.approx(data["tasks"]["sst2"]["zero_shot"]["accuracy"] + 0.03)
     assert {c["optimizer"] for c in data["comparison"]} == {"fzoo", "hizoo", "adamw"}
