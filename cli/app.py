@@ -226,14 +226,14 @@ def train(
 def _report(result) -> None:
     """The run's last lines: the evaluation of the adapter left against the start, the cost, the time."""
     from zopeft.best_model import selection_note
-    from zopeft.metrics import compare_line
+    from zopeft.metrics import compare_line, majority_note
 
     if result.eval_after:
         typer.echo(f"eval on {result.evaluated_on}: {compare_line(result.eval_before, result.eval_after)}"
                    f"{_kept(result.best_model)}")
-        selected = selection_note(result.best_model)
-        if selected:
-            typer.echo(f"note: {selected}")
+        for note in (selection_note(result.best_model), majority_note(result.eval_after)):
+            if note:
+                typer.echo(f"note: {note}")
     found = (f" + {result.lr_find_forward_passes} of lr-find (learning_rate: auto: {result.learning_rate:g})"
              if result.lr_find_forward_passes else "")
     typer.echo(f"done: {result.steps} steps, {_cost(result)}{found} -> {result.output_dir}")
@@ -274,7 +274,7 @@ def evaluate(
     (a generation task: F1, exact match and loss, and each record's generation in generations_SPLIT.jsonl)."""
     with _user_errors(debug):
         from zopeft.jsonl import dumps as strict_json
-        from zopeft.metrics import collapse_warning, report_lines
+        from zopeft.metrics import collapse_warning, majority_note, report_lines
         from zopeft.ownership import check_output_file, write_output_file
         from zopeft.resolved import task_settings
         from zopeft.runner import evaluate as run
@@ -295,6 +295,9 @@ def evaluate(
     typer.echo(f"eval on {metrics['evaluated_on']}")
     for line in report_lines(metrics):
         typer.echo(line)
+    note = majority_note(metrics)
+    if note:
+        typer.echo(f"note: {note}")
     warning = collapse_warning(metrics)
     if warning:
         typer.secho(f"warning: {warning}", fg="yellow", err=True)

@@ -13,7 +13,7 @@ from test_cli import invoke, tiny_llm_dir, write_recipe
 from test_user_errors import one_error_line
 from transformers import AutoTokenizer
 
-from zopeft.metrics import collapse_warning
+from zopeft.metrics import collapse_warning, majority_note
 from zopeft.resolved import label_word_tokens
 
 WORDS = {"ABBR": " abbr", "DESC": " description", "ENTY": " entity", "HUM": " human", "LOC": " location",
@@ -118,6 +118,9 @@ def test_train_and_eval_on_a_users_csv_hold_out_and_report_per_class(user_csv, t
     assert sum(row["support"] for row in report["per_class"].values()) == report["n"] == 6
     assert report["accuracy"] == pytest.approx(evals[-1]["eval_accuracy"]) and "macro_f1" in report
     assert ("warning: label" in evaluated.output) == (collapse_warning(report) is not None)
+    noted = majority_note(report)  # the adapter left, on the records the run ended with
+    assert noted is None or (f"note: {noted}\n" in evaluated.output and f"note: {noted}\n" in out)
+    assert ("note: always answering" in evaluated.output + out) == (noted is not None)
     lines = evaluated.output.splitlines()
     assert lines[0] == "eval on mine.csv, held out by val_size 0.1 with seed 42 (6 records)"
     assert lines[1].startswith("accuracy ") and "macro-F1 " in lines[1] and lines[1].endswith("n 6")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from zopeft.metrics import EMA, class_metrics, collapse_warning, compare_line, report_lines
+from zopeft.metrics import EMA, class_metrics, collapse_warning, compare_line, majority_note, report_lines
 from zopeft.plot import curves
 
 GOLD = [0, 0, 0, 1, 1, 2, 2, 2, 2, 0]
@@ -47,6 +47,21 @@ def test_collapse_onto_two_of_five_labels_is_warned_about():
     assert collapse_warning({"n": 200, **class_metrics(gold, spread, labels)}) is None
     skewed = [0] * 170 + [1] * 30  # gold 85% a: predicting a 90% of the time is no collapse
     assert collapse_warning({"n": 200, **class_metrics(skewed, [0] * 180 + [1] * 20, labels)}) is None
+
+
+def test_an_accuracy_no_better_than_always_answering_the_majority_label_is_noted():
+    """BoolQ's case: 62% of the gold answers are "Yes"; a model at 0.56 does worse than always saying it."""
+    gold = [1] * 124 + [0] * 76
+    pred = [1] * 100 + [0] * 24 + [1] * 36 + [0] * 40  # 100 + 40 right: 0.70
+    labels, words = ["0", "1"], [" No", " Yes"]
+    assert majority_note(class_metrics(gold, pred, labels, words)) is None
+    worse = [1] * 80 + [0] * 44 + [1] * 44 + [0] * 32  # 80 + 32 right: 0.56
+    assert majority_note(class_metrics(gold, worse, labels, words)) == (
+        "always answering 1 (' Yes'), the most common gold label, would score 0.6200 on these 200 records, at least "
+        "this accuracy (0.5600)")
+    collapsed = class_metrics(gold, [1] * 200, labels, words)  # onto the majority label: exactly its share
+    assert majority_note(collapsed) is not None and collapsed["accuracy"] == 0.62
+    assert majority_note({"loss": 2.0, "perplexity": 7.4}) is None  # no labels (sft, generation)
 
 
 def test_report_lines_show_the_table_and_the_confusion_matrix():

@@ -4,6 +4,8 @@
   matrix of predicted against gold classes;
 * :func:`collapse_warning`: one line when the predictions pile onto a few labels far beyond their
   share of the gold labels (a collapse that a plain accuracy hides);
+* :func:`majority_note`: one line when answering the most common gold label to every record would
+  score at least the accuracy (a gain that may be no more than a leaning towards that label);
 * :data:`TASK_METRICS` and :func:`greater_is_better`: what each task's evaluation reports, the
   metric that picks the best model by default, and its direction;
 * :func:`report_lines`: the table ``zopeft eval`` prints;
@@ -21,7 +23,7 @@ from typing import Any
 
 __all__ = [
     "COLLAPSE_MARGIN", "COLLAPSE_SHARE", "EMA", "TASK_METRICS", "class_metrics", "collapse_warning", "compare_line",
-    "greater_is_better", "predicted_counts", "report_lines",
+    "greater_is_better", "majority_note", "predicted_counts", "report_lines",
 ]
 
 # the labels predicted more often than they are gold, when they take this share of the predictions ...
@@ -101,6 +103,21 @@ def collapse_warning(metrics: dict[str, Any]) -> str | None:
     onto = "one label" if len(names) == 1 else f"{len(names)} of {len(per_class)} labels"
     return (f"{which} {predicted} of {n} predictions ({100 * share:.1f}%; {100 * gold_share:.1f}% of the gold "
             f"labels): the predictions have collapsed onto {onto}")
+
+
+def majority_note(metrics: dict[str, Any]) -> str | None:
+    """A line when always answering the most common gold label would score at least ``accuracy`` on these records:
+    below that, an accuracy (or a gain in it) says little about the task (e.g. BoolQ's 62% "Yes")."""
+    per_class = metrics.get("per_class")
+    n = sum(row["support"] for row in per_class.values()) if per_class else 0
+    if not n:
+        return None
+    label, row = max(per_class.items(), key=lambda item: item[1]["support"])
+    share = row["support"] / n
+    if metrics["accuracy"] > share:
+        return None
+    return (f"always answering {_named(label, row)}, the most common gold label, would score {share:.4f} on these {n} "
+            f"records, at least this accuracy ({metrics['accuracy']:.4f})")
 
 
 def report_lines(metrics: dict[str, Any]) -> list[str]:

@@ -364,7 +364,8 @@ class _Run:
         judged = self._measure(self.data.select, "select", step) if self.data.select is not None else metrics
         self.judged_last = judged
         if self.best is not None:  # before the guard judges: the adapter evaluated, the rollbacks before it
-            self.best.observe(step, judged, _logged(metrics), self.model, self.guard.rollbacks if self.guard else 0)
+            reported = {k: v for k, v in metrics.items() if k != "generations"}  # the per-class table too
+            self.best.observe(step, judged, reported, self.model, self.guard.rollbacks if self.guard else 0)
         if not judge or self.guard is None or not self.recipe.guards_evaluations:
             return metrics, True
         metric, greater = self.recipe.metric_for_best_model, bool(self.recipe.greater_is_better)
