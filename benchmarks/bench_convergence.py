@@ -90,7 +90,7 @@ import torch
 
 from zopeft.costs import GENERATION_FORWARD_EQUIVALENTS
 from zopeft.jsonl import dumps
-from zopeft.metrics import predicted_counts
+from zopeft.metrics import predicted_counts, without_generations
 
 from . import common
 
@@ -346,7 +346,7 @@ class Race:
         metrics = self.task(task_name).evaluate(model, self.tokenizer, self.records(task_name, split, bounds),
                                                 batch_size=32)
         predicted = predicted_counts(metrics)
-        return {**{k: v for k, v in metrics.items() if k != "generations"}, "accuracy": metrics[setting.metric],
+        return {**without_generations(metrics), "accuracy": metrics[setting.metric],
                 **({"predicted": predicted} if predicted else {})}
 
     def batch(self, task: Any, train: list[dict], seed: int, step: int, bs: int, objective: str = "loss") -> Any:

@@ -38,6 +38,7 @@ import torch
 from .checkpoint import write_text_atomic
 from .components import model_spec
 from .jsonl import dumps
+from .metrics import without_generations
 from .model_files import resolve_model_path
 from .recipe import Recipe
 from .resolved import task_settings
@@ -117,7 +118,7 @@ def store_evaluation(key: str, metrics: dict[str, Any]) -> None:
     directory = cache_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(directory / f"{key}.json", dumps({k: v for k, v in metrics.items() if k != "generations"}))
+        write_text_atomic(directory / f"{key}.json", dumps(without_generations(metrics)))
         _prune(directory)
     except OSError as error:
         if directory not in _UNWRITABLE:

@@ -23,7 +23,7 @@ from typing import Any
 
 __all__ = [
     "COLLAPSE_MARGIN", "COLLAPSE_SHARE", "EMA", "TASK_METRICS", "class_metrics", "collapse_warning", "compare_line",
-    "greater_is_better", "majority_note", "predicted_counts", "report_lines",
+    "greater_is_better", "majority_note", "predicted_counts", "report_lines", "without_generations",
 ]
 
 # the labels predicted more often than they are gold, when they take this share of the predictions ...
@@ -77,6 +77,12 @@ def class_metrics(gold: Sequence[int], pred: Sequence[int], labels: Sequence[str
     return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
             "accuracy_stderr": math.sqrt(accuracy * (1 - accuracy) / (n - 1)) if n > 1 else 0.0,
             "per_class": per_class, "confusion": confusion}
+
+
+def without_generations(metrics: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation without a generation task's per-record generations: what is kept of it (a cache entry, the best
+    model's record), the per-class table included."""
+    return {k: v for k, v in metrics.items() if k != "generations"}
 
 
 def predicted_counts(metrics: dict[str, Any]) -> dict[str, int]:

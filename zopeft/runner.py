@@ -40,7 +40,7 @@ from .components import (
 from .distributed import barrier, distributed_session, from_rank0
 from .eval_cache import evaluation_key, load_evaluation, store_evaluation
 from .guard import Guard, rollback_line
-from .metrics import EMA, collapse_warning, predicted_counts
+from .metrics import EMA, collapse_warning, predicted_counts, without_generations
 from .models import load_adapter_model, load_model, trainable_summary
 from .objectives import Objective, flat_objective_warning, objective_failures
 from .optim.base import ZOOptimizer
@@ -364,8 +364,8 @@ class _Run:
         judged = self._measure(self.data.select, "select", step) if self.data.select is not None else metrics
         self.judged_last = judged
         if self.best is not None:  # before the guard judges: the adapter evaluated, the rollbacks before it
-            reported = {k: v for k, v in metrics.items() if k != "generations"}  # the per-class table too
-            self.best.observe(step, judged, reported, self.model, self.guard.rollbacks if self.guard else 0)
+            self.best.observe(step, judged, without_generations(metrics), self.model,
+                              self.guard.rollbacks if self.guard else 0)
         if not judge or self.guard is None or not self.recipe.guards_evaluations:
             return metrics, True
         metric, greater = self.recipe.metric_for_best_model, bool(self.recipe.greater_is_better)
